@@ -1,0 +1,143 @@
+//! A stored response ([`CachedResponse`]): the parts sent to clients, pre-built once at store
+//! time, plus the metadata the policy needs (age, lifetime, validators, stale allowances).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use super::key::VaryKey;
+
+/// A complete, successfully read response that the policy allowed to be shared.
+#[derive(Debug)]
+pub struct CachedResponse {
+    /// Unique per stored version; lets timers and admin actions tell a replaced entry apart.
+    pub id: u64,
+    pub status: StatusCode,
+    /// Headers as served: hop-by-hop fields removed, `ETag` and `Content-Length` present.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The `ETag` clients see (upstream's, or generated from the body).
+    pub etag: HeaderValue,
+    /// Parsed `Last-Modified`, for `If-Modified-Since`.
+    pub last_modified: Option<SystemTime>,
+    /// Validators to send upstream when revalidating (only what the upstream itself sent).
+    pub upstream_etag: Option<HeaderValue>,
+    pub upstream_last_modified: Option<HeaderValue>,
+    pub vary: VaryKey,
+    /// When the response arrived (monotonic) and the age it had then (RFC 9111 §4.2.3).
+    pub stored_at: Instant,
+    pub initial_age: Duration,
+    pub lifetime: Duration,
+    /// The response forbids serving it stale (must-revalidate, proxy-revalidate, no-cache,
+    /// s-maxage).
+    pub forbids_stale: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Accounted size in bytes (body + headers + key + overhead).
+    pub size: usize,
+    /// Last time a client asked for this entry, in ms since [`clock_ms`]'s epoch.
+    last_access_ms: AtomicU64,
+}
+
+/// Everything needed to build a [`CachedResponse`] except the bookkeeping fields.
+pub struct NewEntry {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub etag: HeaderValue,
+    pub last_modified: Option<SystemTime>,
+    pub upstream_etag: Option<HeaderValue>,
+    pub upstream_last_modified: Option<HeaderValue>,
+    pub vary: VaryKey,
+    pub stored_at: Instant,
+    pub initial_age: Duration,
+    pub lifetime: Duration,
+    pub forbids_stale: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+/// Per-entry bookkeeping overhead counted on top of body and headers.
+const ENTRY_OVERHEAD: usize = 256;
+
+impl CachedResponse {
+    pub fn new(e: NewEntry, key_len: usize, last_access_ms: u64) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let header_bytes: usize = e
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let size = e.body.len() + header_bytes + key_len + e.vary.heap_size() + ENTRY_OVERHEAD;
+        CachedResponse {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            status: e.status,
+            headers: e.headers,
+            body: e.body,
+            etag: e.etag,
+            last_modified: e.last_modified,
+            upstream_etag: e.upstream_etag,
+            upstream_last_modified: e.upstream_last_modified,
+            vary: e.vary,
+            stored_at: e.stored_at,
+            initial_age: e.initial_age,
+            lifetime: e.lifetime,
+            forbids_stale: e.forbids_stale,
+            stale_while_revalidate: e.stale_while_revalidate,
+            stale_if_error: e.stale_if_error,
+            size,
+            last_access_ms: AtomicU64::new(last_access_ms),
+        }
+    }
+
+    /// Current age (RFC 9111 §4.2.3 `current_age`).
+    pub fn age(&self, now: Instant) -> Duration {
+        self.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    /// When this entry stops being fresh.
+    pub fn expires_at(&self) -> Instant {
+        self.stored_at + self.lifetime.saturating_sub(self.initial_age)
+    }
+
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        now < self.expires_at()
+    }
+
+    /// How long past expiry this entry may still be served.
+    pub fn stale_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.expires_at())
+    }
+
+    /// Has validators the upstream can answer a conditional request with.
+    pub fn revalidatable(&self) -> bool {
+        self.upstream_etag.is_some() || self.upstream_last_modified.is_some()
+    }
+
+    /// Records that a client asked for this entry now.
+    pub fn touch(&self) {
+        let now = clock_ms();
+        // Skip the store when nothing changed: hot keys are read on many cores at once.
+        if self.last_access_ms.load(Ordering::Relaxed) != now {
+            self.last_access_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_access_ms(&self) -> u64 {
+        self.last_access_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether a client asked for this entry within `window` of now.
+    pub fn requested_within(&self, window: Duration) -> bool {
+        clock_ms().saturating_sub(self.last_access_ms()) <= window.as_millis() as u64
+    }
+}
+
+/// Milliseconds since the process's first call: a cheap monotonic clock for access times.
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}

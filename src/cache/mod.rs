@@ -1,0 +1,49 @@
+//! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
+//! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
+//! [`key`]).
+
+pub mod coalesce;
+pub mod conditional;
+pub mod entry;
+pub mod expiry;
+pub mod key;
+pub mod policy;
+pub mod store;
+
+use std::sync::Arc;
+
+use crate::error::UpstreamError;
+use coalesce::Flights;
+use entry::CachedResponse;
+use expiry::ExpiryQueue;
+use store::Store;
+
+/// What a single-flight fetch produced, as handed to every waiter.
+#[derive(Clone, Debug)]
+pub enum FetchOutcome {
+    /// A complete response was stored (or freshened by a `304`): share it.
+    Stored(Arc<CachedResponse>),
+    /// The response may not be shared (private, uncacheable, too large): each waiter
+    /// must make its own request.
+    NotShared,
+    /// The upstream failed: every waiter gets this error.
+    Failed(UpstreamError),
+}
+
+/// Store, timers and in-flight fetches together.
+#[derive(Default)]
+pub struct Cache {
+    pub store: Store,
+    pub flights: Flights<FetchOutcome>,
+    pub expiry: ExpiryQueue,
+}
+
+impl Cache {
+    /// Stores `entry` under `key` and arms its expiry timer.
+    pub fn insert(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
+        let (at, id) = (entry.expires_at(), entry.id);
+        let key = self.store.key_arc(&key).unwrap_or(key);
+        self.store.insert(key.clone(), entry);
+        self.expiry.schedule(at, key, id);
+    }
+}

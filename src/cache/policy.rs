@@ -1,0 +1,572 @@
+//! RFC 9111 caching rules for a shared cache, as pure functions: header values and `now` in,
+//! decisions out. No clock, no I/O, so every rule is a plain unit test.
+//!
+//! * [`CacheControl`] parses the `Cache-Control` field (§5.2).
+//! * [`storability`] decides whether a response may be stored (§3, §3.5).
+//! * [`freshness_lifetime`] computes how long it stays fresh (§4.2.1, §4.2.2).
+//! * [`initial_age`] computes the corrected initial age (§4.2.3).
+
+use std::time::{Duration, SystemTime};
+
+use http::{header, HeaderMap, Method, StatusCode};
+
+/// Largest delta-seconds value we keep; RFC 9111 §1.2.2: "a cache receiving a delta-seconds
+/// value greater than the greatest integer it can represent … ought to consider the value to
+/// be 2147483648 (2^31)".
+const DELTA_SECONDS_MAX: u64 = 1 << 31;
+
+/// Cap on heuristic freshness (10 % of the time since `Last-Modified`, RFC 9111 §4.2.2).
+const HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// The directives of a `Cache-Control` field, request or response side.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+    pub only_if_cached: bool,
+}
+
+impl CacheControl {
+    /// Parses every `Cache-Control` line of `headers`. Unknown directives are ignored; the
+    /// first occurrence of a duplicated directive wins; a delta-seconds directive with an
+    /// invalid value is taken as `0` (RFC 9111 §4.2.1: invalid freshness means stale).
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut cc = CacheControl::default();
+        for line in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(line) = line.to_str() else { continue };
+            for (name, value) in directives(line) {
+                let seconds = || Some(value.map(parse_delta_seconds).unwrap_or(0));
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => cc.no_store = true,
+                    // `no-cache="field"` and `private="field"` restrict fields, which we treat
+                    // conservatively as the unqualified directive.
+                    "no-cache" => cc.no_cache = true,
+                    "private" => cc.private = true,
+                    "public" => cc.public = true,
+                    "must-revalidate" => cc.must_revalidate = true,
+                    "proxy-revalidate" => cc.proxy_revalidate = true,
+                    "only-if-cached" => cc.only_if_cached = true,
+                    "max-age" => cc.max_age = cc.max_age.or_else(seconds),
+                    "s-maxage" => cc.s_maxage = cc.s_maxage.or_else(seconds),
+                    "stale-while-revalidate" => {
+                        cc.stale_while_revalidate = cc.stale_while_revalidate.or_else(seconds)
+                    }
+                    "stale-if-error" => cc.stale_if_error = cc.stale_if_error.or_else(seconds),
+                    _ => {}
+                }
+            }
+        }
+        cc
+    }
+
+    /// RFC 9111 §5.2.2.8, §5.2.2.2, §5.2.2.10: a shared cache must not serve this response
+    /// stale without revalidating it (`s-maxage` implies `proxy-revalidate`).
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.no_cache || self.s_maxage.is_some()
+    }
+}
+
+/// Splits `a, b=1, c="x, y"` into `(name, value)` pairs, honouring quoted strings.
+fn directives(line: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    let mut rest = line;
+    std::iter::from_fn(move || loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            return None;
+        }
+        let mut in_quotes = false;
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            match c {
+                '"' => in_quotes = !in_quotes,
+                ',' if !in_quotes => {
+                    end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let item = &rest[..end];
+        rest = &rest[end..];
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (item.trim(), None),
+        };
+        if !name.is_empty() {
+            return Some((name, value));
+        }
+    })
+}
+
+/// delta-seconds (RFC 9111 §1.2.2): digits only; overflow saturates at 2^31; anything else
+/// is invalid and counts as 0.
+fn parse_delta_seconds(v: &str) -> u64 {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return 0;
+    }
+    v.parse::<u64>()
+        .unwrap_or(DELTA_SECONDS_MAX)
+        .min(DELTA_SECONDS_MAX)
+}
+
+/// Why a response is not stored. Low-cardinality labels for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoStoreReason {
+    Method,
+    Status,
+    RequestNoStore,
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    NoFreshnessOrValidator,
+}
+
+impl NoStoreReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoStoreReason::Method => "method",
+            NoStoreReason::Status => "status",
+            NoStoreReason::RequestNoStore => "request_no_store",
+            NoStoreReason::NoStore => "no_store",
+            NoStoreReason::Private => "private",
+            NoStoreReason::Authorization => "authorization",
+            NoStoreReason::SetCookie => "set_cookie",
+            NoStoreReason::VaryStar => "vary_star",
+            NoStoreReason::NoFreshnessOrValidator => "no_freshness",
+        }
+    }
+}
+
+/// Status codes that are cacheable by default (RFC 9110 §15.1), minus `206`, which we never
+/// store (we keep complete representations only).
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// RFC 9111 §3 and §3.5: may a shared cache store this response?
+///
+/// `req_cc`/`resp_cc` are the parsed request and response `Cache-Control`; `has_freshness`
+/// says whether [`freshness_lifetime`] found any freshness (explicit, default or heuristic),
+/// `has_validator` whether the upstream sent `ETag` or `Last-Modified`.
+pub fn storability(
+    method: &Method,
+    status: StatusCode,
+    req_headers: &HeaderMap,
+    req_cc: &CacheControl,
+    resp_headers: &HeaderMap,
+    resp_cc: &CacheControl,
+    has_freshness: bool,
+) -> Result<(), NoStoreReason> {
+    if method != Method::GET {
+        return Err(NoStoreReason::Method);
+    }
+    // 5xx are never stored, even with explicit freshness: an error must not outlive its cause.
+    let explicitly_fresh = resp_cc.public
+        || resp_cc.max_age.is_some()
+        || resp_cc.s_maxage.is_some()
+        || resp_headers.contains_key(header::EXPIRES);
+    let status_ok = status.is_success() || status.is_redirection() || status.is_client_error();
+    if !status_ok
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || (!heuristically_cacheable(status) && !explicitly_fresh)
+    {
+        return Err(NoStoreReason::Status);
+    }
+    if req_cc.no_store {
+        return Err(NoStoreReason::RequestNoStore);
+    }
+    if resp_cc.no_store {
+        return Err(NoStoreReason::NoStore);
+    }
+    if resp_cc.private {
+        return Err(NoStoreReason::Private);
+    }
+    // §3.5: a response to a request with Authorization is stored only when the origin says so.
+    if req_headers.contains_key(header::AUTHORIZATION)
+        && !(resp_cc.public || resp_cc.s_maxage.is_some() || resp_cc.must_revalidate)
+    {
+        return Err(NoStoreReason::Authorization);
+    }
+    // Set-Cookie personalises a response; share it only when the origin explicitly allows.
+    if resp_headers.contains_key(header::SET_COOKIE)
+        && !(resp_cc.public || resp_cc.s_maxage.is_some())
+    {
+        return Err(NoStoreReason::SetCookie);
+    }
+    if vary_names(resp_headers).any(|n| n == "*") {
+        return Err(NoStoreReason::VaryStar);
+    }
+    let has_validator =
+        resp_headers.contains_key(header::ETAG) || resp_headers.contains_key(header::LAST_MODIFIED);
+    if !has_freshness && !has_validator {
+        return Err(NoStoreReason::NoFreshnessOrValidator);
+    }
+    Ok(())
+}
+
+/// The field names listed by `Vary`, lowercased, in order.
+pub fn vary_names(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+}
+
+/// Parses an HTTP-date header; `None` when absent or invalid.
+pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+}
+
+/// Where a freshness lifetime came from (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreshnessSource {
+    SMaxAge,
+    MaxAge,
+    Expires,
+    Default,
+    Heuristic,
+    None,
+}
+
+/// RFC 9111 §4.2.1: `s-maxage` > `max-age` > `Expires − Date`; then the operator's
+/// `DEFAULT_CACHE_EXPIRY_TIME_SECS`; then, without it, the §4.2.2 heuristic for
+/// heuristically cacheable statuses. `no-cache` forces zero (always revalidate).
+/// `response_time` stands in for a missing or invalid `Date`.
+pub fn freshness_lifetime(
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &CacheControl,
+    default_ttl: Option<Duration>,
+    response_time: SystemTime,
+) -> (Duration, FreshnessSource) {
+    if cc.no_cache {
+        return (Duration::ZERO, FreshnessSource::MaxAge);
+    }
+    if let Some(s) = cc.s_maxage {
+        return (Duration::from_secs(s), FreshnessSource::SMaxAge);
+    }
+    if let Some(s) = cc.max_age {
+        return (Duration::from_secs(s), FreshnessSource::MaxAge);
+    }
+    if headers.contains_key(header::EXPIRES) {
+        // An invalid Expires (e.g. "0") means already expired (§5.3); so does more than one.
+        let single = headers.get_all(header::EXPIRES).iter().count() == 1;
+        let lifetime = match (single, http_date(headers, header::EXPIRES)) {
+            (true, Some(expires)) => {
+                let date = http_date(headers, header::DATE).unwrap_or(response_time);
+                expires.duration_since(date).unwrap_or(Duration::ZERO)
+            }
+            _ => Duration::ZERO,
+        };
+        return (lifetime, FreshnessSource::Expires);
+    }
+    if let Some(ttl) = default_ttl {
+        return (ttl, FreshnessSource::Default);
+    }
+    if heuristically_cacheable(status) {
+        if let Some(last_modified) = http_date(headers, header::LAST_MODIFIED) {
+            let date = http_date(headers, header::DATE).unwrap_or(response_time);
+            if let Ok(since) = date.duration_since(last_modified) {
+                return ((since / 10).min(HEURISTIC_MAX), FreshnessSource::Heuristic);
+            }
+        }
+    }
+    (Duration::ZERO, FreshnessSource::None)
+}
+
+/// RFC 9111 §4.2.3 `corrected_initial_age`: the age the response already had when it arrived,
+/// from the upstream `Age`, the `Date` and the request/response times.
+pub fn initial_age(
+    headers: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let age_value = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| Duration::from_secs(parse_delta_seconds(v.trim())))
+        .unwrap_or(Duration::ZERO);
+    let date_value = http_date(headers, header::DATE).unwrap_or(response_time);
+    let apparent_age = response_time
+        .duration_since(date_value)
+        .unwrap_or(Duration::ZERO);
+    let response_delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    let corrected_age_value = age_value + response_delay;
+    apparent_age.max(corrected_age_value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn cc(v: &str) -> CacheControl {
+        CacheControl::parse(&headers(&[("cache-control", v)]))
+    }
+
+    fn store(
+        req: &[(&str, &str)],
+        status: u16,
+        resp: &[(&str, &str)],
+    ) -> Result<(), NoStoreReason> {
+        let (rq, rs) = (headers(req), headers(resp));
+        let (rqc, rsc) = (CacheControl::parse(&rq), CacheControl::parse(&rs));
+        let status = StatusCode::from_u16(status).unwrap();
+        let fresh = !freshness_lifetime(
+            status,
+            &rs,
+            &rsc,
+            Some(Duration::from_secs(2)),
+            SystemTime::now(),
+        )
+        .0
+        .is_zero();
+        storability(&Method::GET, status, &rq, &rqc, &rs, &rsc, fresh)
+    }
+
+    #[test]
+    fn parses_directives_case_insensitively_with_quotes() {
+        let c = cc(r#"Public, MAX-AGE=60, no-cache="set-cookie, foo", s-maxage="30""#);
+        assert!(c.public && c.no_cache);
+        assert_eq!(c.max_age, Some(60));
+        assert_eq!(c.s_maxage, Some(30));
+    }
+
+    #[test]
+    fn first_duplicate_wins_and_invalid_is_zero() {
+        assert_eq!(cc("max-age=10, max-age=20").max_age, Some(10));
+        assert_eq!(cc("max-age=abc").max_age, Some(0));
+        assert_eq!(cc("max-age=-5").max_age, Some(0));
+        assert_eq!(cc("max-age").max_age, Some(0));
+        assert_eq!(
+            cc("max-age=99999999999999999999").max_age,
+            Some(DELTA_SECONDS_MAX)
+        );
+    }
+
+    #[test]
+    fn multiple_lines_combine() {
+        let c = CacheControl::parse(&headers(&[
+            ("cache-control", "public"),
+            ("cache-control", "max-age=5"),
+        ]));
+        assert!(c.public);
+        assert_eq!(c.max_age, Some(5));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for v in [
+            ",,,",
+            "=",
+            "=5",
+            "\"",
+            "max-age=\"",
+            "a=\"b,c",
+            "max-age=1 2",
+            "\t;;",
+        ] {
+            let _ = CacheControl::parse(&headers(&[("cache-control", v)]));
+        }
+    }
+
+    #[test]
+    fn freshness_precedence() {
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let exp = httpdate::fmt_http_date(now + Duration::from_secs(100));
+        let h = headers(&[
+            ("cache-control", "max-age=10, s-maxage=20"),
+            ("date", &date),
+            ("expires", &exp),
+        ]);
+        let f = |h: &HeaderMap, d| {
+            freshness_lifetime(StatusCode::OK, h, &CacheControl::parse(h), d, now)
+        };
+        assert_eq!(
+            f(&h, None),
+            (Duration::from_secs(20), FreshnessSource::SMaxAge)
+        );
+        let h = headers(&[
+            ("cache-control", "max-age=10"),
+            ("date", &date),
+            ("expires", &exp),
+        ]);
+        assert_eq!(f(&h, None).0, Duration::from_secs(10));
+        let h = headers(&[("date", &date), ("expires", &exp)]);
+        assert_eq!(
+            f(&h, Some(Duration::from_secs(2))).0,
+            Duration::from_secs(100)
+        );
+        let h = headers(&[("date", &date), ("expires", "0")]);
+        assert_eq!(f(&h, Some(Duration::from_secs(2))).0, Duration::ZERO);
+        let h = headers(&[("date", &date)]);
+        assert_eq!(
+            f(&h, Some(Duration::from_secs(2))),
+            (Duration::from_secs(2), FreshnessSource::Default)
+        );
+        assert_eq!(f(&h, None).1, FreshnessSource::None);
+    }
+
+    #[test]
+    fn heuristic_is_ten_percent_of_last_modified_age() {
+        let now = SystemTime::now();
+        let h = headers(&[
+            ("date", &httpdate::fmt_http_date(now)),
+            (
+                "last-modified",
+                &httpdate::fmt_http_date(now - Duration::from_secs(1000)),
+            ),
+        ]);
+        let (d, src) = freshness_lifetime(StatusCode::OK, &h, &CacheControl::default(), None, now);
+        assert_eq!(
+            (d, src),
+            (Duration::from_secs(100), FreshnessSource::Heuristic)
+        );
+        let (d, _) = freshness_lifetime(StatusCode::FOUND, &h, &CacheControl::default(), None, now);
+        assert_eq!(d, Duration::ZERO);
+    }
+
+    #[test]
+    fn no_cache_is_stored_only_with_a_validator_and_is_never_fresh() {
+        assert_eq!(
+            store(&[], 200, &[("cache-control", "no-cache")]),
+            Err(NoStoreReason::NoFreshnessOrValidator)
+        );
+        assert_eq!(
+            store(
+                &[],
+                200,
+                &[("cache-control", "no-cache"), ("etag", "\"a\"")]
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn private_data_is_never_shared() {
+        assert_eq!(
+            store(&[], 200, &[("cache-control", "private, max-age=60")]),
+            Err(NoStoreReason::Private)
+        );
+        assert_eq!(
+            store(&[], 200, &[("cache-control", "no-store")]),
+            Err(NoStoreReason::NoStore)
+        );
+        assert_eq!(
+            store(&[("cache-control", "no-store")], 200, &[]),
+            Err(NoStoreReason::RequestNoStore)
+        );
+        assert_eq!(
+            store(&[], 200, &[("set-cookie", "a=b")]),
+            Err(NoStoreReason::SetCookie)
+        );
+        assert_eq!(
+            store(
+                &[],
+                200,
+                &[
+                    ("set-cookie", "a=b"),
+                    ("cache-control", "public, max-age=5")
+                ]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            store(&[("authorization", "Bearer x")], 200, &[]),
+            Err(NoStoreReason::Authorization)
+        );
+        assert_eq!(
+            store(
+                &[("authorization", "Bearer x")],
+                200,
+                &[("cache-control", "s-maxage=5")]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            store(
+                &[("authorization", "Bearer x")],
+                200,
+                &[("cache-control", "must-revalidate")]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            store(&[], 200, &[("vary", "Accept, *")]),
+            Err(NoStoreReason::VaryStar)
+        );
+    }
+
+    #[test]
+    fn status_rules() {
+        assert_eq!(
+            store(&[], 500, &[("cache-control", "max-age=60")]),
+            Err(NoStoreReason::Status)
+        );
+        assert_eq!(store(&[], 503, &[]), Err(NoStoreReason::Status));
+        assert_eq!(
+            store(&[], 206, &[("cache-control", "max-age=60")]),
+            Err(NoStoreReason::Status)
+        );
+        assert_eq!(store(&[], 302, &[]), Err(NoStoreReason::Status));
+        assert_eq!(store(&[], 302, &[("cache-control", "max-age=60")]), Ok(()));
+        assert_eq!(store(&[], 404, &[]), Ok(()));
+        assert_eq!(store(&[], 200, &[]), Ok(()));
+    }
+
+    #[test]
+    fn stale_rules() {
+        assert!(cc("max-age=1, must-revalidate").forbids_stale());
+        assert!(cc("s-maxage=1").forbids_stale());
+        assert!(!cc("max-age=1, stale-while-revalidate=5").forbids_stale());
+    }
+
+    #[test]
+    fn initial_age_uses_age_header_and_delay() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let t1 = t0 + Duration::from_secs(1);
+        let h = headers(&[("age", "30"), ("date", &httpdate::fmt_http_date(t1))]);
+        assert_eq!(initial_age(&h, t0, t1), Duration::from_secs(31));
+        let h = headers(&[(
+            "date",
+            &httpdate::fmt_http_date(t1 - Duration::from_secs(50)),
+        )]);
+        assert_eq!(initial_age(&h, t1, t1), Duration::from_secs(50));
+        let h = headers(&[("age", "junk")]);
+        assert_eq!(initial_age(&h, t1, t1), Duration::ZERO);
+    }
+}

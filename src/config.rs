@@ -1,0 +1,390 @@
+//! Runtime configuration: raw environment variables in, a validated, typed [`Config`] out.
+//!
+//! Setting names are compatible with the proxy edgecache replaces (`UPSTREAM_URL`,
+//! `DEFAULT_CACHE_EXPIRY_TIME_SECS`, `DEFAULT_REFRESH_WINDOW_SECS`, `REQ_TIMEOUT`,
+//! `CLEAR_CACHE_KEY`), so an old `.env` keeps working. Parsing is pure: it takes a lookup
+//! function, never reads the process environment itself, and reports the first bad variable
+//! as a [`ConfigError`] that names it.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::Uri;
+
+/// Everything the daemon needs to run, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the proxy listens on (`LISTEN_ADDR`).
+    pub listen_addr: SocketAddr,
+    /// Base URL of the upstream service (`UPSTREAM_URL`): scheme `http`, authority and an
+    /// optional path prefix that is prepended to every forwarded path.
+    pub upstream: UpstreamUrl,
+    /// Freshness given to a storable response without explicit freshness
+    /// (`DEFAULT_CACHE_EXPIRY_TIME_SECS`); `None` means RFC 9111 rules only.
+    pub default_ttl: Option<Duration>,
+    /// At expiry, an entry requested within this window is refreshed in the background;
+    /// otherwise it is dropped (`DEFAULT_REFRESH_WINDOW_SECS`). Zero disables refresh.
+    pub refresh_window: Duration,
+    /// Whole upstream request timeout (`REQ_TIMEOUT`); exceeded → 504.
+    pub upstream_timeout: Duration,
+    /// Admin password (`CLEAR_CACHE_KEY`); `None` disables admin requests (403).
+    pub admin_key: Option<AdminKey>,
+    /// `LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// How long in-flight requests may run after SIGTERM/SIGINT (`SHUTDOWN_GRACE_SECS`).
+    pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-*` headers are believed (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Responses with larger bodies are streamed and never stored (`CACHE_MAX_OBJECT_BYTES`).
+    pub max_object_bytes: usize,
+}
+
+/// The admin password. Its `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct AdminKey(pub(crate) String);
+
+impl fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminKey(<redacted>)")
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The parsed upstream base URL.
+#[derive(Clone, Debug)]
+pub struct UpstreamUrl {
+    /// `host:port` used for connecting and as the upstream `Host` header.
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash (`""` when the URL has no path).
+    pub path_prefix: String,
+}
+
+impl UpstreamUrl {
+    /// Builds the absolute upstream URI for a downstream `path_and_query`.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(self.path_prefix.len() + path_and_query.len());
+        pq.push_str(&self.path_prefix);
+        pq.push_str(path_and_query);
+        Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, or a single address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`{s}` has an invalid prefix length")),
+            },
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+/// A configuration error: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}: {}",
+            self.variable, self.problem
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any name → value lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        // Empty values count as unset, as in the `.env` files of the predecessor.
+        let var = |name: &'static str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let bad = |variable: &'static str, problem: String| ConfigError { variable, problem };
+
+        let listen_addr = match var("LISTEN_ADDR") {
+            None => SocketAddr::from(([0, 0, 0, 0], 8000)),
+            Some(v) => v
+                .parse()
+                .map_err(|_| bad("LISTEN_ADDR", format!("`{v}` is not an IP:port address")))?,
+        };
+        let upstream = match var("UPSTREAM_URL") {
+            None => return Err(bad(
+                "UPSTREAM_URL",
+                "is not set; set it to the base URL of your service, e.g. http://127.0.0.1:3006 \
+                     (./start.sh runs the bundled mock origin when it is empty)"
+                    .into(),
+            )),
+            Some(v) => parse_upstream(&v).map_err(|p| bad("UPSTREAM_URL", p))?,
+        };
+        let seconds = |name: &'static str, default: f64| -> Result<Duration, ConfigError> {
+            match var(name) {
+                None => Ok(Duration::from_secs_f64(default)),
+                Some(v) => parse_seconds(&v).map_err(|p| bad(name, p)),
+            }
+        };
+        let default_ttl =
+            Some(seconds("DEFAULT_CACHE_EXPIRY_TIME_SECS", 2.0)?).filter(|d| !d.is_zero());
+        let refresh_window = seconds("DEFAULT_REFRESH_WINDOW_SECS", 60.0)?;
+        let upstream_timeout = seconds("REQ_TIMEOUT", 10.0)?;
+        if upstream_timeout.is_zero() {
+            return Err(bad("REQ_TIMEOUT", "must be greater than 0".into()));
+        }
+        let shutdown_grace = seconds("SHUTDOWN_GRACE_SECS", 30.0)?;
+        let admin_key = var("CLEAR_CACHE_KEY").map(AdminKey);
+        let log_format = match var("LOG_FORMAT")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(bad(
+                    "LOG_FORMAT",
+                    format!("`{other}` is not `text` or `json`"),
+                ))
+            }
+        };
+        let trusted_proxies = match var("TRUSTED_PROXIES") {
+            None => vec![
+                IpNet::parse("127.0.0.1").map_err(|p| bad("TRUSTED_PROXIES", p))?,
+                IpNet::parse("::1").map_err(|p| bad("TRUSTED_PROXIES", p))?,
+            ],
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("none"))
+                .map(IpNet::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|p| bad("TRUSTED_PROXIES", p))?,
+        };
+        let max_object_bytes = match var("CACHE_MAX_OBJECT_BYTES") {
+            None => 8 << 20,
+            Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
+        };
+        Ok(Config {
+            listen_addr,
+            upstream,
+            default_ttl,
+            refresh_window,
+            upstream_timeout,
+            admin_key,
+            log_format,
+            shutdown_grace,
+            trusted_proxies,
+            max_object_bytes,
+        })
+    }
+}
+
+fn parse_upstream(v: &str) -> Result<UpstreamUrl, String> {
+    let uri: Uri = v.parse().map_err(|_| format!("`{v}` is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
+        _ => return Err(format!("`{v}` must start with http://")),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{v}` has no host"))?;
+    if uri.query().is_some() {
+        return Err(format!("`{v}` must not have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_owned();
+    Ok(UpstreamUrl {
+        authority,
+        path_prefix,
+    })
+}
+
+/// Parses non-negative seconds, decimals allowed (`2`, `0.5`).
+fn parse_seconds(v: &str) -> Result<Duration, String> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{v}` must be a non-negative number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{v}` is out of range"))
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `8MiB`, `2GiB` (also `KB`/`MB`/`GB`, `k`/`m`/`g`).
+pub fn parse_bytes(v: &str) -> Result<usize, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{v}` is not a byte size like 8MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{v}` has an unknown unit (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("`{v}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn predecessor_env_file_is_accepted() {
+        let c = cfg(&[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "2"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "60"),
+            ("REQ_TIMEOUT", "2"),
+            ("UPSTREAM_URL", "http://host.docker.internal:3006"),
+            ("CLEAR_CACHE_KEY", "Secret"),
+        ])
+        .unwrap();
+        assert_eq!(c.default_ttl, Some(Duration::from_secs(2)));
+        assert_eq!(c.refresh_window, Duration::from_secs(60));
+        assert_eq!(c.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream.authority.as_str(), "host.docker.internal:3006");
+        assert!(c.admin_key.is_some());
+        assert!(!format!("{c:?}").contains("Secret"));
+    }
+
+    #[test]
+    fn missing_upstream_names_the_variable() {
+        assert_eq!(cfg(&[]).unwrap_err().variable, "UPSTREAM_URL");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        for (k, v) in [
+            ("REQ_TIMEOUT", "abc"),
+            ("REQ_TIMEOUT", "0"),
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "-1"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "NaN"),
+            ("LISTEN_ADDR", "localhost"),
+            ("LOG_FORMAT", "yaml"),
+            ("TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("CACHE_MAX_OBJECT_BYTES", "8 parsecs"),
+        ] {
+            assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");
+        }
+        assert_eq!(
+            cfg(&[("UPSTREAM_URL", "ftp://x")]).unwrap_err().variable,
+            "UPSTREAM_URL"
+        );
+        assert_eq!(
+            cfg(&[("UPSTREAM_URL", "https://x")]).unwrap_err().variable,
+            "UPSTREAM_URL"
+        );
+    }
+
+    #[test]
+    fn zero_expiry_means_rfc_only_and_empty_key_disables_admin() {
+        let c = cfg(&[
+            ("UPSTREAM_URL", "http://127.0.0.1:9/api/"),
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0"),
+            ("CLEAR_CACHE_KEY", ""),
+        ])
+        .unwrap();
+        assert_eq!(c.default_ttl, None);
+        assert!(c.admin_key.is_none());
+        assert_eq!(
+            c.upstream.uri_for("/x?a=1").unwrap().to_string(),
+            "http://127.0.0.1:9/api/x?a=1"
+        );
+    }
+
+    #[test]
+    fn byte_sizes_and_networks() {
+        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        let net = IpNet::parse("172.28.0.0/16").unwrap();
+        assert!(net.contains("172.28.3.4".parse().unwrap()));
+        assert!(!net.contains("172.29.0.1".parse().unwrap()));
+        assert!(IpNet::parse("127.0.0.1")
+            .unwrap()
+            .contains("::ffff:127.0.0.1".parse().unwrap()));
+    }
+}

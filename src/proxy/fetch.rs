@@ -1,0 +1,325 @@
+//! `fetch_upstream` + `store`: one upstream GET meant to fill the cache. It revalidates with
+//! the stored validators when it has a base entry, reads the body completely (bounded by
+//! `CACHE_MAX_OBJECT_BYTES` and `REQ_TIMEOUT`), asks the policy whether it may be shared, and
+//! stores it. A failed or truncated body is never stored.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::headers::strip_hop_by_hop;
+use super::Proxy;
+use crate::body::ProxyBody;
+use crate::cache::conditional::etag_for_body;
+use crate::cache::entry::{CachedResponse, NewEntry};
+use crate::cache::key::VaryKey;
+use crate::cache::policy::{self, CacheControl};
+use crate::cache::FetchOutcome;
+use crate::error::{chain, UpstreamError};
+
+/// A fetch to fill (or revalidate) one cache entry.
+pub(crate) struct FetchRequest {
+    /// Primary key: the downstream path and query.
+    pub key: Arc<str>,
+    /// Headers for the upstream: already rewritten (hop-by-hop removed, X-Forwarded-* set,
+    /// client preconditions and Range removed).
+    pub headers: HeaderMap,
+    /// The stale entry being revalidated, if any.
+    pub base: Option<Arc<CachedResponse>>,
+    /// Access time carried into the new entry (a background refresh must not make a key
+    /// look recently requested).
+    pub last_access_ms: u64,
+}
+
+/// What one fetch produced, for the requester that led it.
+pub(crate) enum Fetched {
+    /// A new complete response, stored.
+    Stored(Arc<CachedResponse>),
+    /// The base entry, freshened by a `304` and stored again.
+    Revalidated(Arc<CachedResponse>),
+    /// Not shareable: the response itself, for the leader only.
+    Passed(Response<ProxyBody>),
+    Failed(UpstreamError),
+}
+
+impl Fetched {
+    /// What the coalesced waiters get.
+    pub fn outcome(&self) -> FetchOutcome {
+        match self {
+            Fetched::Stored(e) | Fetched::Revalidated(e) => FetchOutcome::Stored(e.clone()),
+            Fetched::Passed(_) => FetchOutcome::NotShared,
+            Fetched::Failed(e) => FetchOutcome::Failed(e.clone()),
+        }
+    }
+}
+
+impl Proxy {
+    /// Fetches `req.key` from upstream and stores the result when the policy allows.
+    pub(crate) async fn fetch_for_cache(&self, req: FetchRequest) -> Fetched {
+        let deadline = self.upstream.deadline();
+        let request_time = SystemTime::now();
+        let uri = match self.upstream.uri_for(&req.key) {
+            Ok(uri) => uri,
+            Err(e) => return Fetched::Failed(e),
+        };
+        let mut up = Request::new(ProxyBody::Empty);
+        *up.method_mut() = Method::GET;
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        let headers = up.headers_mut();
+        headers.clone_from(&req.headers);
+        if let Ok(host) = HeaderValue::from_str(self.upstream.authority().as_str()) {
+            headers.insert(header::HOST, host);
+        }
+        if let Some(base) = &req.base {
+            if let Some(etag) = &base.upstream_etag {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = &base.upstream_last_modified {
+                headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+
+        let resp = match self.upstream.send(up, deadline).await {
+            Ok(resp) => resp,
+            Err(e) => return Fetched::Failed(e),
+        };
+        let response_time = SystemTime::now();
+        let stored_at = Instant::now();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+
+        if parts.status == StatusCode::NOT_MODIFIED {
+            if let Some(base) = &req.base {
+                return self.freshen(
+                    &req,
+                    base,
+                    &parts.headers,
+                    request_time,
+                    response_time,
+                    stored_at,
+                );
+            }
+        }
+
+        let req_cc = CacheControl::parse(&req.headers);
+        let resp_cc = CacheControl::parse(&parts.headers);
+        let (lifetime, _) = policy::freshness_lifetime(
+            parts.status,
+            &parts.headers,
+            &resp_cc,
+            self.config.default_ttl,
+            response_time,
+        );
+        let storable = policy::storability(
+            &Method::GET,
+            parts.status,
+            &req.headers,
+            &req_cc,
+            &parts.headers,
+            &resp_cc,
+            !lifetime.is_zero(),
+        );
+        let too_large = declared_length(&parts.headers)
+            .is_some_and(|n| n > self.config.max_object_bytes as u64);
+        if let Err(reason) = storable {
+            tracing::debug!(key = %req.key, reason = reason.as_str(), "response not stored");
+            return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
+        }
+        if too_large {
+            tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+            return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
+        }
+
+        let body = match read_body(body, self.config.max_object_bytes, deadline).await {
+            Ok(ReadBody::Complete(bytes)) => bytes,
+            Ok(ReadBody::TooLarge { prefix, rest }) => {
+                tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+                let body = ProxyBody::Stream {
+                    prefix: Some(prefix),
+                    rest,
+                };
+                return Fetched::Passed(Response::from_parts(parts, body));
+            }
+            Err(e) => return Fetched::Failed(e),
+        };
+
+        let mut headers = parts.headers;
+        let upstream_etag = headers.get(header::ETAG).cloned();
+        let upstream_last_modified = headers.get(header::LAST_MODIFIED).cloned();
+        let etag = match &upstream_etag {
+            Some(etag) => etag.clone(),
+            None => {
+                let etag = etag_for_body(&body);
+                headers.insert(header::ETAG, etag.clone());
+                etag
+            }
+        };
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let initial_age = policy::initial_age(&headers, request_time, response_time);
+        headers.remove(header::AGE);
+        if !headers.contains_key(header::DATE) {
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(response_time)) {
+                headers.insert(header::DATE, date);
+            }
+        }
+        let vary_names: Vec<String> = policy::vary_names(&headers).collect();
+        let vary = VaryKey::capture(vary_names.iter().map(String::as_str), &req.headers);
+        let entry = NewEntry {
+            status: parts.status,
+            last_modified: policy::http_date(&headers, header::LAST_MODIFIED),
+            headers,
+            body,
+            etag,
+            upstream_etag,
+            upstream_last_modified,
+            vary,
+            stored_at,
+            initial_age,
+            lifetime,
+            forbids_stale: resp_cc.forbids_stale(),
+            stale_while_revalidate: secs(resp_cc.stale_while_revalidate),
+            stale_if_error: secs(resp_cc.stale_if_error),
+        };
+        let entry = Arc::new(CachedResponse::new(
+            entry,
+            req.key.len(),
+            req.last_access_ms,
+        ));
+        self.cache.insert(req.key.clone(), entry.clone());
+        Fetched::Stored(entry)
+    }
+
+    /// RFC 9111 §4.3.4: a `304` updates the stored headers with those it carries and restarts
+    /// the entry's age and freshness; the stored body is kept.
+    fn freshen(
+        &self,
+        req: &FetchRequest,
+        base: &CachedResponse,
+        update: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+        stored_at: Instant,
+    ) -> Fetched {
+        let mut headers = base.headers.clone();
+        for name in update.keys() {
+            if name == header::CONTENT_LENGTH || name == header::CONTENT_ENCODING {
+                continue;
+            }
+            headers.remove(name);
+            for v in update.get_all(name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        let initial_age = policy::initial_age(&headers, request_time, response_time);
+        headers.remove(header::AGE);
+        let cc = CacheControl::parse(&headers);
+        let (lifetime, _) = policy::freshness_lifetime(
+            base.status,
+            &headers,
+            &cc,
+            self.config.default_ttl,
+            response_time,
+        );
+        let entry = NewEntry {
+            status: base.status,
+            etag: headers
+                .get(header::ETAG)
+                .cloned()
+                .unwrap_or_else(|| base.etag.clone()),
+            last_modified: policy::http_date(&headers, header::LAST_MODIFIED),
+            upstream_etag: update
+                .get(header::ETAG)
+                .cloned()
+                .or_else(|| base.upstream_etag.clone()),
+            upstream_last_modified: update
+                .get(header::LAST_MODIFIED)
+                .cloned()
+                .or_else(|| base.upstream_last_modified.clone()),
+            headers,
+            body: base.body.clone(),
+            vary: base.vary.clone(),
+            stored_at,
+            initial_age,
+            lifetime,
+            forbids_stale: cc.forbids_stale(),
+            stale_while_revalidate: secs(cc.stale_while_revalidate),
+            stale_if_error: secs(cc.stale_if_error),
+        };
+        let entry = Arc::new(CachedResponse::new(
+            entry,
+            req.key.len(),
+            req.last_access_ms,
+        ));
+        if cc.no_store || cc.private {
+            // The origin withdrew permission to share: forget it, answer this requester only.
+            self.cache.store.remove_version(&req.key, base.id);
+            let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+            *resp.status_mut() = entry.status;
+            *resp.headers_mut() = entry.headers.clone();
+            return Fetched::Passed(resp);
+        }
+        self.cache.insert(req.key.clone(), entry.clone());
+        Fetched::Revalidated(entry)
+    }
+}
+
+fn secs(v: Option<u64>) -> Duration {
+    Duration::from_secs(v.unwrap_or(0))
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+enum ReadBody {
+    Complete(Bytes),
+    /// Passed the size limit: what was read so far and the rest of the stream.
+    TooLarge {
+        prefix: Bytes,
+        rest: Incoming,
+    },
+}
+
+/// Reads a whole body, up to `max` bytes, before `deadline`. A body that errors or ends early
+/// (hyper checks `Content-Length` and chunked framing) is an error: never stored.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Result<ReadBody, UpstreamError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(None) => return Ok(ReadBody::Complete(buf.freeze())),
+            Ok(Some(Err(e))) => return Err(UpstreamError::Body(chain(&e))),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if buf.len() + data.len() > max {
+                    buf.extend_from_slice(&data);
+                    return Ok(ReadBody::TooLarge {
+                        prefix: buf.freeze(),
+                        rest: body,
+                    });
+                }
+                if buf.is_empty() {
+                    // Most bodies arrive in one frame: keep it without copying.
+                    buf = BytesMut::from(data);
+                } else {
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}

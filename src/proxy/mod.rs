@@ -1,0 +1,439 @@
+//! The request pipeline, in the order a request meets it:
+//!
+//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`crate::admin`] and never
+//!    upstream; GET/HEAD go through the cache; everything else is passed through.
+//! 2. `lookup` — the stored variant the request selects: fresh → `HIT`; stale but servable
+//!    (refresh window, `stale-while-revalidate`) → `STALE` plus a background refresh.
+//! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
+//!    runs in its own task so it survives the leader's client going away.
+//! 4. `fetch_for_cache` / `store` ([`fetch`]) and `respond` ([`respond`]).
+//!
+//! The expiry task ([`Proxy::run_expiry`]) refreshes hot keys when they expire and drops
+//! cold ones.
+
+pub mod fetch;
+pub mod headers;
+pub mod respond;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use crate::body::ProxyBody;
+use crate::cache::coalesce::{Role, Waiter};
+use crate::cache::entry::{clock_ms, CachedResponse};
+use crate::cache::key::{primary_key, push_flight_suffix};
+use crate::cache::{Cache, FetchOutcome};
+use crate::config::Config;
+use crate::upstream::Upstream;
+use fetch::{FetchRequest, Fetched};
+use headers::{set_forwarded, strip_client_conditionals, strip_hop_by_hop, CLEAR_CACHE};
+use respond::CacheStatus;
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Proxy {
+    pub config: Config,
+    pub cache: Cache,
+    pub upstream: Upstream,
+}
+
+/// Facts about one request gathered for its access-log line.
+#[derive(Default)]
+struct Trace {
+    cache: Option<CacheStatus>,
+    upstream_ms: Option<u64>,
+    coalesced: bool,
+}
+
+/// Longest pause between two refresh attempts of a hot entry whose refresh keeps failing.
+const MAX_REFRESH_RETRY: Duration = Duration::from_secs(10);
+
+impl Proxy {
+    pub fn new(config: Config) -> Self {
+        let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout);
+        Proxy {
+            config,
+            cache: Cache::default(),
+            upstream,
+        }
+    }
+
+    /// Handles one downstream request and writes its access-log line.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let mut trace = Trace::default();
+        let resp = self.route(req, peer, &mut trace).await;
+        tracing::info!(
+            target: "edgecache::access",
+            %method,
+            path = %uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            status = resp.status().as_u16(),
+            cache = trace.cache.map_or("-", CacheStatus::as_str),
+            coalesced = trace.coalesced,
+            upstream_ms = trace.upstream_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            peer = %peer.ip(),
+        );
+        resp
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &mut Trace,
+    ) -> Response<ProxyBody> {
+        if req.headers().contains_key(CLEAR_CACHE) {
+            return crate::admin::handle(self, req, peer).await;
+        }
+        match *req.method() {
+            Method::GET | Method::HEAD => self.lookup(req, peer, trace).await,
+            Method::CONNECT => {
+                respond::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
+            }
+            _ => {
+                trace.cache = Some(CacheStatus::Bypass);
+                self.pass(req, peer, trace).await
+            }
+        }
+    }
+
+    /// GET/HEAD: serve from the store when possible, else fetch through the single flight.
+    async fn lookup(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &mut Trace,
+    ) -> Response<ProxyBody> {
+        let head = req.method() == Method::HEAD;
+        let key = primary_key(req.uri());
+        let now = Instant::now();
+        let base = self.cache.store.get(key, req.headers());
+        if let Some(entry) = &base {
+            entry.touch();
+            if entry.is_fresh(now) {
+                trace.cache = Some(CacheStatus::Hit);
+                return respond::from_entry(entry, head, req.headers(), CacheStatus::Hit, now);
+            }
+            if self.may_serve_stale(entry, now) {
+                if let Some(key) = self.cache.store.key_arc(key) {
+                    drop(self.refresh(key, entry.clone()));
+                }
+                trace.cache = Some(CacheStatus::Stale);
+                return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
+            }
+        }
+        let status = if base.is_some() {
+            CacheStatus::Refresh
+        } else {
+            CacheStatus::Miss
+        };
+        trace.cache = Some(status);
+        let started = Instant::now();
+        let resp = self.fetch_coalesced(req, peer, base, status, trace).await;
+        trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
+        resp
+    }
+
+    /// Whether a stale entry may be served while it is refreshed in the background: within the
+    /// response's `stale-while-revalidate`, or within the refresh window for entries that had
+    /// a freshness lifetime — never when the response forbids serving it stale.
+    fn may_serve_stale(&self, entry: &CachedResponse, now: Instant) -> bool {
+        if entry.forbids_stale {
+            return false;
+        }
+        let stale_for = entry.stale_for(now);
+        let window = self.config.refresh_window;
+        stale_for <= entry.stale_while_revalidate
+            || (!window.is_zero() && !entry.lifetime.is_zero() && stale_for <= window)
+    }
+
+    /// Fetches a missing or stale entry once for all concurrent requesters.
+    async fn fetch_coalesced(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        base: Option<Arc<CachedResponse>>,
+        status: CacheStatus,
+        trace: &mut Trace,
+    ) -> Response<ProxyBody> {
+        let head = req.method() == Method::HEAD;
+        let (parts, _body) = req.into_parts();
+        let key_str = primary_key(&parts.uri);
+        let key: Arc<str> = self
+            .cache
+            .store
+            .key_arc(key_str)
+            .unwrap_or_else(|| Arc::from(key_str));
+        let fetch = FetchRequest {
+            key: key.clone(),
+            headers: self.upstream_headers(&parts.headers, peer, true),
+            base: base.clone(),
+            last_access_ms: clock_ms(),
+        };
+
+        // A request with credentials may get a personalised answer: it never leads or joins a
+        // flight, though the response is still stored when the origin marks it shareable.
+        if parts.headers.contains_key(header::AUTHORIZATION) {
+            let fetched = self.fetch_for_cache(fetch).await;
+            return self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status);
+        }
+
+        let vary_names = match &base {
+            Some(b) => b.vary.names().to_vec(),
+            None => self.cache.store.vary_names(&key),
+        };
+        let mut flight_key = String::with_capacity(key.len());
+        flight_key.push_str(&key);
+        push_flight_suffix(&mut flight_key, &vary_names, &parts.headers);
+
+        match self.cache.flights.join(flight_key) {
+            Role::Leader(guard) => {
+                // Someone may have stored it between our lookup and taking the flight.
+                if let Some(entry) = self.cache.store.get(&key, &parts.headers) {
+                    let now = Instant::now();
+                    if entry.is_fresh(now) && base.as_ref().is_none_or(|b| b.id != entry.id) {
+                        guard.publish(FetchOutcome::Stored(entry.clone()));
+                        trace.cache = Some(CacheStatus::Hit);
+                        return respond::from_entry(
+                            &entry,
+                            head,
+                            &parts.headers,
+                            CacheStatus::Hit,
+                            now,
+                        );
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                let proxy = self.clone();
+                // The fetch runs in its own task: it completes (and is stored, and followers
+                // are answered) even if this client disconnects.
+                tokio::spawn(async move {
+                    let fetched = proxy.fetch_for_cache(fetch).await;
+                    guard.publish(fetched.outcome());
+                    let _ = tx.send(fetched);
+                });
+                match rx.await {
+                    Ok(fetched) => {
+                        self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status)
+                    }
+                    Err(_) => {
+                        respond::plain(StatusCode::BAD_GATEWAY, "upstream fetch was abandoned\n")
+                    }
+                }
+            }
+            Role::Follower(waiter) => {
+                trace.coalesced = true;
+                match waiter.wait().await {
+                    Some(FetchOutcome::Stored(entry)) if entry.vary.matches(&parts.headers) => {
+                        respond::from_entry(&entry, head, &parts.headers, status, Instant::now())
+                    }
+                    Some(FetchOutcome::Failed(e)) => {
+                        self.respond_failed(&e, head, &parts.headers, base.as_deref())
+                    }
+                    // Not shareable, another variant, or the leader vanished: fetch alone.
+                    _ => {
+                        let fetched = self.fetch_for_cache(fetch).await;
+                        self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status)
+                    }
+                }
+            }
+        }
+    }
+
+    fn respond_fetched(
+        &self,
+        fetched: Fetched,
+        head: bool,
+        req: &HeaderMap,
+        base: Option<&CachedResponse>,
+        status: CacheStatus,
+    ) -> Response<ProxyBody> {
+        match fetched {
+            Fetched::Stored(entry) => {
+                respond::from_entry(&entry, head, req, status, Instant::now())
+            }
+            Fetched::Revalidated(entry) => {
+                respond::from_entry(&entry, head, req, CacheStatus::Refresh, Instant::now())
+            }
+            Fetched::Passed(resp) => respond::passed(resp, head, status),
+            Fetched::Failed(e) => self.respond_failed(&e, head, req, base),
+        }
+    }
+
+    /// An upstream failure: the stale entry when its `stale-if-error` allows, else the error.
+    fn respond_failed(
+        &self,
+        err: &crate::error::UpstreamError,
+        head: bool,
+        req: &HeaderMap,
+        base: Option<&CachedResponse>,
+    ) -> Response<ProxyBody> {
+        let now = Instant::now();
+        if let Some(base) = base {
+            if base.stale_for(now) <= base.stale_if_error && !base.stale_if_error.is_zero() {
+                return respond::from_entry(base, head, req, CacheStatus::Stale, now);
+            }
+        }
+        tracing::warn!(error = %err, "upstream request failed");
+        respond::upstream_error(err)
+    }
+
+    /// Starts (or joins) a background refresh of one stored variant. The returned waiter can
+    /// be awaited for the outcome or dropped.
+    pub(crate) fn refresh(
+        self: &Arc<Self>,
+        key: Arc<str>,
+        entry: Arc<CachedResponse>,
+    ) -> Waiter<FetchOutcome> {
+        let headers = entry.vary.request_headers();
+        let mut flight_key = String::with_capacity(key.len());
+        flight_key.push_str(&key);
+        push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
+        match self.cache.flights.join(flight_key) {
+            Role::Follower(waiter) => waiter,
+            Role::Leader(guard) => {
+                let waiter = guard.waiter();
+                let fetch = FetchRequest {
+                    key,
+                    headers,
+                    last_access_ms: entry.last_access_ms(),
+                    base: Some(entry),
+                };
+                let proxy = self.clone();
+                tokio::spawn(async move {
+                    let fetched = proxy.fetch_for_cache(fetch).await;
+                    if let Fetched::Failed(e) = &fetched {
+                        tracing::warn!(error = %e, "background refresh failed; keeping the stored copy");
+                    }
+                    guard.publish(fetched.outcome());
+                });
+                waiter
+            }
+        }
+    }
+
+    /// Passes a request through without caching, streaming bodies both ways. A successful
+    /// unsafe method invalidates the stored entry for its URL (RFC 9111 §4.4).
+    async fn pass(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &mut Trace,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let key = primary_key(&parts.uri).to_owned();
+        let uri = match self.upstream.uri_for(&key) {
+            Ok(uri) => uri,
+            Err(e) => return respond::upstream_error(&e),
+        };
+        let headers = self.upstream_headers(&parts.headers, peer, false);
+        let method = parts.method.clone();
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.headers = headers;
+        let up = Request::from_parts(parts, ProxyBody::stream(body));
+        let started = Instant::now();
+        let result = self.upstream.send(up, self.upstream.deadline()).await;
+        trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
+        match result {
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                respond::upstream_error(&e)
+            }
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                if !method.is_safe() && (parts.status.is_success() || parts.status.is_redirection())
+                {
+                    self.cache.store.remove(&key);
+                }
+                strip_hop_by_hop(&mut parts.headers);
+                respond::passed(
+                    Response::from_parts(parts, ProxyBody::stream(body)),
+                    false,
+                    CacheStatus::Bypass,
+                )
+            }
+        }
+    }
+
+    /// The headers to send upstream for a downstream request.
+    fn upstream_headers(
+        &self,
+        downstream: &HeaderMap,
+        peer: SocketAddr,
+        for_cache: bool,
+    ) -> HeaderMap {
+        let mut h = downstream.clone();
+        strip_hop_by_hop(&mut h);
+        h.remove(header::EXPECT);
+        set_forwarded(&mut h, peer.ip(), &self.config.trusted_proxies);
+        if for_cache {
+            strip_client_conditionals(&mut h);
+        }
+        if let Ok(host) = HeaderValue::from_str(self.upstream.authority().as_str()) {
+            h.insert(header::HOST, host);
+        }
+        h
+    }
+
+    /// The expiry task: at each entry's expiry, refresh it in the background if a client asked
+    /// for it within the refresh window, keep it while `stale-while-revalidate` /
+    /// `stale-if-error` allow, else drop it.
+    pub async fn run_expiry(self: Arc<Self>) {
+        loop {
+            for (key, id) in self.cache.expiry.next_due().await {
+                self.on_expiry(key, id);
+            }
+        }
+    }
+
+    fn on_expiry(self: &Arc<Self>, key: Arc<str>, id: u64) {
+        let Some(entry) = self.cache.store.get_by_id(&key, id) else {
+            return; // replaced or removed since
+        };
+        let now = Instant::now();
+        if entry.is_fresh(now) {
+            self.cache.expiry.schedule(entry.expires_at(), key, id);
+            return;
+        }
+        let window = self.config.refresh_window;
+        let stale_for = entry.stale_for(now);
+        let hot = !window.is_zero() && entry.requested_within(window);
+        if hot && !entry.lifetime.is_zero() && stale_for <= window {
+            drop(self.refresh(key.clone(), entry));
+            // Look again later: if the refresh failed, this version is still here and the
+            // refresh is retried, backing off as it grows staler.
+            let retry = stale_for.clamp(Duration::from_secs(1), MAX_REFRESH_RETRY);
+            self.cache.expiry.schedule(now + retry, key, id);
+            return;
+        }
+        if hot {
+            // Always-revalidate entries (no-cache, max-age=0) stay while they are requested.
+            let idle = Duration::from_millis(clock_ms().saturating_sub(entry.last_access_ms()));
+            let until = now + window.saturating_sub(idle) + Duration::from_millis(1);
+            self.cache.expiry.schedule(until, key, id);
+            return;
+        }
+        let keep = entry.stale_while_revalidate.max(entry.stale_if_error);
+        if stale_for < keep {
+            self.cache
+                .expiry
+                .schedule(entry.expires_at() + keep, key, id);
+            return;
+        }
+        self.cache.store.remove_version(&key, id);
+        tracing::debug!(key = %key, "expired entry dropped");
+    }
+}
