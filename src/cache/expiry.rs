@@ -120,3 +120,15 @@ mod tests {
         assert_eq!(due.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 2]);
     }
 }
+#[cfg(test)]
+mod more {
+    use super::*;
+    use std::time::Duration;
+    #[tokio::test]
+    async fn future_deadline_fires() {
+        let q = ExpiryQueue::default();
+        q.schedule(Instant::now() + Duration::from_millis(100), "a".into(), 1);
+        let due = tokio::time::timeout(Duration::from_secs(2), q.next_due()).await;
+        assert!(due.is_ok());
+    }
+}

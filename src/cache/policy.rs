@@ -306,10 +306,19 @@ pub fn initial_age(
         .and_then(|v| v.to_str().ok())
         .map(|v| Duration::from_secs(parse_delta_seconds(v.trim())))
         .unwrap_or(Duration::ZERO);
-    let date_value = http_date(headers, header::DATE).unwrap_or(response_time);
-    let apparent_age = response_time
-        .duration_since(date_value)
-        .unwrap_or(Duration::ZERO);
+    // `Date` has one-second resolution: compare whole seconds, so the truncation of `Date`
+    // is not mistaken for up to a second of age (which would make sub-second or few-second
+    // lifetimes expire early).
+    let whole_secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let apparent_age = match http_date(headers, header::DATE) {
+        Some(date) => {
+            Duration::from_secs(whole_secs(response_time).saturating_sub(whole_secs(date)))
+        }
+        None => Duration::ZERO,
+    };
     let response_delay = response_time
         .duration_since(request_time)
         .unwrap_or(Duration::ZERO);
@@ -568,5 +577,11 @@ mod tests {
         assert_eq!(initial_age(&h, t1, t1), Duration::from_secs(50));
         let h = headers(&[("age", "junk")]);
         assert_eq!(initial_age(&h, t1, t1), Duration::ZERO);
+        // A Date truncated to the second is not age.
+        let h = headers(&[("date", &httpdate::fmt_http_date(t1))]);
+        assert_eq!(
+            initial_age(&h, t1, t1 + Duration::from_millis(900)),
+            Duration::ZERO
+        );
     }
 }

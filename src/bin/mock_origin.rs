@@ -1,0 +1,605 @@
+//! `mock-origin`: the deterministic demo/test origin that edgecache's quick start,
+//! integration tests and benchmarks run against.
+//!
+//! Listens on `--listen ADDR`, else `$MOCK_ORIGIN_ADDR`, else `127.0.0.1:3006` (port 0
+//! picks a free port). Once bound it prints exactly one stdout line,
+//! `mock-origin listening on http://IP:PORT`. Speaks HTTP/1.1 and h2c; exits cleanly on
+//! SIGINT/SIGTERM. Bad arguments or addresses exit with code 2, bind failures with 1.
+//!
+//! # Routes
+//!
+//! - `GET|HEAD /data?id=X` (id defaults to `1`): `{"id":"X","updated_at":N,"value":"..."}`
+//!   where `updated_at` is a per-id version counter starting at 1. Sends a strong
+//!   `ETag` (first 16 hex chars of `sha256("X:N")`), `Last-Modified` and, only when
+//!   `max_age=M` is given, `Cache-Control: max-age=M`. Answers `304` (ETag, no body)
+//!   when `If-None-Match` matches (lists, `W/` and `*` understood) or, without
+//!   `If-None-Match`, when `If-Modified-Since` is not older than `Last-Modified`.
+//! - `PUT|POST /data?id=X`: bumps the id's `updated_at` (and `Last-Modified`, by at least
+//!   one second) and returns 200 with the new JSON and validators.
+//! - `/health-check` (any method): `200 ok`, or `503 unhealthy` while toggled off.
+//! - `POST|PUT /admin/health?ok=true|false`: sets the health toggle.
+//! - `GET|HEAD /bytes?size=N` (default 1024, capped at 1 GiB): N deterministic bytes,
+//!   byte i = `(i*31+7) % 256`, `application/octet-stream`, streamed in 64 KiB chunks.
+//! - `/echo` (any method): JSON with `method`, `version`, `uri` (path+query), `host`,
+//!   `headers` (lower-case name -> value, repeats joined with `, `), `body_len` and
+//!   `body_sha256` of the request body, which is read as a stream.
+//! - `GET /stats`: `{"total":N,"connections":C,"by_path":{"/data?id=1":3,...}}`.
+//!   `GET /stats?path=KEY` (KEY percent-encoded) returns just that key's count as text.
+//!   `POST /stats/reset` zeroes all counters. `/stats*` requests are never counted;
+//!   every other request counts towards `total` and its raw `path?query` key.
+//! - Anything else: `404` plain text.
+//!
+//! # Common query parameters (every route except `/stats*`)
+//!
+//! - `delay_ms=D`: sleep D ms before producing the response headers.
+//! - `status=S`: override the status code (200..=999; anything else is ignored).
+//! - `cc=VALUE`: set `Cache-Control` to VALUE (percent-decoded, e.g. `cc=max-age%3D60`).
+//! - `set_cookie=1`: add `Set-Cookie: session=abc`.
+//! - `vary=Header-Name`: add `Vary: Header-Name`.
+//! - `etag=0`: suppress the ETag (on `/data`; then only `If-Modified-Since` applies).
+//! - `body=TEXT` (`/echo` only): respond with TEXT as `text/plain` instead of JSON.
+//!
+//! Query strings are form-decoded (`%XX` and `+` as space). Malformed numbers or header
+//! values yield `400`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+const DEFAULT_ADDR: &str = "127.0.0.1:3006";
+const CHUNK: usize = 64 * 1024;
+const MAX_BYTES: u64 = 1 << 30;
+const DEFAULT_BYTES: u64 = 1024;
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// One chunk plus one period of the `/bytes` pattern; chunks are zero-copy slices of it.
+static PATTERN: LazyLock<Bytes> = LazyLock::new(|| {
+    (0..CHUNK + 256)
+        .map(|i| ((i * 31 + 7) % 256) as u8)
+        .collect()
+});
+
+#[derive(Clone, Copy)]
+struct Item {
+    updated_at: u64,
+    /// Whole unix seconds, so every bump visibly changes the HTTP-date.
+    modified: u64,
+}
+
+#[derive(Default)]
+struct State {
+    items: Mutex<HashMap<String, Item>>,
+    unhealthy: AtomicBool,
+    total: AtomicU64,
+    connections: AtomicU64,
+    by_path: Mutex<HashMap<String, u64>>,
+}
+
+impl State {
+    /// Returns the id's current version (created at 1); `bump` advances it first.
+    fn item(&self, id: &str, bump: bool) -> Item {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut items = lock(&self.items);
+        let item = items.entry(id.to_owned()).or_insert(Item {
+            updated_at: 1,
+            modified: now,
+        });
+        if bump {
+            item.updated_at += 1;
+            item.modified = now.max(item.modified + 1);
+        }
+        *item
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A query parameter that failed to parse; rendered as `400 Bad Request`.
+struct BadParam(&'static str);
+
+/// Decoded query string; the first occurrence of a key wins.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: &str) -> Self {
+        let pairs = raw.split('&').filter(|p| !p.is_empty()).map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        });
+        Query(pairs.collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn parsed<T>(
+        &self,
+        key: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, BadParam> {
+        self.get(key)
+            .map(|v| parse(v).ok_or(BadParam(key)))
+            .transpose()
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &'static str) -> Result<Option<T>, BadParam> {
+        self.parsed(key, |v| v.parse().ok())
+    }
+
+    fn header(&self, key: &'static str) -> Result<Option<HeaderValue>, BadParam> {
+        self.parsed(key, |v| HeaderValue::from_str(v).ok())
+    }
+}
+
+/// Form-style decoding: `%XX` escapes and `+` as space; invalid escapes stay literal.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |i: usize| bytes.get(i).and_then(|&b| (b as char).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            (b'+', ..) => out.push(b' '),
+            (b, ..) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Lazily generated `/bytes` body: byte i is `(i*31+7) % 256`, in 64 KiB frames.
+struct PatternBody {
+    sent: u64,
+    len: u64,
+}
+
+impl hyper::body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let n = (self.len - self.sent).min(CHUNK as u64) as usize;
+        if n == 0 {
+            return Poll::Ready(None);
+        }
+        let start = (self.sent % 256) as usize;
+        self.sent += n as u64;
+        Poll::Ready(Some(Ok(Frame::data(PATTERN.slice(start..start + n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent >= self.len
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len - self.sent)
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let value = HeaderValue::from_static(content_type);
+    resp.headers_mut().insert(header::CONTENT_TYPE, value);
+    resp
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        Full::new(body.into()).boxed(),
+    )
+}
+
+fn json(body: String) -> Response<Body> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        Full::new(body.into()).boxed(),
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    if path == "/stats" || path.starts_with("/stats/") {
+        let method = req.method().clone();
+        drain(req.into_body()).await;
+        return stats(&state, &method, &path, &query);
+    }
+    state.total.fetch_add(1, Ordering::Relaxed);
+    let key = req.uri().path_and_query().map_or(&*path, |pq| pq.as_str());
+    *lock(&state.by_path).entry(key.to_owned()).or_default() += 1;
+
+    serve(&state, req, &path, &query)
+        .await
+        .unwrap_or_else(|BadParam(key)| {
+            text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid query parameter `{key}`\n"),
+            )
+        })
+}
+
+/// Applies the common parameters around the route-specific handler.
+async fn serve(
+    state: &State,
+    req: Request<Incoming>,
+    path: &str,
+    query: &Query,
+) -> Result<Response<Body>, BadParam> {
+    let status = query.number::<u16>("status")?;
+    let cache_control = query.header("cc")?;
+    let vary = query.header("vary")?;
+    if let Some(delay_ms) = query.number("delay_ms")? {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+
+    let mut resp = route(state, req, path, query).await?;
+    if let Some(status) = status
+        .filter(|s| *s >= 200)
+        .and_then(|s| StatusCode::from_u16(s).ok())
+    {
+        *resp.status_mut() = status;
+    }
+    let headers = resp.headers_mut();
+    if let Some(cc) = cache_control {
+        headers.insert(header::CACHE_CONTROL, cc);
+    }
+    if let Some(vary) = vary {
+        headers.insert(header::VARY, vary);
+    }
+    if query.get("set_cookie") == Some("1") {
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("session=abc"));
+    }
+    Ok(resp)
+}
+
+async fn route(
+    state: &State,
+    req: Request<Incoming>,
+    path: &str,
+    query: &Query,
+) -> Result<Response<Body>, BadParam> {
+    if path == "/echo" {
+        return Ok(echo(req, query).await);
+    }
+    let (parts, body) = req.into_parts();
+    drain(body).await;
+    Ok(match (&parts.method, path) {
+        (&Method::GET | &Method::HEAD, "/data") => data(state, &parts.headers, query, false)?,
+        (&Method::PUT | &Method::POST, "/data") => data(state, &parts.headers, query, true)?,
+        (_, "/health-check") if state.unhealthy.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+        }
+        (_, "/health-check") => text(StatusCode::OK, "ok"),
+        (&Method::POST | &Method::PUT, "/admin/health") => {
+            let healthy: bool = query.number("ok")?.ok_or(BadParam("ok"))?;
+            state.unhealthy.store(!healthy, Ordering::Relaxed);
+            text(StatusCode::OK, if healthy { "ok" } else { "unhealthy" })
+        }
+        (&Method::GET | &Method::HEAD, "/bytes") => {
+            let len = query
+                .number("size")?
+                .unwrap_or(DEFAULT_BYTES)
+                .min(MAX_BYTES);
+            let body = PatternBody { sent: 0, len }.boxed();
+            respond(StatusCode::OK, "application/octet-stream", body)
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn data(
+    state: &State,
+    req_headers: &HeaderMap,
+    query: &Query,
+    bump: bool,
+) -> Result<Response<Body>, BadParam> {
+    let id = query.get("id").unwrap_or("1");
+    let max_age: Option<u64> = query.number("max_age")?;
+    let item = state.item(id, bump);
+    let modified = UNIX_EPOCH + Duration::from_secs(item.modified);
+    let etag = (query.get("etag") != Some("0")).then(|| {
+        let digest = Sha256::digest(format!("{id}:{}", item.updated_at));
+        format!("\"{}\"", &format!("{digest:x}")[..16])
+    });
+
+    let mut resp = if !bump && not_modified(req_headers, etag.as_deref(), modified) {
+        let mut resp = Response::new(Empty::new().boxed());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        resp
+    } else {
+        let (id, n) = (json_str(id), item.updated_at);
+        let value = json_str(&format!(
+            "{} at version {n}",
+            query.get("id").unwrap_or("1")
+        ));
+        json(format!(
+            "{{\"id\":{id},\"updated_at\":{n},\"value\":{value}}}"
+        ))
+    };
+    let headers = resp.headers_mut();
+    let mut set = |name, value: String| {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    };
+    if let Some(etag) = etag {
+        set(header::ETAG, etag);
+    }
+    set(header::LAST_MODIFIED, httpdate::fmt_http_date(modified));
+    if let Some(max_age) = max_age {
+        set(header::CACHE_CONTROL, format!("max-age={max_age}"));
+    }
+    Ok(resp)
+}
+
+/// RFC 9110 conditional GET: `If-None-Match` (weak comparison, lists, `*`) takes
+/// precedence over `If-Modified-Since`.
+fn not_modified(headers: &HeaderMap, etag: Option<&str>, modified: SystemTime) -> bool {
+    let mut tags = headers.get_all(header::IF_NONE_MATCH).iter().peekable();
+    if tags.peek().is_some() {
+        return tags
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|tag| {
+                let tag = tag.trim();
+                tag == "*" || etag == Some(tag.strip_prefix("W/").unwrap_or(tag))
+            });
+    }
+    headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+        .is_some_and(|since| modified <= since)
+}
+
+async fn echo(req: Request<Incoming>, query: &Query) -> Response<Body> {
+    let (parts, mut body) = req.into_parts();
+    let mut hasher = Sha256::new();
+    let mut body_len = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            body_len += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    if let Some(body) = query.get("body") {
+        return text(StatusCode::OK, body.to_owned());
+    }
+
+    let mut headers: BTreeMap<&str, String> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let joined = headers.entry(name.as_str()).or_default();
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(&value);
+    }
+    let headers: Vec<String> = headers
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+        .collect();
+    let host = match parts.headers.get(header::HOST) {
+        Some(host) => json_str(&String::from_utf8_lossy(host.as_bytes())),
+        None => parts
+            .uri
+            .authority()
+            .map_or("null".into(), |a| json_str(a.as_str())),
+    };
+    json(format!(
+        "{{\"method\":{},\"version\":{},\"uri\":{},\"host\":{host},\"headers\":{{{}}},\
+         \"body_len\":{body_len},\"body_sha256\":\"{:x}\"}}",
+        json_str(parts.method.as_str()),
+        json_str(&format!("{:?}", parts.version)),
+        json_str(parts.uri.path_and_query().map_or("/echo", |pq| pq.as_str())),
+        headers.join(","),
+        hasher.finalize()
+    ))
+}
+
+fn stats(state: &State, method: &Method, path: &str, query: &Query) -> Response<Body> {
+    let mut by_path = lock(&state.by_path);
+    match (method, path, query.get("path")) {
+        (&Method::GET, "/stats", Some(key)) => text(
+            StatusCode::OK,
+            by_path.get(key).copied().unwrap_or(0).to_string(),
+        ),
+        (&Method::GET, "/stats", None) => {
+            let sorted: BTreeMap<_, _> = by_path.iter().collect();
+            let entries: Vec<String> = sorted
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", json_str(k)))
+                .collect();
+            json(format!(
+                "{{\"total\":{},\"connections\":{},\"by_path\":{{{}}}}}",
+                state.total.load(Ordering::Relaxed),
+                state.connections.load(Ordering::Relaxed),
+                entries.join(",")
+            ))
+        }
+        (&Method::POST, "/stats/reset", _) => {
+            by_path.clear();
+            state.total.store(0, Ordering::Relaxed);
+            state.connections.store(0, Ordering::Relaxed);
+            text(StatusCode::OK, "reset\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Reads and discards a request body so keep-alive connections stay reusable.
+async fn drain(mut body: Incoming) {
+    while let Some(Ok(_)) = body.frame().await {}
+}
+
+fn listen_addr() -> Result<SocketAddr, String> {
+    let mut args = std::env::args().skip(1);
+    let mut addr = None;
+    while let Some(arg) = args.next() {
+        addr = Some(match arg.strip_prefix("--listen") {
+            Some("") => args.next().ok_or("--listen requires an address")?,
+            Some(rest) if rest.starts_with('=') => rest[1..].to_owned(),
+            _ => {
+                return Err(format!(
+                    "unexpected argument `{arg}` (usage: mock-origin [--listen ADDR])"
+                ))
+            }
+        });
+    }
+    let addr = addr
+        .or_else(|| std::env::var("MOCK_ORIGIN_ADDR").ok())
+        .unwrap_or_else(|| DEFAULT_ADDR.to_owned());
+    addr.parse()
+        .map_err(|_| format!("invalid listen address `{addr}` (expected IP:PORT)"))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+
+    let addr = match listen_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("mock-origin: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("mock-origin: cannot listen on {addr}: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+    let mut stdout = std::io::stdout().lock();
+    let _ =
+        writeln!(stdout, "mock-origin listening on http://{local}").and_then(|()| stdout.flush());
+    drop(stdout);
+
+    let state = Arc::new(State::default());
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Typically fd exhaustion: back off instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        state.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%peer, %err, "connection ended with error");
+            }
+        });
+    }
+
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period; exiting anyway");
+    }
+    ExitCode::SUCCESS
+}

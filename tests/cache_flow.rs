@@ -1,0 +1,320 @@
+//! What is stored, under which key, for how long; expiry with refresh or drop; errors.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+/// An origin whose body changes on every request: `v1`, `v2`, …
+async fn versioned_origin(headers: &'static [(&'static str, &'static str)]) -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |_req| {
+        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { reply(200, headers, format!("v{v}")) }
+    })
+    .await
+}
+
+/// The query string is part of the key: `/x?a=1` and `/x?a=2` are separate entries.
+#[tokio::test]
+async fn distinct_query_strings_are_distinct_entries() {
+    let origin = Origin::start(|req| async move {
+        reply(
+            200,
+            &[("cache-control", "max-age=60")],
+            req.uri().query().unwrap_or("").to_string(),
+        )
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    let a = get(proxy.addr, "/x?a=1", &[]).await;
+    let b = get(proxy.addr, "/x?a=2", &[]).await;
+    assert_eq!((a.text().as_str(), a.cache()), ("a=1", "MISS"));
+    assert_eq!((b.text().as_str(), b.cache()), ("a=2", "MISS"));
+    let a2 = get(proxy.addr, "/x?a=1", &[]).await;
+    assert_eq!((a2.text().as_str(), a2.cache()), ("a=1", "HIT"));
+    assert_eq!((origin.hits("/x?a=1"), origin.hits("/x?a=2")), (1, 1));
+}
+
+/// A hot key is refreshed by the timer at expiry, before any client asks again, and clients
+/// never see a miss.
+#[tokio::test]
+async fn expiry_refreshes_recently_requested_entries_in_the_background() {
+    let origin = versioned_origin(&[]).await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.3"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
+        ],
+    )
+    .await;
+    assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
+    // No client request: the expiry timer alone triggers the refetch.
+    assert!(
+        eventually(Duration::from_secs(5), || origin.hits("/k") >= 2).await,
+        "refreshed by the timer"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            proxy
+                .proxy
+                .cache
+                .store
+                .get("/k", &Default::default())
+                .is_some_and(|e| e.body != "v1")
+        })
+        .await
+    );
+    let got = get(proxy.addr, "/k", &[]).await;
+    assert_ne!(got.cache(), "MISS");
+    assert!(got.text().starts_with('v'));
+}
+
+/// An entry nobody asked for within the refresh window is dropped at expiry, not refreshed.
+#[tokio::test]
+async fn expiry_drops_entries_not_requested_within_the_window() {
+    let origin = versioned_origin(&[]).await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.5"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "0"),
+        ],
+    )
+    .await;
+    assert_eq!(get(proxy.addr, "/k", &[]).await.cache(), "MISS");
+    assert!(!proxy.proxy.cache.store.is_empty());
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .proxy
+            .cache
+            .store
+            .is_empty())
+        .await,
+        "dropped"
+    );
+    assert_eq!(origin.hits("/k"), 1, "dropped, not refreshed");
+    let again = get(proxy.addr, "/k", &[]).await;
+    assert_eq!((again.cache(), again.text().as_str()), ("MISS", "v2"));
+}
+
+/// While a hot entry is being refreshed, clients keep getting the previous copy (STALE).
+#[tokio::test]
+async fn stale_copy_is_served_while_refresh_runs() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let origin = Origin::start(move |_req| {
+        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if v > 1 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            reply(200, &[], format!("v{v}"))
+        }
+    })
+    .await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.2"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
+        ],
+    )
+    .await;
+    assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
+    assert!(
+        eventually(Duration::from_secs(5), || origin.hits("/k") == 2).await,
+        "refresh started"
+    );
+    let during = get(proxy.addr, "/k", &[]).await;
+    assert_eq!((during.cache(), during.text().as_str()), ("STALE", "v1"));
+}
+
+/// Explicit upstream freshness wins over the default; `Age` grows from the upstream's `Age`.
+#[tokio::test]
+async fn explicit_freshness_wins_and_age_is_reported() {
+    let origin = Origin::start(|_req| async {
+        reply(
+            200,
+            &[("cache-control", "max-age=600"), ("age", "100")],
+            "x",
+        )
+    })
+    .await;
+    let proxy =
+        ProxyHandle::start(&origin.url(), &[("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.1")]).await;
+    get(proxy.addr, "/a", &[]).await;
+    let entry = proxy
+        .proxy
+        .cache
+        .store
+        .get("/a", &Default::default())
+        .unwrap();
+    assert_eq!(entry.lifetime, Duration::from_secs(600));
+    let hit = get(proxy.addr, "/a", &[]).await;
+    assert_eq!(hit.cache(), "HIT");
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "age {age}");
+}
+
+/// Responses that must not be shared are never served to another client:
+/// no-store, private, Set-Cookie, and a response to a request with Authorization.
+#[tokio::test]
+async fn private_responses_are_not_shared() {
+    let origin = Origin::start(|req| async move {
+        match req.uri().path() {
+            "/no-store" => reply(200, &[("cache-control", "no-store")], "a"),
+            "/private" => reply(200, &[("cache-control", "private, max-age=60")], "b"),
+            "/cookie" => reply(200, &[("set-cookie", "session=1")], "c"),
+            "/cookie-public" => reply(
+                200,
+                &[
+                    ("set-cookie", "x=1"),
+                    ("cache-control", "public, max-age=60"),
+                ],
+                "d",
+            ),
+            _ => reply(200, &[], "e"),
+        }
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for path in ["/no-store", "/private", "/cookie"] {
+        get(proxy.addr, path, &[]).await;
+        let second = get(proxy.addr, path, &[]).await;
+        assert_ne!(second.cache(), "HIT", "{path}");
+        assert_eq!(origin.hits(path), 2, "{path} fetched for each client");
+    }
+    get(proxy.addr, "/auth", &[("authorization", "Bearer alice")]).await;
+    get(proxy.addr, "/auth", &[]).await;
+    assert_eq!(
+        origin.hits("/auth"),
+        2,
+        "a response to an Authorization request is not shared"
+    );
+    get(proxy.addr, "/cookie-public", &[]).await;
+    assert_eq!(
+        get(proxy.addr, "/cookie-public", &[]).await.cache(),
+        "HIT",
+        "explicitly public"
+    );
+}
+
+/// Errors are passed through with their status and never stored; binary bodies survive.
+#[tokio::test]
+async fn errors_keep_their_status_and_are_not_stored() {
+    let origin = Origin::start(|req| async move {
+        match req.uri().path() {
+            "/boom" => reply(503, &[("cache-control", "max-age=60")], "down"),
+            _ => reply(
+                200,
+                &[("content-type", "application/octet-stream")],
+                (0..=255u8).collect::<Vec<_>>(),
+            ),
+        }
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    assert_eq!(get(proxy.addr, "/boom", &[]).await.status, 503);
+    assert_eq!(get(proxy.addr, "/boom", &[]).await.status, 503);
+    assert_eq!(origin.hits("/boom"), 2);
+    get(proxy.addr, "/bin", &[]).await;
+    let hit = get(proxy.addr, "/bin", &[]).await;
+    assert_eq!(hit.cache(), "HIT");
+    assert_eq!(hit.body, Bytes::from((0..=255u8).collect::<Vec<_>>()));
+}
+
+/// Upstream down → 502; upstream slower than REQ_TIMEOUT → 504.
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = ProxyHandle::start(&format!("http://{dead}"), &[]).await;
+    assert_eq!(get(proxy.addr, "/x", &[]).await.status, 502);
+
+    let slow = Origin::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        reply(200, &[], "late")
+    })
+    .await;
+    let proxy = ProxyHandle::start(&slow.url(), &[("REQ_TIMEOUT", "0.3")]).await;
+    let started = std::time::Instant::now();
+    assert_eq!(get(proxy.addr, "/x", &[]).await.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// HEAD is served from the stored GET response without a body; `Vary` keeps variants apart.
+#[tokio::test]
+async fn head_and_vary() {
+    let origin = Origin::start(|req| async move {
+        let lang = req
+            .headers()
+            .get("accept-language")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        reply(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            lang,
+        )
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    let head = send(
+        "HEAD",
+        proxy.addr,
+        "/v",
+        &[("accept-language", "de")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), Some("2"));
+    assert_eq!(
+        get(proxy.addr, "/v", &[("accept-language", "de")])
+            .await
+            .cache(),
+        "HIT"
+    );
+    let fr = get(proxy.addr, "/v", &[("accept-language", "fr")]).await;
+    assert_eq!((fr.cache(), fr.text().as_str()), ("MISS", "fr"));
+    let de = get(proxy.addr, "/v", &[("accept-language", "de")]).await;
+    assert_eq!((de.cache(), de.text().as_str()), ("HIT", "de"));
+    assert_eq!(origin.hits("/v"), 2);
+}
+
+/// Client-supplied X-Forwarded-For is replaced when the peer is not a trusted proxy.
+#[tokio::test]
+async fn forwarded_headers_come_from_the_connection() {
+    let origin = Origin::start(|req| async move {
+        let xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        reply(200, &[("cache-control", "no-store")], xff)
+    })
+    .await;
+    let untrusting = ProxyHandle::start(&origin.url(), &[("TRUSTED_PROXIES", "none")]).await;
+    assert_eq!(
+        get(untrusting.addr, "/ip", &[("x-forwarded-for", "6.6.6.6")])
+            .await
+            .text(),
+        "127.0.0.1"
+    );
+    let trusting = ProxyHandle::start(&origin.url(), &[]).await;
+    assert_eq!(
+        get(trusting.addr, "/ip", &[("x-forwarded-for", "1.2.3.4")])
+            .await
+            .text(),
+        "1.2.3.4, 127.0.0.1"
+    );
+}

@@ -1,0 +1,237 @@
+//! Test harness: an in-test origin (a real hyper server on 127.0.0.1:0 whose behaviour each
+//! test scripts and which counts what it receives), the real proxy on another ephemeral port,
+//! and a small client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edgecache::proxy::Proxy;
+use edgecache::Config;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub type OriginResponse = Response<edgecache::body::ProxyBody>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = OriginResponse> + Send>> + Send + Sync,
+>;
+
+/// A scripted origin that counts requests by `path?query` and TCP connections.
+pub struct Origin {
+    pub addr: SocketAddr,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    pub connections: Arc<AtomicUsize>,
+    /// Requests whose head has arrived (counted before the handler runs).
+    pub started: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    /// Starts an origin whose responses come from `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Origin
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = OriginResponse> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        let (h, c, s) = (hits.clone(), connections.clone(), started.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (handler, hits, started) = (handler.clone(), h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let key = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("/".to_string(), |pq| pq.to_string());
+                        *hits.lock().unwrap().entry(key).or_default() += 1;
+                        started.fetch_add(1, Ordering::SeqCst);
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            hits,
+            connections,
+            started,
+        }
+    }
+
+    /// How many requests for `path_and_query` arrived.
+    pub fn hits(&self, path_and_query: &str) -> usize {
+        self.hits
+            .lock()
+            .unwrap()
+            .get(path_and_query)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn total(&self) -> usize {
+        self.hits.lock().unwrap().values().sum()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A response with a body and headers.
+pub fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> OriginResponse {
+    let mut resp = Response::new(edgecache::body::ProxyBody::full(body.into()));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    for (k, v) in headers {
+        resp.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    resp
+}
+
+/// The running proxy.
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Starts edgecache in front of `upstream` with `env` on top of the test defaults.
+    pub async fn start(upstream: &str, env: &[(&str, &str)]) -> ProxyHandle {
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("UPSTREAM_URL".into(), upstream.to_string()),
+            ("LISTEN_ADDR".into(), "127.0.0.1:0".into()),
+            ("CLEAR_CACHE_KEY".into(), "Secret".into()),
+            ("REQ_TIMEOUT".into(), "5".into()),
+            ("SHUTDOWN_GRACE_SECS".into(), "5".into()),
+        ]);
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("test config is valid");
+        let listener = TcpListener::bind(config.listen_addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Arc::new(Proxy::new(config));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(edgecache::server::serve(listener, proxy.clone(), async {
+            let _ = rx.await;
+        }));
+        ProxyHandle {
+            addr,
+            proxy,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown and waits for the server to finish draining.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// A complete response as the client saw it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn cache(&self) -> &str {
+        self.header("x-cache-status").unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request on a fresh connection and reads the whole response.
+pub async fn send(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Got {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
+    send("GET", addr, path, headers, Bytes::new()).await
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}

@@ -1,0 +1,434 @@
+//! The real `edgecache` binary as a process: exit codes and messages for bad configuration,
+//! `.env` handling, and signal-driven graceful shutdown. The origin is the real `mock-origin`
+//! binary. Everything listens on ephemeral loopback ports; every child is killed on drop.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{eventually, get};
+use tokio::io::AsyncWriteExt;
+
+const EDGECACHE: &str = env!("CARGO_BIN_EXE_edgecache");
+const MOCK_ORIGIN: &str = env!("CARGO_BIN_EXE_mock-origin");
+
+/// How long a process may take to start listening, or to exit when it should.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A bad setting stops the daemon before it serves anything: exit code 2 and exactly one
+/// stderr line that names the offending variable, never a panic. Covers a missing
+/// `UPSTREAM_URL`, unparseable `REQ_TIMEOUT`, `LOG_FORMAT` and `LISTEN_ADDR`, and a
+/// `LISTEN_ADDR` that cannot be bound because the port is taken.
+#[test]
+fn bad_config_exits_2_with_one_line_naming_the_variable() {
+    let dir = TempDir::new("badcfg");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let upstream = ("UPSTREAM_URL", "http://127.0.0.1:9");
+    // LISTEN_ADDR is loopback/ephemeral in every case, so a daemon that wrongly starts
+    // serving binds nothing public.
+    let listen = ("LISTEN_ADDR", "127.0.0.1:0");
+    let cases: [(&str, Vec<(&str, &str)>); 5] = [
+        ("UPSTREAM_URL", vec![listen]),
+        (
+            "REQ_TIMEOUT",
+            vec![listen, upstream, ("REQ_TIMEOUT", "abc")],
+        ),
+        ("LOG_FORMAT", vec![listen, upstream, ("LOG_FORMAT", "yaml")]),
+        ("LISTEN_ADDR", vec![upstream, ("LISTEN_ADDR", "nonsense")]),
+        (
+            "LISTEN_ADDR",
+            vec![upstream, ("LISTEN_ADDR", taken_addr.as_str())],
+        ),
+    ];
+    for (variable, env) in cases {
+        let mut cmd = edgecache_cmd(&dir.path, &env);
+        let out = dir.path.join("stderr.txt");
+        cmd.stdout(Stdio::null())
+            .stderr(fs::File::create(&out).unwrap());
+        let mut child = Guard::spawn("edgecache", cmd);
+        let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
+            panic!("{env:?}: edgecache still running after {DEADLINE:?}; expected exit 2")
+        });
+        let stderr = fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{env:?}: {status}; stderr:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{env:?}: panic:\n{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{env:?}: want one stderr line, got:\n{stderr}"
+        );
+        assert!(
+            lines[0].contains(variable),
+            "{env:?}: the message should name {variable}: {}",
+            lines[0]
+        );
+    }
+    drop(taken);
+}
+
+/// `.env` in the working directory is read, and a real environment variable wins over it:
+/// `.env` sets `UPSTREAM_URL` (the mock origin) and one `LISTEN_ADDR`, the environment
+/// another `LISTEN_ADDR`. The daemon listens on the environment's address only, and a request
+/// through it reaches the upstream named in `.env`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dotenv_is_read_and_the_environment_wins() {
+    let origin = MockOrigin::start();
+    let dir = TempDir::new("dotenv");
+    let (env_port, dotenv_port) = (free_port(), free_port());
+    fs::write(
+        dir.path.join(".env"),
+        format!(
+            "# written by tests/process.rs\n\
+             UPSTREAM_URL={}\n\
+             LISTEN_ADDR=127.0.0.1:{dotenv_port}\n\
+             SHUTDOWN_GRACE_SECS=1\n",
+            origin.url
+        ),
+    )
+    .unwrap();
+    let env_addr = SocketAddr::from(([127, 0, 0, 1], env_port));
+    let env_listen = env_addr.to_string();
+    let mut proxy = Edgecache::start(&dir, &[("LISTEN_ADDR", &env_listen)], env_addr).await;
+
+    let got = get(env_addr, "/health-check", &[]).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.text(), "ok");
+    assert_eq!(got.cache(), "MISS", "served by edgecache: {got:?}");
+    assert_eq!(
+        origin.stats("/health-check").await,
+        1,
+        "the request reached the .env upstream"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", dotenv_port)).is_err(),
+        "the .env LISTEN_ADDR must not be used when the environment sets one"
+    );
+    proxy.terminate();
+    let status = proxy
+        .child
+        .wait_exit(DEADLINE)
+        .expect("edgecache exits on SIGTERM");
+    assert!(status.success(), "{status}; stderr:\n{}", proxy.stderr());
+}
+
+/// SIGTERM drains: a request already in flight (the origin is still sleeping on it) completes
+/// with 200, the listening socket closes at once so new connections are refused, and the
+/// process exits 0 well within `SHUTDOWN_GRACE_SECS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits_0() {
+    let origin = MockOrigin::start();
+    let dir = TempDir::new("graceful");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = addr.to_string();
+    let env = [
+        ("UPSTREAM_URL", origin.url.as_str()),
+        ("LISTEN_ADDR", listen.as_str()),
+        ("SHUTDOWN_GRACE_SECS", "10"),
+    ];
+    let mut proxy = Edgecache::start(&dir, &env, addr).await;
+
+    let slow_path = "/data?id=slow&delay_ms=1500";
+    let slow = tokio::spawn(get(addr, slow_path, &[]));
+    // The origin counts the request before sleeping: once it is counted, it is in flight.
+    let deadline = Instant::now() + DEADLINE;
+    while origin.stats(slow_path).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let signalled = Instant::now();
+    proxy.terminate();
+
+    // New connections are refused soon after the signal.
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_err())
+        .await,
+        "edgecache still accepts connections 5 s after SIGTERM"
+    );
+
+    let got = tokio::time::timeout(DEADLINE, slow)
+        .await
+        .expect("the in-flight request completes")
+        .expect("client task");
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.text().contains("\"id\":\"slow\""), "{}", got.text());
+
+    let status = proxy
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no exit within the 10 s grace; stderr:\n{}", proxy.stderr()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{status}; stderr:\n{}",
+        proxy.stderr()
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited after {:?}",
+        signalled.elapsed()
+    );
+    assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
+}
+
+/// A second SIGTERM during a long drain ends the process at once (non-zero), instead of
+/// waiting for the in-flight request or the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_during_drain_exits_at_once() {
+    let origin = MockOrigin::start();
+    let dir = TempDir::new("second-signal");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = addr.to_string();
+    let env = [
+        ("UPSTREAM_URL", origin.url.as_str()),
+        ("LISTEN_ADDR", listen.as_str()),
+        ("SHUTDOWN_GRACE_SECS", "60"),
+        ("REQ_TIMEOUT", "60"),
+    ];
+    let mut proxy = Edgecache::start(&dir, &env, addr).await;
+
+    // Raw TCP, kept open to the end: the request stays in flight however the process ends.
+    let slow_path = "/data?id=stuck&delay_ms=30000";
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {slow_path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while origin.stats(slow_path).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.terminate();
+    // The listener closes once the first signal has been handled: now it is draining.
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_err())
+        .await,
+        "edgecache still accepts connections 5 s after SIGTERM"
+    );
+    assert!(
+        proxy.child.0.try_wait().unwrap().is_none(),
+        "exited before draining"
+    );
+
+    let signalled = Instant::now();
+    proxy.terminate();
+    let status = proxy
+        .child
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after a second SIGTERM"));
+    assert!(
+        !status.success(),
+        "a cut-short drain should not report success: {status}"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
+    drop(slow);
+}
+
+/// `edgecache` with only PATH and `env` in its environment, run in `dir` (so the only `.env`
+/// it can read is one the test wrote there).
+fn edgecache_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(EDGECACHE);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A running `edgecache` whose stderr goes to a file in its directory.
+struct Edgecache {
+    child: Guard,
+    stderr_path: PathBuf,
+}
+
+impl Edgecache {
+    /// Starts it and polls until `addr` accepts connections.
+    async fn start(dir: &TempDir, env: &[(&str, &str)], addr: SocketAddr) -> Edgecache {
+        let stderr_path = dir.path.join("edgecache.stderr");
+        let mut cmd = edgecache_cmd(&dir.path, env);
+        cmd.stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr_path).unwrap());
+        let mut proxy = Edgecache {
+            child: Guard::spawn("edgecache", cmd),
+            stderr_path,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = proxy.child.0.try_wait().unwrap() {
+                panic!(
+                    "edgecache exited at startup ({status}); stderr:\n{}",
+                    proxy.stderr()
+                );
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return proxy;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgecache did not listen on {addr} within {DEADLINE:?}; stderr:\n{}",
+                proxy.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+/// The `mock-origin` binary on an ephemeral port.
+struct MockOrigin {
+    url: String,
+    addr: SocketAddr,
+    _child: Guard,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl MockOrigin {
+    fn start() -> MockOrigin {
+        let mut cmd = Command::new(MOCK_ORIGIN);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = Guard::spawn("mock-origin", cmd);
+        // It prints its address once bound; EOF (it exited) makes the line empty.
+        let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("mock-origin listening on ")
+            .unwrap_or_else(|| panic!("unexpected mock-origin output: {line:?}"))
+            .to_owned();
+        let addr = url.strip_prefix("http://").unwrap().parse().unwrap();
+        MockOrigin {
+            url,
+            addr,
+            _child: child,
+            _stdout: stdout,
+        }
+    }
+
+    /// How many requests for `path_and_query` the origin has received.
+    async fn stats(&self, path_and_query: &str) -> usize {
+        let encoded: String = path_and_query
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let got = get(self.addr, &format!("/stats?path={encoded}"), &[]).await;
+        assert_eq!(got.status, 200, "{got:?}");
+        got.text().trim().parse().unwrap()
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, if still running.
+struct Guard(Child);
+
+impl Guard {
+    fn spawn(name: &str, mut cmd: Command) -> Guard {
+        Guard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot start {name}: {e}")),
+        )
+    }
+
+    /// Polls for the exit status until `within` passes; `None` if still running.
+    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A uniquely named directory under the system temp dir, removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "edgecache-{tag}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A free loopback port: bind port 0, note the port, release it.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
