@@ -579,9 +579,7 @@ mod tests {
         assert_eq!(initial_age(&h, t1, t1), Duration::ZERO);
         // A Date truncated to the second is not age.
         let h = headers(&[("date", &httpdate::fmt_http_date(t1))]);
-        assert_eq!(
-            initial_age(&h, t1, t1 + Duration::from_millis(900)),
-            Duration::ZERO
-        );
+        let later = t1 + Duration::from_millis(900);
+        assert_eq!(initial_age(&h, later, later), Duration::ZERO);
     }
 }
