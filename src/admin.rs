@@ -183,18 +183,18 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody
 
 /// Many keys (prefix or all): clears happen now, refreshes start in the background.
 fn many(proxy: &Arc<Proxy>, prefix: &str, mode: Mode) -> Response<ProxyBody> {
-    if mode == Mode::Clear {
-        let n = proxy.cache.store.remove_prefix(prefix);
-        return respond::json(StatusCode::OK, report(prefix, "cleared", n));
-    }
     let (mut cleared, mut refreshing) = (0, 0);
-    for (key, variants) in proxy.cache.store.with_prefix(prefix) {
-        for entry in variants {
-            if wants_refresh(proxy, &entry, mode) {
-                drop(proxy.refresh(key.clone(), entry));
-                refreshing += 1;
-            } else if proxy.cache.store.remove_version(&key, entry.id) {
-                cleared += 1;
+    if mode == Mode::Clear {
+        cleared = proxy.cache.store.remove_prefix(prefix);
+    } else {
+        for (key, variants) in proxy.cache.store.with_prefix(prefix) {
+            for entry in variants {
+                if wants_refresh(proxy, &entry, mode) {
+                    drop(proxy.refresh(key.clone(), entry));
+                    refreshing += 1;
+                } else if proxy.cache.store.remove_version(&key, entry.id) {
+                    cleared += 1;
+                }
             }
         }
     }
