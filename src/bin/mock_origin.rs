@@ -15,7 +15,8 @@
 //!   when `If-None-Match` matches (lists, `W/` and `*` understood) or, without
 //!   `If-None-Match`, when `If-Modified-Since` is not older than `Last-Modified`.
 //! - `PUT|POST /data?id=X`: bumps the id's `updated_at` (and `Last-Modified`, by at least
-//!   one second) and returns 200 with the new JSON and validators.
+//!   one second, so it may run ahead of the clock) and returns 200 with the new JSON
+//!   and validators. The request body is ignored.
 //! - `/health-check` (any method): `200 ok`, or `503 unhealthy` while toggled off.
 //! - `POST|PUT /admin/health?ok=true|false`: sets the health toggle.
 //! - `GET|HEAD /bytes?size=N` (default 1024, capped at 1 GiB): N deterministic bytes,
@@ -26,17 +27,20 @@
 //! - `GET /stats`: `{"total":N,"connections":C,"by_path":{"/data?id=1":3,...}}`.
 //!   `GET /stats?path=KEY` (KEY percent-encoded) returns just that key's count as text.
 //!   `POST /stats/reset` zeroes all counters. `/stats*` requests are never counted;
-//!   every other request counts towards `total` and its raw `path?query` key.
+//!   every other request counts (on arrival) towards `total` and its raw `path?query`
+//!   key. `connections` counts every accepted TCP connection, including the one
+//!   used to ask for `/stats`.
 //! - Anything else: `404` plain text.
 //!
 //! # Common query parameters (every route except `/stats*`)
 //!
 //! - `delay_ms=D`: sleep D ms before producing the response headers.
-//! - `status=S`: override the status code (200..=999; anything else is ignored).
-//! - `cc=VALUE`: set `Cache-Control` to VALUE (percent-decoded, e.g. `cc=max-age%3D60`).
+//! - `status=S`: override the status code (a number outside 200..=999 is ignored).
+//! - `cc=VALUE`: set `Cache-Control` to VALUE (percent-decoded, e.g. `cc=max-age%3D60`);
+//!   wins over `/data`'s `max_age`.
 //! - `set_cookie=1`: add `Set-Cookie: session=abc`.
 //! - `vary=Header-Name`: add `Vary: Header-Name`.
-//! - `etag=0`: suppress the ETag (on `/data`; then only `If-Modified-Since` applies).
+//! - `etag=0`: suppress `/data`'s ETag (`If-None-Match` then only matches `*`).
 //! - `body=TEXT` (`/echo` only): respond with TEXT as `text/plain` instead of JSON.
 //!
 //! Query strings are form-decoded (`%XX` and `+` as space). Malformed numbers or header
@@ -371,13 +375,11 @@ fn data(
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         resp
     } else {
-        let (id, n) = (json_str(id), item.updated_at);
-        let value = json_str(&format!(
-            "{} at version {n}",
-            query.get("id").unwrap_or("1")
-        ));
+        let n = item.updated_at;
+        let value = json_str(&format!("{id} at version {n}"));
         json(format!(
-            "{{\"id\":{id},\"updated_at\":{n},\"value\":{value}}}"
+            "{{\"id\":{},\"updated_at\":{n},\"value\":{value}}}",
+            json_str(id)
         ))
     };
     let headers = resp.headers_mut();
@@ -516,15 +518,18 @@ fn listen_addr() -> Result<SocketAddr, String> {
         .map_err(|_| format!("invalid listen address `{addr}` (expected IP:PORT)"))
 }
 
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
 async fn shutdown_signal() {
     #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
-        return;
     }
     let _ = tokio::signal::ctrl_c().await;
 }
