@@ -38,6 +38,23 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Responses with larger bodies are streamed and never stored (`CACHE_MAX_OBJECT_BYTES`).
     pub max_object_bytes: usize,
+    /// How long an expired entry that has validators is kept after its last use, so a later
+    /// request can revalidate it (304) instead of refetching it (`STALE_RETENTION_SECS`).
+    /// Zero drops every cold entry at expiry, as the predecessor did.
+    pub stale_retention: Duration,
+    /// Which request `Cache-Control` directives are obeyed (`CLIENT_CACHE_CONTROL`).
+    pub client_cache_control: ClientCacheControl,
+}
+
+/// How far clients' own `Cache-Control` request directives are obeyed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCacheControl {
+    /// Obey only what cannot force an origin fetch: `no-store`, `only-if-cached`,
+    /// `max-stale`. `no-cache`, `max-age`, `min-fresh` and `Pragma: no-cache` are ignored, so
+    /// no client can make the proxy hit the origin at will (the default).
+    Safe,
+    /// Obey all request directives (revalidations they cause are still coalesced).
+    Full,
 }
 
 /// The admin password. Its `Debug` never prints the secret.
@@ -227,7 +244,24 @@ impl Config {
             None => 8 << 20,
             Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
         };
+        let stale_retention = seconds("STALE_RETENTION_SECS", 0.0)?;
+        let client_cache_control = match var("CLIENT_CACHE_CONTROL")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("safe") => ClientCacheControl::Safe,
+            Some("full") => ClientCacheControl::Full,
+            Some(other) => {
+                return Err(bad(
+                    "CLIENT_CACHE_CONTROL",
+                    format!("`{other}` is not `safe` or `full`"),
+                ))
+            }
+        };
         Ok(Config {
+            stale_retention,
+            client_cache_control,
             listen_addr,
             upstream,
             default_ttl,
@@ -346,6 +380,8 @@ mod tests {
             ("LOG_FORMAT", "yaml"),
             ("TRUSTED_PROXIES", "10.0.0.0/33"),
             ("CACHE_MAX_OBJECT_BYTES", "8 parsecs"),
+            ("STALE_RETENTION_SECS", "soon"),
+            ("CLIENT_CACHE_CONTROL", "all"),
         ] {
             assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");
         }

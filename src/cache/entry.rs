@@ -36,6 +36,9 @@ pub struct CachedResponse {
     pub forbids_stale: bool,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// The lifetime is the operator's `DEFAULT_CACHE_EXPIRY_TIME_SECS`, not the origin's: the
+    /// refresh window may then serve it stale while it is refreshed.
+    pub operator_ttl: bool,
     /// Accounted size in bytes (body + headers + key + overhead).
     pub size: usize,
     /// Last time a client asked for this entry, in ms since [`clock_ms`]'s epoch.
@@ -58,6 +61,7 @@ pub struct NewEntry {
     pub forbids_stale: bool,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    pub operator_ttl: bool,
 }
 
 /// Per-entry bookkeeping overhead counted on top of body and headers.
@@ -88,6 +92,7 @@ impl CachedResponse {
             forbids_stale: e.forbids_stale,
             stale_while_revalidate: e.stale_while_revalidate,
             stale_if_error: e.stale_if_error,
+            operator_ttl: e.operator_ttl,
             size,
             last_access_ms: AtomicU64::new(last_access_ms),
         }
@@ -128,6 +133,11 @@ impl CachedResponse {
 
     pub fn last_access_ms(&self) -> u64 {
         self.last_access_ms.load(Ordering::Relaxed)
+    }
+
+    /// How long ago a client last asked for this entry.
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(clock_ms().saturating_sub(self.last_access_ms()))
     }
 
     /// Whether a client asked for this entry within `window` of now.

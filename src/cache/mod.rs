@@ -8,6 +8,7 @@ pub mod entry;
 pub mod expiry;
 pub mod key;
 pub mod policy;
+pub mod range;
 pub mod store;
 
 use std::sync::Arc;
@@ -39,9 +40,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Stores `entry` under `key` and arms its expiry timer.
-    pub fn insert(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
-        let (at, id) = (entry.expires_at(), entry.id);
+    /// Stores `entry` under `key` and arms its timer for `at` (its expiry, or earlier when it
+    /// is to be refreshed ahead of expiry).
+    pub fn insert(&self, key: Arc<str>, entry: Arc<CachedResponse>, at: std::time::Instant) {
+        let id = entry.id;
         let key = self.store.key_arc(&key).unwrap_or(key);
         self.store.insert(key.clone(), entry);
         self.expiry.schedule(at, key, id);

@@ -32,15 +32,51 @@ pub struct CacheControl {
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
     pub only_if_cached: bool,
+    /// Request `max-stale`; a bare `max-stale` (any staleness) is `u64::MAX`.
+    pub max_stale: Option<u64>,
+    pub min_fresh: Option<u64>,
+    /// The directives came from a targeted field (RFC 9213), which replaces `Cache-Control`
+    /// and `Expires` for this cache.
+    pub targeted: bool,
 }
+
+/// Our own targeted field (RFC 9213): obeyed only by edgecache, removed before responding.
+pub const EDGECACHE_CACHE_CONTROL: header::HeaderName =
+    header::HeaderName::from_static("edgecache-cache-control");
+/// The CDN-wide targeted field (RFC 9213).
+pub const CDN_CACHE_CONTROL: header::HeaderName =
+    header::HeaderName::from_static("cdn-cache-control");
 
 impl CacheControl {
     /// Parses every `Cache-Control` line of `headers`. Unknown directives are ignored; the
     /// first occurrence of a duplicated directive wins; a delta-seconds directive with an
     /// invalid value is taken as `0` (RFC 9111 §4.2.1: invalid freshness means stale).
     pub fn parse(headers: &HeaderMap) -> Self {
+        Self::parse_field(headers, &header::CACHE_CONTROL)
+    }
+
+    /// The directives governing a response for edgecache (RFC 9213 §2.2): the first targeted
+    /// field present and valid — `Edgecache-Cache-Control`, then `CDN-Cache-Control` — else
+    /// `Cache-Control`.
+    pub fn for_response(headers: &HeaderMap) -> Self {
+        for name in [&EDGECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
+            let valid = headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| directives(v).next().is_some()));
+            if valid {
+                let mut cc = Self::parse_field(headers, name);
+                cc.targeted = true;
+                return cc;
+            }
+        }
+        Self::parse(headers)
+    }
+
+    /// Parses every line of the directive field `name`.
+    pub fn parse_field(headers: &HeaderMap, name: &header::HeaderName) -> Self {
         let mut cc = CacheControl::default();
-        for line in headers.get_all(header::CACHE_CONTROL) {
+        for line in headers.get_all(name) {
             let Ok(line) = line.to_str() else { continue };
             for (name, value) in directives(line) {
                 let seconds = || Some(value.map(parse_delta_seconds).unwrap_or(0));
@@ -60,6 +96,11 @@ impl CacheControl {
                         cc.stale_while_revalidate = cc.stale_while_revalidate.or_else(seconds)
                     }
                     "stale-if-error" => cc.stale_if_error = cc.stale_if_error.or_else(seconds),
+                    "min-fresh" => cc.min_fresh = cc.min_fresh.or_else(seconds),
+                    "max-stale" => {
+                        let any = || Some(value.map_or(u64::MAX, parse_delta_seconds));
+                        cc.max_stale = cc.max_stale.or_else(any)
+                    }
                     _ => {}
                 }
             }
@@ -268,7 +309,7 @@ pub fn freshness_lifetime(
     if let Some(s) = cc.max_age {
         return (Duration::from_secs(s), FreshnessSource::MaxAge);
     }
-    if headers.contains_key(header::EXPIRES) {
+    if !cc.targeted && headers.contains_key(header::EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired (§5.3); so does more than one.
         let single = headers.get_all(header::EXPIRES).iter().count() == 1;
         let lifetime = match (single, http_date(headers, header::EXPIRES)) {

@@ -108,8 +108,8 @@ impl Proxy {
         }
 
         let req_cc = CacheControl::parse(&req.headers);
-        let resp_cc = CacheControl::parse(&parts.headers);
-        let (lifetime, _) = policy::freshness_lifetime(
+        let resp_cc = CacheControl::for_response(&parts.headers);
+        let (lifetime, source) = policy::freshness_lifetime(
             parts.status,
             &parts.headers,
             &resp_cc,
@@ -129,10 +129,12 @@ impl Proxy {
             .is_some_and(|n| n > self.config.max_object_bytes as u64);
         if let Err(reason) = storable {
             tracing::debug!(key = %req.key, reason = reason.as_str(), "response not stored");
+            parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
             return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
         }
         if too_large {
             tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+            parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
             return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
         }
 
@@ -140,6 +142,7 @@ impl Proxy {
             Ok(ReadBody::Complete(bytes)) => bytes,
             Ok(ReadBody::TooLarge { prefix, rest }) => {
                 tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+                parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
                 let body = ProxyBody::Stream {
                     prefix: Some(prefix),
                     rest,
@@ -150,6 +153,7 @@ impl Proxy {
         };
 
         let mut headers = parts.headers;
+        headers.remove(policy::EDGECACHE_CACHE_CONTROL);
         let upstream_etag = headers.get(header::ETAG).cloned();
         let upstream_last_modified = headers.get(header::LAST_MODIFIED).cloned();
         let etag = match &upstream_etag {
@@ -185,13 +189,14 @@ impl Proxy {
             forbids_stale: resp_cc.forbids_stale(),
             stale_while_revalidate: secs(resp_cc.stale_while_revalidate),
             stale_if_error: secs(resp_cc.stale_if_error),
+            operator_ttl: source == policy::FreshnessSource::Default,
         };
         let entry = Arc::new(CachedResponse::new(
             entry,
             req.key.len(),
             req.last_access_ms,
         ));
-        self.cache.insert(req.key.clone(), entry.clone());
+        self.store(req.key.clone(), entry.clone());
         Fetched::Stored(entry)
     }
 
@@ -218,8 +223,9 @@ impl Proxy {
         }
         let initial_age = policy::initial_age(&headers, request_time, response_time);
         headers.remove(header::AGE);
-        let cc = CacheControl::parse(&headers);
-        let (lifetime, _) = policy::freshness_lifetime(
+        let cc = CacheControl::for_response(&headers);
+        headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+        let (lifetime, source) = policy::freshness_lifetime(
             base.status,
             &headers,
             &cc,
@@ -250,6 +256,7 @@ impl Proxy {
             forbids_stale: cc.forbids_stale(),
             stale_while_revalidate: secs(cc.stale_while_revalidate),
             stale_if_error: secs(cc.stale_if_error),
+            operator_ttl: source == policy::FreshnessSource::Default,
         };
         let entry = Arc::new(CachedResponse::new(
             entry,
@@ -264,7 +271,7 @@ impl Proxy {
             *resp.headers_mut() = entry.headers.clone();
             return Fetched::Passed(resp);
         }
-        self.cache.insert(req.key.clone(), entry.clone());
+        self.store(req.key.clone(), entry.clone());
         Fetched::Revalidated(entry)
     }
 }

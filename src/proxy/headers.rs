@@ -25,6 +25,8 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+/// RFC 9211.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub const CLEAR_CACHE: HeaderName = HeaderName::from_static("clear-cache");
 pub const CLEAR_CACHE_KEY: HeaderName = HeaderName::from_static("clear-cache-key");
 pub const CLEAR_CACHE_SCOPE: HeaderName = HeaderName::from_static("clear-cache-scope");

@@ -28,8 +28,9 @@ use crate::body::ProxyBody;
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{primary_key, push_flight_suffix};
+use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
-use crate::config::Config;
+use crate::config::{ClientCacheControl, Config};
 use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{set_forwarded, strip_client_conditionals, strip_hop_by_hop, CLEAR_CACHE};
@@ -119,20 +120,27 @@ impl Proxy {
         let head = req.method() == Method::HEAD;
         let key = primary_key(req.uri());
         let now = Instant::now();
+        let client = self.client_directives(req.headers());
         let base = self.cache.store.get(key, req.headers());
         if let Some(entry) = &base {
             entry.touch();
-            if entry.is_fresh(now) {
+            if entry.is_fresh(now) && client_accepts_fresh(&client, entry, now) {
                 trace.cache = Some(CacheStatus::Hit);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Hit, now);
             }
-            if self.may_serve_stale(entry, now) {
+            if !entry.is_fresh(now) && !client.no_cache && self.may_serve_stale(entry, &client, now)
+            {
                 if let Some(key) = self.cache.store.key_arc(key) {
                     drop(self.refresh(key, entry.clone()));
                 }
                 trace.cache = Some(CacheStatus::Stale);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
             }
+        }
+        if client.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable stored → 504, without contacting the origin.
+            trace.cache = Some(CacheStatus::Miss);
+            return respond::plain(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n");
         }
         let status = if base.is_some() {
             CacheStatus::Refresh
@@ -146,17 +154,34 @@ impl Proxy {
         resp
     }
 
-    /// Whether a stale entry may be served while it is refreshed in the background: within the
-    /// response's `stale-while-revalidate`, or within the refresh window for entries that had
-    /// a freshness lifetime — never when the response forbids serving it stale.
-    fn may_serve_stale(&self, entry: &CachedResponse, now: Instant) -> bool {
+    /// The client's request directives that this proxy obeys (`CLIENT_CACHE_CONTROL`).
+    fn client_directives(&self, headers: &HeaderMap) -> CacheControl {
+        if !headers.contains_key(header::CACHE_CONTROL) {
+            return CacheControl::default();
+        }
+        let mut cc = CacheControl::parse(headers);
+        if self.config.client_cache_control == ClientCacheControl::Safe {
+            // Directives that would let any client force an origin fetch are ignored.
+            cc.no_cache = false;
+            cc.max_age = None;
+            cc.min_fresh = None;
+        }
+        cc
+    }
+
+    /// Whether a stale entry may be served (and refreshed in the background): within the
+    /// response's `stale-while-revalidate`, within the client's `max-stale`, or — for entries
+    /// whose freshness is the operator's default, not the origin's — within the refresh
+    /// window. Never when the response forbids serving it stale (RFC 9111 §4.2.4).
+    fn may_serve_stale(&self, entry: &CachedResponse, client: &CacheControl, now: Instant) -> bool {
         if entry.forbids_stale {
             return false;
         }
         let stale_for = entry.stale_for(now);
         let window = self.config.refresh_window;
         stale_for <= entry.stale_while_revalidate
-            || (!window.is_zero() && !entry.lifetime.is_zero() && stale_for <= window)
+            || client.max_stale.is_some_and(|m| stale_for.as_secs() <= m)
+            || (entry.operator_ttl && !window.is_zero() && stale_for <= window)
     }
 
     /// Fetches a missing or stale entry once for all concurrent requesters.
@@ -340,6 +365,12 @@ impl Proxy {
         };
         let headers = self.upstream_headers(&parts.headers, peer, false);
         let method = parts.method.clone();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         parts.headers = headers;
@@ -356,7 +387,7 @@ impl Proxy {
                 let (mut parts, body) = resp.into_parts();
                 if !method.is_safe() && (parts.status.is_success() || parts.status.is_redirection())
                 {
-                    self.cache.store.remove(&key);
+                    self.invalidate(&key, &parts.headers, host.as_ref());
                 }
                 strip_hop_by_hop(&mut parts.headers);
                 respond::passed(
@@ -364,6 +395,28 @@ impl Proxy {
                     false,
                     CacheStatus::Bypass,
                 )
+            }
+        }
+    }
+
+    /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
+    /// same-origin URIs in the response's `Location` and `Content-Location`.
+    fn invalidate(&self, key: &str, resp: &HeaderMap, host: Option<&HeaderValue>) {
+        self.cache.store.remove(key);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Ok(uri) = target.trim().parse::<http::Uri>() else {
+                continue;
+            };
+            let same_origin = match uri.authority() {
+                None => true,
+                Some(auth) => host
+                    .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes())),
+            };
+            if same_origin && uri.path().starts_with('/') {
+                self.cache.store.remove(primary_key(&uri));
             }
         }
     }
@@ -388,52 +441,78 @@ impl Proxy {
         h
     }
 
-    /// The expiry task: at each entry's expiry, refresh it in the background if a client asked
-    /// for it within the refresh window, keep it while `stale-while-revalidate` /
-    /// `stale-if-error` allow, else drop it.
+    /// Stores `entry` and arms its timer: at expiry, or a little before it (a tenth of its
+    /// lifetime, at most `REQ_TIMEOUT`) when hot keys are refreshed, so that the new copy
+    /// usually lands before the old one goes stale.
+    pub(crate) fn store(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
+        let expires = entry.expires_at();
+        let at = if self.config.refresh_window.is_zero() || entry.lifetime.is_zero() {
+            expires
+        } else {
+            let lead = (entry.lifetime / 10).min(self.config.upstream_timeout);
+            expires.checked_sub(lead).unwrap_or(expires)
+        };
+        self.cache.insert(key, entry, at);
+    }
+
+    /// The expiry task: when an entry is about to expire, refresh it in the background if a
+    /// client asked for it within the refresh window; at expiry keep it while
+    /// `stale-while-revalidate` / `stale-if-error` / `STALE_RETENTION_SECS` allow, else drop it.
     pub async fn run_expiry(self: Arc<Self>) {
         loop {
             for (key, id) in self.cache.expiry.next_due().await {
-                self.on_expiry(key, id);
+                self.on_deadline(key, id);
             }
         }
     }
 
-    fn on_expiry(self: &Arc<Self>, key: Arc<str>, id: u64) {
+    fn on_deadline(self: &Arc<Self>, key: Arc<str>, id: u64) {
         let Some(entry) = self.cache.store.get_by_id(&key, id) else {
             return; // replaced or removed since
         };
         let now = Instant::now();
-        if entry.is_fresh(now) {
-            self.cache.expiry.schedule(entry.expires_at(), key, id);
-            return;
-        }
         let window = self.config.refresh_window;
         let stale_for = entry.stale_for(now);
         let hot = !window.is_zero() && entry.requested_within(window);
         if hot && !entry.lifetime.is_zero() && stale_for <= window {
-            drop(self.refresh(key.clone(), entry));
+            drop(self.refresh(key.clone(), entry.clone()));
             // Look again later: if the refresh failed, this version is still here and the
             // refresh is retried, backing off as it grows staler.
             let retry = stale_for.clamp(Duration::from_secs(1), MAX_REFRESH_RETRY);
             self.cache.expiry.schedule(now + retry, key, id);
             return;
         }
-        if hot {
-            // Always-revalidate entries (no-cache, max-age=0) stay while they are requested.
-            let idle = Duration::from_millis(clock_ms().saturating_sub(entry.last_access_ms()));
-            let until = now + window.saturating_sub(idle) + Duration::from_millis(1);
-            self.cache.expiry.schedule(until, key, id);
+        if entry.is_fresh(now) {
+            // Cold when a refresh would have started: decide again at expiry.
+            self.cache.expiry.schedule(entry.expires_at(), key, id);
             return;
         }
-        let keep = entry.stale_while_revalidate.max(entry.stale_if_error);
-        if stale_for < keep {
-            self.cache
-                .expiry
-                .schedule(entry.expires_at() + keep, key, id);
+        let mut keep_until =
+            entry.expires_at() + entry.stale_while_revalidate.max(entry.stale_if_error);
+        if entry.revalidatable() {
+            let idle = entry.idle_for();
+            if hot {
+                // Always-revalidate entries (no-cache, max-age=0) stay while they are used.
+                keep_until = keep_until.max(now + window.saturating_sub(idle));
+            }
+            keep_until = keep_until.max(now + self.config.stale_retention.saturating_sub(idle));
+        }
+        if now < keep_until {
+            self.cache.expiry.schedule(keep_until, key, id);
             return;
         }
         self.cache.store.remove_version(&key, id);
         tracing::debug!(key = %key, "expired entry dropped");
     }
+}
+
+/// RFC 9111 §5.2.1.1 and §5.2.1.3: the client's `max-age` / `min-fresh` / `no-cache` may
+/// refuse a fresh entry (only under `CLIENT_CACHE_CONTROL=full`).
+fn client_accepts_fresh(client: &CacheControl, entry: &CachedResponse, now: Instant) -> bool {
+    if client.no_cache {
+        return false;
+    }
+    let age = entry.age(now).as_secs();
+    let remaining = entry.expires_at().saturating_duration_since(now).as_secs();
+    client.max_age.is_none_or(|m| age <= m) && client.min_fresh.is_none_or(|m| remaining >= m)
 }

@@ -6,10 +6,11 @@ use std::time::Instant;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::headers::X_CACHE_STATUS;
+use super::headers::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::body::ProxyBody;
 use crate::cache::conditional::not_modified;
 use crate::cache::entry::CachedResponse;
+use crate::cache::range::{self, RangeReply};
 use crate::error::UpstreamError;
 
 /// What the cache did for a request, sent as `X-Cache-Status`.
@@ -55,8 +56,9 @@ const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
     header::VARY,
 ];
 
-/// Serves a stored response: `304` when the client's preconditions match, else the stored
-/// status, headers and (unless `head`) body. The body is a shared `Bytes`, never copied.
+/// Serves a stored response: `304` when the client's preconditions match, a `206`/`416` for a
+/// byte range, else the stored status, headers and (unless `head`) body. The body is a shared
+/// `Bytes`, never copied (a range is a slice of it).
 pub fn from_entry(
     entry: &CachedResponse,
     head: bool,
@@ -65,6 +67,7 @@ pub fn from_entry(
     now: Instant,
 ) -> Response<ProxyBody> {
     let age = HeaderValue::from(entry.age(now).as_secs());
+    let cache_status = entry_cache_status(entry, status, now);
     if entry.status.is_success() && not_modified(req, Some(&entry.etag), entry.last_modified) {
         let mut resp = Response::new(ProxyBody::Empty);
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
@@ -76,20 +79,64 @@ pub fn from_entry(
         }
         h.insert(header::AGE, age);
         h.insert(X_CACHE_STATUS, status.header());
+        h.insert(CACHE_STATUS, cache_status);
         return resp;
     }
-    let body = if head {
-        ProxyBody::Empty
+    let len = entry.body.len() as u64;
+    let reply = if entry.status == StatusCode::OK {
+        range::select(req, len, &entry.etag, entry.last_modified)
     } else {
-        ProxyBody::Full(Some(entry.body.clone()))
+        RangeReply::Full
     };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = entry.status;
     let mut headers = entry.headers.clone();
     headers.insert(header::AGE, age);
     headers.insert(X_CACHE_STATUS, status.header());
+    headers.insert(CACHE_STATUS, cache_status);
+    let (code, body) = match reply {
+        RangeReply::Full => (entry.status, entry.body.clone()),
+        RangeReply::Partial { start, end } => {
+            let content_range = format!("bytes {start}-{end}/{len}");
+            if let Ok(v) = HeaderValue::from_str(&content_range) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            let body = entry.body.slice(start as usize..=end as usize);
+            (StatusCode::PARTIAL_CONTENT, body)
+        }
+        RangeReply::Unsatisfiable => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new())
+        }
+    };
+    let body = if head || body.is_empty() {
+        ProxyBody::Empty
+    } else {
+        ProxyBody::Full(Some(body))
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = code;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// RFC 9211 `Cache-Status` for a response served from a stored entry.
+fn entry_cache_status(entry: &CachedResponse, status: CacheStatus, now: Instant) -> HeaderValue {
+    let ttl = if entry.is_fresh(now) {
+        entry.expires_at().saturating_duration_since(now).as_secs() as i64
+    } else {
+        -(entry.stale_for(now).as_secs() as i64)
+    };
+    let v = match status {
+        CacheStatus::Hit | CacheStatus::Stale => format!("edgecache; hit; ttl={ttl}"),
+        CacheStatus::Refresh => format!("edgecache; fwd=stale; stored; ttl={ttl}"),
+        CacheStatus::Miss | CacheStatus::Bypass => {
+            format!("edgecache; fwd=uri-miss; stored; ttl={ttl}")
+        }
+    };
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("edgecache"))
 }
 
 /// Marks a response that did not come from the store; for HEAD drops the body (the upstream
@@ -99,7 +146,20 @@ pub fn passed(
     head: bool,
     status: CacheStatus,
 ) -> Response<ProxyBody> {
-    resp.headers_mut().insert(X_CACHE_STATUS, status.header());
+    let fwd = if status == CacheStatus::Bypass {
+        "method"
+    } else {
+        "uri-miss"
+    };
+    let cache_status = format!(
+        "edgecache; fwd={fwd}; fwd-status={}",
+        resp.status().as_u16()
+    );
+    let h = resp.headers_mut();
+    h.insert(X_CACHE_STATUS, status.header());
+    if let Ok(v) = HeaderValue::from_str(&cache_status) {
+        h.insert(CACHE_STATUS, v);
+    }
     if head {
         *resp.body_mut() = ProxyBody::Empty;
     }
