@@ -335,6 +335,23 @@ pub fn freshness_lifetime(
     (Duration::ZERO, FreshnessSource::None)
 }
 
+/// The `Age` value (RFC 9111 §5.1): one line of delta-seconds. Anything else — several lines,
+/// a list, a sign, a fraction, parameters — is invalid, and a response whose age cannot be
+/// known is treated as already stale (age 2^31 s).
+fn age_header(headers: &HeaderMap) -> Duration {
+    let mut lines = headers.get_all(header::AGE).iter();
+    match (lines.next(), lines.next()) {
+        (None, _) => Duration::ZERO,
+        (Some(v), None) => match v.to_str().map(str::trim) {
+            Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                Duration::from_secs(parse_delta_seconds(v))
+            }
+            _ => Duration::from_secs(DELTA_SECONDS_MAX),
+        },
+        (Some(_), Some(_)) => Duration::from_secs(DELTA_SECONDS_MAX),
+    }
+}
+
 /// RFC 9111 §4.2.3 `corrected_initial_age`: the age the response already had when it arrived,
 /// from the upstream `Age`, the `Date` and the request/response times.
 pub fn initial_age(
@@ -342,11 +359,7 @@ pub fn initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| Duration::from_secs(parse_delta_seconds(v.trim())))
-        .unwrap_or(Duration::ZERO);
+    let age_value = age_header(headers);
     // `Date` has one-second resolution: compare whole seconds, so the truncation of `Date`
     // is not mistaken for up to a second of age (which would make sub-second or few-second
     // lifetimes expire early).
@@ -616,8 +629,19 @@ mod tests {
             &httpdate::fmt_http_date(t1 - Duration::from_secs(50)),
         )]);
         assert_eq!(initial_age(&h, t1, t1), Duration::from_secs(50));
-        let h = headers(&[("age", "junk")]);
-        assert_eq!(initial_age(&h, t1, t1), Duration::ZERO);
+        for bad in ["junk", "-1", "1.5", "0, 0", "10;a=b"] {
+            let h = headers(&[("age", bad)]);
+            assert_eq!(
+                initial_age(&h, t1, t1),
+                Duration::from_secs(DELTA_SECONDS_MAX),
+                "{bad}"
+            );
+        }
+        let h = headers(&[("age", "0"), ("age", "0")]);
+        assert_eq!(
+            initial_age(&h, t1, t1),
+            Duration::from_secs(DELTA_SECONDS_MAX)
+        );
         // A Date truncated to the second is not age.
         let h = headers(&[("date", &httpdate::fmt_http_date(t1))]);
         let later = t1 + Duration::from_millis(900);
