@@ -42,6 +42,10 @@ pub struct Config {
     /// request can revalidate it (304) instead of refetching it (`STALE_RETENTION_SECS`).
     /// Zero drops every cold entry at expiry, as the predecessor did.
     pub stale_retention: Duration,
+    /// When the upstream fails (unreachable, timeout, 5xx), a stored copy up to this long
+    /// past expiry is served instead of the error, unless the response forbids serving it
+    /// stale (`STALE_IF_ERROR_SECS`). A response's own `stale-if-error` also applies.
+    pub stale_if_error: Duration,
     /// Which request `Cache-Control` directives are obeyed (`CLIENT_CACHE_CONTROL`).
     pub client_cache_control: ClientCacheControl,
 }
@@ -245,6 +249,7 @@ impl Config {
             Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
         };
         let stale_retention = seconds("STALE_RETENTION_SECS", 0.0)?;
+        let stale_if_error = seconds("STALE_IF_ERROR_SECS", 0.0)?;
         let client_cache_control = match var("CLIENT_CACHE_CONTROL")
             .as_deref()
             .map(str::to_ascii_lowercase)
@@ -261,6 +266,7 @@ impl Config {
         };
         Ok(Config {
             stale_retention,
+            stale_if_error,
             client_cache_control,
             listen_addr,
             upstream,
@@ -381,6 +387,7 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.0/33"),
             ("CACHE_MAX_OBJECT_BYTES", "8 parsecs"),
             ("STALE_RETENTION_SECS", "soon"),
+            ("STALE_IF_ERROR_SECS", "-3"),
             ("CLIENT_CACHE_CONTROL", "all"),
         ] {
             assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");

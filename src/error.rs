@@ -19,6 +19,9 @@ pub enum UpstreamError {
     Body(String),
     /// Internal: the request for the upstream could not be built.
     Request(String),
+    /// The upstream answered a revalidation or refresh with this server error; the stored
+    /// copy is kept rather than replaced by an error.
+    Status(u16),
 }
 
 impl UpstreamError {
@@ -27,6 +30,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Request(_) => StatusCode::BAD_REQUEST,
+            UpstreamError::Status(code) => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -39,6 +45,7 @@ impl UpstreamError {
             UpstreamError::BadResponse(_) => "bad_response",
             UpstreamError::Body(_) => "body",
             UpstreamError::Request(_) => "request",
+            UpstreamError::Status(_) => "status",
         }
     }
 }
@@ -51,6 +58,7 @@ impl fmt::Display for UpstreamError {
             UpstreamError::BadResponse(e) => write!(f, "bad upstream response: {e}"),
             UpstreamError::Body(e) => write!(f, "upstream body failed: {e}"),
             UpstreamError::Request(e) => write!(f, "cannot build upstream request: {e}"),
+            UpstreamError::Status(code) => write!(f, "upstream answered {code}"),
         }
     }
 }

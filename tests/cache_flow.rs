@@ -213,12 +213,14 @@ async fn private_responses_are_not_shared() {
     );
 }
 
-/// Errors are passed through with their status and never stored; binary bodies survive.
+/// Errors keep their status. A 5xx is stored only when the origin gives it an explicit
+/// lifetime; binary bodies survive byte for byte.
 #[tokio::test]
-async fn errors_keep_their_status_and_are_not_stored() {
+async fn errors_keep_their_status_and_need_explicit_lifetime() {
     let origin = Origin::start(|req| async move {
         match req.uri().path() {
-            "/boom" => reply(503, &[("cache-control", "max-age=60")], "down"),
+            "/boom" => reply(503, &[("cache-control", "public")], "down"),
+            "/shed" => reply(503, &[("cache-control", "max-age=60")], "busy"),
             _ => reply(
                 200,
                 &[("content-type", "application/octet-stream")],
@@ -230,11 +232,72 @@ async fn errors_keep_their_status_and_are_not_stored() {
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     assert_eq!(get(proxy.addr, "/boom", &[]).await.status, 503);
     assert_eq!(get(proxy.addr, "/boom", &[]).await.status, 503);
-    assert_eq!(origin.hits("/boom"), 2);
+    assert_eq!(origin.hits("/boom"), 2, "no explicit lifetime: not stored");
+    get(proxy.addr, "/shed", &[]).await;
+    let shed = get(proxy.addr, "/shed", &[]).await;
+    assert_eq!(
+        (shed.status, shed.cache()),
+        (503, "HIT"),
+        "the origin said max-age=60"
+    );
     get(proxy.addr, "/bin", &[]).await;
     let hit = get(proxy.addr, "/bin", &[]).await;
     assert_eq!(hit.cache(), "HIT");
     assert_eq!(hit.body, Bytes::from((0..=255u8).collect::<Vec<_>>()));
+}
+
+/// An origin that answers `good` (revalidatable, immediately stale) once, then 500s.
+async fn failing_after_first() -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |_req| {
+        let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                reply(
+                    200,
+                    &[("cache-control", "max-age=0"), ("etag", "\"g\"")],
+                    "good",
+                )
+            } else {
+                reply(500, &[("cache-control", "max-age=60")], "broken")
+            }
+        }
+    })
+    .await
+}
+
+/// A stored response is never replaced by a server error; with STALE_IF_ERROR_SECS the stale
+/// copy is served instead of the error, without it the client sees the upstream status.
+#[tokio::test]
+async fn server_error_never_replaces_a_stored_response() {
+    let origin = failing_after_first().await;
+    let strict = ProxyHandle::start(&origin.url(), &[("STALE_RETENTION_SECS", "60")]).await;
+    get(strict.addr, "/p", &[]).await;
+    assert_eq!(get(strict.addr, "/p", &[]).await.status, 500);
+    let kept = strict
+        .proxy
+        .cache
+        .store
+        .get("/p", &Default::default())
+        .unwrap();
+    assert_eq!(kept.body, "good");
+
+    let origin = failing_after_first().await;
+    let lenient = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("STALE_RETENTION_SECS", "60"),
+            ("STALE_IF_ERROR_SECS", "60"),
+        ],
+    )
+    .await;
+    get(lenient.addr, "/p", &[]).await;
+    let stale = get(lenient.addr, "/p", &[]).await;
+    assert_eq!(
+        (stale.status, stale.cache(), stale.text().as_str()),
+        (200, "STALE", "good")
+    );
+    assert_eq!(origin.hits("/p"), 2, "the revalidation was tried");
 }
 
 /// Upstream down → 502; upstream slower than REQ_TIMEOUT → 504.

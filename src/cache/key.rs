@@ -39,17 +39,7 @@ impl VaryKey {
         self.names
             .iter()
             .zip(self.values.iter())
-            .all(|(name, stored)| {
-                let mut lines = req.get_all(name).iter();
-                match (lines.next(), lines.next(), stored) {
-                    (None, _, None) => true,
-                    (Some(only), None, Some(stored)) => trim(only.as_bytes()) == &stored[..],
-                    (Some(_), Some(_), Some(stored)) => {
-                        normalized(req, name).as_deref() == Some(&stored[..])
-                    }
-                    _ => false,
-                }
-            })
+            .all(|(name, stored)| normalized(req, name).as_deref() == stored.as_deref())
     }
 
     /// Same header names (the origin's `Vary` did not change).
@@ -93,16 +83,30 @@ pub fn push_flight_suffix(out: &mut String, names: &[HeaderName], req: &HeaderMa
     }
 }
 
-/// Combines all lines of a header into one value (`a, b`), trimmed (RFC 9111 §4.1).
+/// The request's value of `name` in a canonical form (RFC 9111 §4.1 allows normalising
+/// values known to be equivalent): all lines combined into one comma-separated list, with
+/// whitespace around members removed. For the `Accept-Encoding` / `Accept-Language` lists,
+/// whose tokens are case-insensitive, members are also lowercased and sorted.
 fn normalized(req: &HeaderMap, name: &HeaderName) -> Option<Box<[u8]>> {
-    let mut lines = req.get_all(name).iter();
-    let first = lines.next()?;
-    let mut out = trim(first.as_bytes()).to_vec();
+    let mut lines = req.get_all(name).iter().peekable();
+    lines.peek()?;
+    let mut members: Vec<Vec<u8>> = Vec::new();
     for line in lines {
-        out.extend_from_slice(b", ");
-        out.extend_from_slice(trim(line.as_bytes()));
+        for member in line.as_bytes().split(|&b| b == b',') {
+            let member = trim(member);
+            if !member.is_empty() {
+                members.push(member.to_vec());
+            }
+        }
     }
-    Some(out.into_boxed_slice())
+    if *name == http::header::ACCEPT_ENCODING || *name == http::header::ACCEPT_LANGUAGE {
+        for m in &mut members {
+            m.make_ascii_lowercase();
+            m.retain(|b| !b.is_ascii_whitespace());
+        }
+        members.sort();
+    }
+    Some(members.join(&b", "[..]).into_boxed_slice())
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -154,6 +158,18 @@ mod tests {
         assert!(
             !absent.matches(&h(&[("accept-encoding", "")])),
             "absent differs from empty"
+        );
+        let lang = VaryKey::capture(
+            ["accept-language"].into_iter(),
+            &h(&[("accept-language", "en, de")]),
+        );
+        assert!(lang.matches(&h(&[("accept-language", " De ,EN")])));
+        assert!(!lang.matches(&h(&[("accept-language", "fr")])));
+        let spaced = VaryKey::capture(["foo"].into_iter(), &h(&[("foo", "1,2")]));
+        assert!(spaced.matches(&h(&[("foo", "1, 2")])));
+        assert!(
+            !spaced.matches(&h(&[("foo", "2, 1")])),
+            "order matters for unknown fields"
         );
         let multi = VaryKey::capture(["x"].into_iter(), &h(&[("x", "a"), ("x", "b")]));
         assert!(multi.matches(&h(&[("x", "a, b")])));

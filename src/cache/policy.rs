@@ -32,6 +32,8 @@ pub struct CacheControl {
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
     pub only_if_cached: bool,
+    /// RFC 9111 §5.2.2.3: store only if the status code is understood.
+    pub must_understand: bool,
     /// Request `max-stale`; a bare `max-stale` (any staleness) is `u64::MAX`.
     pub max_stale: Option<u64>,
     pub min_fresh: Option<u64>,
@@ -43,6 +45,13 @@ pub struct CacheControl {
 /// Our own targeted field (RFC 9213): obeyed only by edgecache, removed before responding.
 pub const EDGECACHE_CACHE_CONTROL: header::HeaderName =
     header::HeaderName::from_static("edgecache-cache-control");
+/// The W3C Edge Architecture field for surrogates (reverse proxies), with per-target
+/// directives; edgecache advertises itself upstream as [`SURROGATE_TARGET`] through
+/// `Surrogate-Capability`.
+pub const SURROGATE_CONTROL: header::HeaderName =
+    header::HeaderName::from_static("surrogate-control");
+/// Our device token in `Surrogate-Capability` / `Surrogate-Control` targets.
+pub const SURROGATE_TARGET: &str = "edgecache";
 /// The CDN-wide targeted field (RFC 9213).
 pub const CDN_CACHE_CONTROL: header::HeaderName =
     header::HeaderName::from_static("cdn-cache-control");
@@ -59,7 +68,11 @@ impl CacheControl {
     /// field present and valid — `Edgecache-Cache-Control`, then `CDN-Cache-Control` — else
     /// `Cache-Control`.
     pub fn for_response(headers: &HeaderMap) -> Self {
-        for name in [&EDGECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
+        for name in [
+            &EDGECACHE_CACHE_CONTROL,
+            &CDN_CACHE_CONTROL,
+            &SURROGATE_CONTROL,
+        ] {
             let valid = headers
                 .get_all(name)
                 .iter()
@@ -73,45 +86,78 @@ impl CacheControl {
         Self::parse(headers)
     }
 
-    /// Parses every line of the directive field `name`.
+    /// Parses every line of the directive field `name`. In `Surrogate-Control` (W3C Edge
+    /// Architecture) a directive may name its target after `;`: only untargeted directives
+    /// and those targeted at [`SURROGATE_TARGET`] apply.
     pub fn parse_field(headers: &HeaderMap, name: &header::HeaderName) -> Self {
+        let surrogate = name == SURROGATE_CONTROL;
         let mut cc = CacheControl::default();
         for line in headers.get_all(name) {
             let Ok(line) = line.to_str() else { continue };
             for (name, value) in directives(line) {
-                let seconds = || Some(value.map(parse_delta_seconds).unwrap_or(0));
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => cc.no_store = true,
-                    // `no-cache="field"` and `private="field"` restrict fields, which we treat
-                    // conservatively as the unqualified directive.
-                    "no-cache" => cc.no_cache = true,
-                    "private" => cc.private = true,
-                    "public" => cc.public = true,
-                    "must-revalidate" => cc.must_revalidate = true,
-                    "proxy-revalidate" => cc.proxy_revalidate = true,
-                    "only-if-cached" => cc.only_if_cached = true,
-                    "max-age" => cc.max_age = cc.max_age.or_else(seconds),
-                    "s-maxage" => cc.s_maxage = cc.s_maxage.or_else(seconds),
-                    "stale-while-revalidate" => {
-                        cc.stale_while_revalidate = cc.stale_while_revalidate.or_else(seconds)
+                if surrogate {
+                    let (name, value, target) = split_target(name, value);
+                    if target.is_none_or(|t| t.eq_ignore_ascii_case(SURROGATE_TARGET)) {
+                        cc.apply(name, value);
                     }
-                    "stale-if-error" => cc.stale_if_error = cc.stale_if_error.or_else(seconds),
-                    "min-fresh" => cc.min_fresh = cc.min_fresh.or_else(seconds),
-                    "max-stale" => {
-                        let any = || Some(value.map_or(u64::MAX, parse_delta_seconds));
-                        cc.max_stale = cc.max_stale.or_else(any)
-                    }
-                    _ => {}
+                } else {
+                    cc.apply(name, value);
                 }
             }
         }
         cc
     }
 
+    /// Records one directive. The first occurrence of a duplicated directive wins.
+    fn apply(&mut self, name: &str, value: Option<&str>) {
+        let seconds = || Some(value.map(parse_delta_seconds).unwrap_or(0));
+        match name.to_ascii_lowercase().as_str() {
+            "no-store" => self.no_store = true,
+            // `no-cache="field"` and `private="field"` restrict fields, which we treat
+            // conservatively as the unqualified directive.
+            "no-cache" => self.no_cache = true,
+            "private" => self.private = true,
+            "public" => self.public = true,
+            "must-revalidate" => self.must_revalidate = true,
+            "proxy-revalidate" => self.proxy_revalidate = true,
+            "only-if-cached" => self.only_if_cached = true,
+            "must-understand" => self.must_understand = true,
+            "max-age" => self.max_age = self.max_age.or_else(seconds),
+            "s-maxage" => self.s_maxage = self.s_maxage.or_else(seconds),
+            "stale-while-revalidate" => {
+                self.stale_while_revalidate = self.stale_while_revalidate.or_else(seconds)
+            }
+            "stale-if-error" => self.stale_if_error = self.stale_if_error.or_else(seconds),
+            "min-fresh" => self.min_fresh = self.min_fresh.or_else(seconds),
+            "max-stale" => {
+                let any = || Some(value.map_or(u64::MAX, parse_delta_seconds));
+                self.max_stale = self.max_stale.or_else(any)
+            }
+            _ => {}
+        }
+    }
+
     /// RFC 9111 §5.2.2.8, §5.2.2.2, §5.2.2.10: a shared cache must not serve this response
     /// stale without revalidating it (`s-maxage` implies `proxy-revalidate`).
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.no_cache || self.s_maxage.is_some()
+    }
+}
+
+/// Splits a `Surrogate-Control` directive `name[=value][;target]` into its parts.
+fn split_target<'a>(
+    name: &'a str,
+    value: Option<&'a str>,
+) -> (&'a str, Option<&'a str>, Option<&'a str>) {
+    if let Some(v) = value {
+        if let Some((v, t)) = v.split_once(';') {
+            return (name, Some(v.trim()), Some(t.trim()));
+        }
+        return (name, Some(v), None);
+    }
+    match name.split_once(';') {
+        Some((n, t)) => (n.trim(), None, Some(t.trim())),
+        None => (name, None, None),
     }
 }
 
@@ -197,6 +243,14 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
+/// Status codes whose caching semantics RFC 9110 defines and edgecache implements.
+pub fn understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200..=206 | 300..=305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505
+    )
+}
+
 /// RFC 9111 §3 and §3.5: may a shared cache store this response?
 ///
 /// `req_cc`/`resp_cc` are the parsed request and response `Cache-Control`; `has_freshness`
@@ -214,23 +268,29 @@ pub fn storability(
     if method != Method::GET {
         return Err(NoStoreReason::Method);
     }
-    // 5xx are never stored, even with explicit freshness: an error must not outlive its cause.
-    let explicitly_fresh = resp_cc.public
-        || resp_cc.max_age.is_some()
-        || resp_cc.s_maxage.is_some()
-        || resp_headers.contains_key(header::EXPIRES);
-    let status_ok = status.is_success() || status.is_redirection() || status.is_client_error();
-    if !status_ok
-        || status == StatusCode::PARTIAL_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || (!heuristically_cacheable(status) && !explicitly_fresh)
-    {
+    // Statuses outside the heuristically cacheable set need explicit freshness (§3). Server
+    // errors need explicit lifetime from the origin (`max-age`, `s-maxage`, `Expires`):
+    // `public`, heuristics and DEFAULT_CACHE_EXPIRY_TIME_SECS never keep an error around.
+    let expires = !resp_cc.targeted && resp_headers.contains_key(header::EXPIRES);
+    let explicit_lifetime = resp_cc.max_age.is_some() || resp_cc.s_maxage.is_some() || expires;
+    let allowed = match status.as_u16() {
+        206 | 304 | 100..=199 => false,
+        501 => true,
+        500..=599 => explicit_lifetime,
+        _ => heuristically_cacheable(status) || explicit_lifetime || resp_cc.public,
+    };
+    if !allowed {
         return Err(NoStoreReason::Status);
     }
     if req_cc.no_store {
         return Err(NoStoreReason::RequestNoStore);
     }
-    if resp_cc.no_store {
+    // §5.2.2.3: with must-understand, an understood status overrides no-store and an
+    // unknown one is never stored.
+    if resp_cc.must_understand && !understood(status) {
+        return Err(NoStoreReason::Status);
+    }
+    if resp_cc.no_store && !resp_cc.must_understand {
         return Err(NoStoreReason::NoStore);
     }
     if resp_cc.private {
@@ -335,20 +395,30 @@ pub fn freshness_lifetime(
     (Duration::ZERO, FreshnessSource::None)
 }
 
-/// The `Age` value (RFC 9111 §5.1): one line of delta-seconds. Anything else — several lines,
-/// a list, a sign, a fraction, parameters — is invalid, and a response whose age cannot be
-/// known is treated as already stale (age 2^31 s).
+/// The `Age` value (RFC 9111 §5.1), a singleton delta-seconds. Several values — several lines,
+/// or one line that an intermediary combined from several (RFC 9110 §5.3 joins them with
+/// `", "`) — or a value that does not start with digits (`-5`, `abc`) cannot be trusted, and a
+/// response whose age is unknown is treated as already stale (age 2^31 s). Trailing junk
+/// after the digits (`7200;foo`, `7200.0`) is ignored: the number is still the sender's age.
 fn age_header(headers: &HeaderMap) -> Duration {
+    let invalid = Duration::from_secs(DELTA_SECONDS_MAX);
     let mut lines = headers.get_all(header::AGE).iter();
-    match (lines.next(), lines.next()) {
-        (None, _) => Duration::ZERO,
-        (Some(v), None) => match v.to_str().map(str::trim) {
-            Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
-                Duration::from_secs(parse_delta_seconds(v))
-            }
-            _ => Duration::from_secs(DELTA_SECONDS_MAX),
-        },
-        (Some(_), Some(_)) => Duration::from_secs(DELTA_SECONDS_MAX),
+    let value = match (lines.next(), lines.next()) {
+        (None, _) => return Duration::ZERO,
+        (Some(v), None) => v.as_bytes(),
+        (Some(_), Some(_)) => return invalid,
+    };
+    let value = value.trim_ascii();
+    if value
+        .windows(2)
+        .any(|w| w[0] == b',' && (w[1] == b' ' || w[1] == b'\t'))
+    {
+        return invalid;
+    }
+    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    match std::str::from_utf8(&value[..digits]) {
+        Ok(d) if !d.is_empty() => Duration::from_secs(parse_delta_seconds(d)),
+        _ => invalid,
     }
 }
 
@@ -438,6 +508,32 @@ mod tests {
             cc("max-age=99999999999999999999").max_age,
             Some(DELTA_SECONDS_MAX)
         );
+    }
+
+    #[test]
+    fn targeted_fields_replace_cache_control() {
+        let h = headers(&[
+            ("cache-control", "no-store"),
+            ("surrogate-control", "max-age=60"),
+        ]);
+        let c = CacheControl::for_response(&h);
+        assert!(c.targeted && !c.no_store);
+        assert_eq!(c.max_age, Some(60));
+        let h = headers(&[("surrogate-control", "max-age=60;other, no-store;edgecache")]);
+        let c = CacheControl::for_response(&h);
+        assert_eq!((c.max_age, c.no_store), (None, true));
+        let h = headers(&[
+            ("surrogate-control", "max-age=5"),
+            ("cdn-cache-control", "max-age=7"),
+        ]);
+        assert_eq!(CacheControl::for_response(&h).max_age, Some(7));
+        let h = headers(&[
+            ("edgecache-cache-control", "max-age=9"),
+            ("cdn-cache-control", "max-age=7"),
+        ]);
+        assert_eq!(CacheControl::for_response(&h).max_age, Some(9));
+        let h = headers(&[("cache-control", "max-age=3")]);
+        assert!(!CacheControl::for_response(&h).targeted);
     }
 
     #[test]
@@ -598,9 +694,23 @@ mod tests {
     fn status_rules() {
         assert_eq!(
             store(&[], 500, &[("cache-control", "max-age=60")]),
-            Err(NoStoreReason::Status)
+            Ok(()),
+            "explicit"
         );
         assert_eq!(store(&[], 503, &[]), Err(NoStoreReason::Status));
+        assert_eq!(
+            store(&[], 503, &[("cache-control", "public")]),
+            Err(NoStoreReason::Status)
+        );
+        assert_eq!(store(&[], 599, &[("cache-control", "s-maxage=5")]), Ok(()));
+        assert_eq!(store(&[], 501, &[]), Ok(()), "heuristically cacheable");
+        let mu = [("cache-control", "max-age=60, must-understand, no-store")];
+        assert_eq!(store(&[], 599, &mu), Err(NoStoreReason::Status));
+        assert_eq!(
+            store(&[], 200, &mu),
+            Ok(()),
+            "understood: no-store is overridden"
+        );
         assert_eq!(
             store(&[], 206, &[("cache-control", "max-age=60")]),
             Err(NoStoreReason::Status)
@@ -629,7 +739,13 @@ mod tests {
             &httpdate::fmt_http_date(t1 - Duration::from_secs(50)),
         )]);
         assert_eq!(initial_age(&h, t1, t1), Duration::from_secs(50));
-        for bad in ["junk", "-1", "1.5", "0, 0", "10;a=b"] {
+        let h = headers(&[("age", "5;a=b")]);
+        assert_eq!(
+            initial_age(&h, t1, t1),
+            Duration::from_secs(5),
+            "trailing junk ignored"
+        );
+        for bad in ["junk", "-1", "0, 0", "3600, 3600", ""] {
             let h = headers(&[("age", bad)]);
             assert_eq!(
                 initial_age(&h, t1, t1),

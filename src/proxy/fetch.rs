@@ -73,6 +73,10 @@ impl Proxy {
         *up.version_mut() = Version::HTTP_11;
         let headers = up.headers_mut();
         headers.clone_from(&req.headers);
+        headers.insert(
+            SURROGATE_CAPABILITY,
+            HeaderValue::from_static(SURROGATE_CAPABILITY_VALUE),
+        );
         if let Ok(host) = HeaderValue::from_str(self.upstream.authority().as_str()) {
             headers.insert(header::HOST, host);
         }
@@ -91,6 +95,11 @@ impl Proxy {
         };
         let response_time = SystemTime::now();
         let stored_at = Instant::now();
+        // A stored response is never replaced by a server error: the good copy stays (and
+        // may be served stale if the response or STALE_IF_ERROR_SECS allow).
+        if req.base.is_some() && resp.status().is_server_error() {
+            return Fetched::Failed(UpstreamError::Status(resp.status().as_u16()));
+        }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
 
@@ -129,12 +138,12 @@ impl Proxy {
             .is_some_and(|n| n > self.config.max_object_bytes as u64);
         if let Err(reason) = storable {
             tracing::debug!(key = %req.key, reason = reason.as_str(), "response not stored");
-            parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+            strip_own_fields(&mut parts.headers);
             return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
         }
         if too_large {
             tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
-            parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+            strip_own_fields(&mut parts.headers);
             return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
         }
 
@@ -142,7 +151,7 @@ impl Proxy {
             Ok(ReadBody::Complete(bytes)) => bytes,
             Ok(ReadBody::TooLarge { prefix, rest }) => {
                 tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
-                parts.headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+                strip_own_fields(&mut parts.headers);
                 let body = ProxyBody::Stream {
                     prefix: Some(prefix),
                     rest,
@@ -153,7 +162,7 @@ impl Proxy {
         };
 
         let mut headers = parts.headers;
-        headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+        strip_own_fields(&mut headers);
         let upstream_etag = headers.get(header::ETAG).cloned();
         let upstream_last_modified = headers.get(header::LAST_MODIFIED).cloned();
         let etag = match &upstream_etag {
@@ -213,7 +222,9 @@ impl Proxy {
     ) -> Fetched {
         let mut headers = base.headers.clone();
         for name in update.keys() {
-            if name == header::CONTENT_LENGTH || name == header::CONTENT_ENCODING {
+            // Fields describing the stored body itself are kept: updating them from a 304
+            // could make them disagree with the bytes we hold (RFC 9111 §3.2 allows this).
+            if BODY_FIELDS.contains(name) {
                 continue;
             }
             headers.remove(name);
@@ -224,7 +235,7 @@ impl Proxy {
         let initial_age = policy::initial_age(&headers, request_time, response_time);
         headers.remove(header::AGE);
         let cc = CacheControl::for_response(&headers);
-        headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+        strip_own_fields(&mut headers);
         let (lifetime, source) = policy::freshness_lifetime(
             base.status,
             &headers,
@@ -274,6 +285,26 @@ impl Proxy {
         self.store(req.key.clone(), entry.clone());
         Fetched::Revalidated(entry)
     }
+}
+
+/// Advertises edgecache as a surrogate (W3C Edge Architecture) so origins can target it.
+const SURROGATE_CAPABILITY: header::HeaderName =
+    header::HeaderName::from_static("surrogate-capability");
+const SURROGATE_CAPABILITY_VALUE: &str = "edgecache=\"Surrogate/1.0\"";
+
+/// Fields a `304` must not change on a stored response: they describe the stored bytes.
+const BODY_FIELDS: [header::HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::ETAG,
+    header::HeaderName::from_static("content-md5"),
+];
+
+/// Removes the directive fields addressed to this cache alone; clients never see them.
+fn strip_own_fields(headers: &mut HeaderMap) {
+    headers.remove(policy::EDGECACHE_CACHE_CONTROL);
+    headers.remove(policy::SURROGATE_CONTROL);
 }
 
 fn secs(v: Option<u64>) -> Duration {

@@ -306,13 +306,20 @@ impl Proxy {
         base: Option<&CachedResponse>,
     ) -> Response<ProxyBody> {
         let now = Instant::now();
-        if let Some(base) = base {
-            if base.stale_for(now) <= base.stale_if_error && !base.stale_if_error.is_zero() {
-                return respond::from_entry(base, head, req, CacheStatus::Stale, now);
-            }
+        if let Some(base) = base.filter(|b| self.may_serve_stale_on_error(b, now)) {
+            tracing::warn!(error = %err, "upstream request failed; serving the stale copy");
+            return respond::from_entry(base, head, req, CacheStatus::Stale, now);
         }
         tracing::warn!(error = %err, "upstream request failed");
         respond::upstream_error(err)
+    }
+
+    /// RFC 5861 §4 `stale-if-error` from the response (which overrides `must-revalidate`), or
+    /// the operator's `STALE_IF_ERROR_SECS` for responses that do not forbid serving stale.
+    fn may_serve_stale_on_error(&self, entry: &CachedResponse, now: Instant) -> bool {
+        let stale_for = entry.stale_for(now);
+        (!entry.stale_if_error.is_zero() && stale_for <= entry.stale_if_error)
+            || (!entry.forbids_stale && stale_for <= self.config.stale_if_error)
     }
 
     /// Starts (or joins) a background refresh of one stored variant. The returned waiter can
@@ -487,8 +494,11 @@ impl Proxy {
             self.cache.expiry.schedule(entry.expires_at(), key, id);
             return;
         }
-        let mut keep_until =
-            entry.expires_at() + entry.stale_while_revalidate.max(entry.stale_if_error);
+        let stale_allowance = entry
+            .stale_while_revalidate
+            .max(entry.stale_if_error)
+            .max(self.config.stale_if_error);
+        let mut keep_until = entry.expires_at() + stale_allowance;
         if entry.revalidatable() {
             let idle = entry.idle_for();
             if hot {

@@ -68,7 +68,14 @@ pub fn from_entry(
 ) -> Response<ProxyBody> {
     let age = HeaderValue::from(entry.age(now).as_secs());
     let cache_status = entry_cache_status(entry, status, now);
-    if entry.status.is_success() && not_modified(req, Some(&entry.etag), entry.last_modified) {
+    // RFC 9111 §4.3.2: without `Last-Modified`, `If-Modified-Since` is compared with the
+    // stored response's `Date`.
+    let last_modified = entry.last_modified.or_else(|| {
+        req.contains_key(header::IF_MODIFIED_SINCE)
+            .then(|| crate::cache::policy::http_date(&entry.headers, header::DATE))
+            .flatten()
+    });
+    if entry.status.is_success() && not_modified(req, Some(&entry.etag), last_modified) {
         let mut resp = Response::new(ProxyBody::Empty);
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         let h = resp.headers_mut();
