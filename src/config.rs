@@ -17,9 +17,13 @@ use http::Uri;
 pub struct Config {
     /// Address the proxy listens on (`LISTEN_ADDR`).
     pub listen_addr: SocketAddr,
-    /// Base URL of the upstream service (`UPSTREAM_URL`): scheme `http`, authority and an
-    /// optional path prefix that is prepended to every forwarded path.
-    pub upstream: UpstreamUrl,
+    /// The upstream backends: `UPSTREAM_URLS` (several, weighted), else `UPSTREAM_URL`.
+    pub backends: Vec<BackendConfig>,
+    /// Health checking, circuit breaking and connection pooling of the backends.
+    pub pool: PoolConfig,
+    /// Address of the operator listener (`/status`, `/metrics`); `None` when `ADMIN_LISTEN_ADDR`
+    /// is `off` (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`).
+    pub admin_listen_addr: Option<SocketAddr>,
     /// Freshness given to a storable response without explicit freshness
     /// (`DEFAULT_CACHE_EXPIRY_TIME_SECS`); `None` means RFC 9111 rules only.
     pub default_ttl: Option<Duration>,
@@ -76,6 +80,39 @@ impl fmt::Debug for AdminKey {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// One upstream backend.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    pub url: UpstreamUrl,
+    /// Relative share of requests (nginx-style `weight=N`, default 1).
+    pub weight: u32,
+    /// Speak HTTP/2 with prior knowledge (`h2` option, or an `h2c://` URL).
+    pub http2: bool,
+}
+
+/// How the backends are watched and connected to.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Probed with GET on every backend (`HEALTH_CHECK_PATH`).
+    pub health_path: String,
+    /// Zero disables active checks (`HEALTH_CHECK_INTERVAL_SECS`).
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    /// Consecutive failed probes before a backend is marked down.
+    pub failure_threshold: u32,
+    /// Consecutive good probes before a down backend is back.
+    pub recovery_threshold: u32,
+    /// Consecutive failures of live traffic (connect errors, timeouts, 5xx) that open a
+    /// backend's circuit breaker (`BREAKER_FAILURE_THRESHOLD`).
+    pub breaker_threshold: u32,
+    /// How long an open breaker keeps a backend out before one trial request
+    /// (`BREAKER_COOLDOWN_SECS`).
+    pub breaker_cooldown: Duration,
+    pub connect_timeout: Duration,
+    pub max_idle_per_host: usize,
+    pub idle_timeout: Duration,
 }
 
 /// The parsed upstream base URL.
@@ -193,14 +230,18 @@ impl Config {
                 .parse()
                 .map_err(|_| bad("LISTEN_ADDR", format!("`{v}` is not an IP:port address")))?,
         };
-        let upstream = match var("UPSTREAM_URL") {
-            None => return Err(bad(
+        let backends = match (var("UPSTREAM_URLS"), var("UPSTREAM_URL")) {
+            (Some(list), _) => parse_backends(&list).map_err(|p| bad("UPSTREAM_URLS", p))?,
+            (None, Some(v)) => {
+                let (url, http2) = parse_upstream(&v).map_err(|p| bad("UPSTREAM_URL", p))?;
+                vec![BackendConfig { url, weight: 1, http2 }]
+            }
+            (None, None) => return Err(bad(
                 "UPSTREAM_URL",
                 "is not set; set it to the base URL of your service, e.g. http://127.0.0.1:3006 \
-                     (./start.sh runs the bundled mock origin when it is empty)"
+                     (or UPSTREAM_URLS for several; ./start.sh runs the bundled mock origin when it is empty)"
                     .into(),
             )),
-            Some(v) => parse_upstream(&v).map_err(|p| bad("UPSTREAM_URL", p))?,
         };
         let seconds = |name: &'static str, default: f64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -248,6 +289,57 @@ impl Config {
             None => 8 << 20,
             Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
         };
+        let count = |name: &'static str, default: u32| -> Result<u32, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(bad(
+                        name,
+                        format!("`{v}` is not a whole number greater than 0"),
+                    )),
+                },
+            }
+        };
+        let health_path = var("HEALTH_CHECK_PATH").unwrap_or_else(|| "/health-check".into());
+        if !health_path.starts_with('/') || health_path.parse::<http::uri::PathAndQuery>().is_err()
+        {
+            return Err(bad(
+                "HEALTH_CHECK_PATH",
+                format!("`{health_path}` must be a path starting with /"),
+            ));
+        }
+        let pool = PoolConfig {
+            health_path,
+            health_interval: seconds("HEALTH_CHECK_INTERVAL_SECS", 10.0)?,
+            health_timeout: seconds("HEALTH_CHECK_TIMEOUT_SECS", 2.0)?,
+            failure_threshold: count("HEALTH_CHECK_FAILURE_THRESHOLD", 3)?,
+            recovery_threshold: count("HEALTH_CHECK_RECOVERY_THRESHOLD", 2)?,
+            breaker_threshold: count("BREAKER_FAILURE_THRESHOLD", 5)?,
+            breaker_cooldown: seconds("BREAKER_COOLDOWN_SECS", 10.0)?,
+            connect_timeout: seconds("CONNECT_TIMEOUT_SECS", 5.0)?,
+            max_idle_per_host: count("UPSTREAM_MAX_IDLE_PER_HOST", 64)? as usize,
+            idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 60.0)?,
+        };
+        if pool.health_timeout.is_zero() {
+            return Err(bad(
+                "HEALTH_CHECK_TIMEOUT_SECS",
+                "must be greater than 0".into(),
+            ));
+        }
+        if pool.connect_timeout.is_zero() {
+            return Err(bad("CONNECT_TIMEOUT_SECS", "must be greater than 0".into()));
+        }
+        let admin_listen_addr = match var("ADMIN_LISTEN_ADDR") {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9000))),
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            Some(v) => Some(v.parse().map_err(|_| {
+                bad(
+                    "ADMIN_LISTEN_ADDR",
+                    format!("`{v}` is not an IP:port address or `off`"),
+                )
+            })?),
+        };
         let stale_retention = seconds("STALE_RETENTION_SECS", 0.0)?;
         let stale_if_error = seconds("STALE_IF_ERROR_SECS", 0.0)?;
         let client_cache_control = match var("CLIENT_CACHE_CONTROL")
@@ -265,11 +357,13 @@ impl Config {
             }
         };
         Ok(Config {
+            backends,
+            pool,
+            admin_listen_addr,
             stale_retention,
             stale_if_error,
             client_cache_control,
             listen_addr,
-            upstream,
             default_ttl,
             refresh_window,
             upstream_timeout,
@@ -282,13 +376,47 @@ impl Config {
     }
 }
 
-fn parse_upstream(v: &str) -> Result<UpstreamUrl, String> {
+/// Parses `UPSTREAM_URLS`: comma-separated base URLs, each optionally followed by
+/// `weight=N` and `h2`, as in nginx's `upstream` block:
+/// `http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080`.
+fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
+    let mut backends = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let mut words = entry.split_whitespace();
+        let url = words.next().unwrap_or_default();
+        let (url, mut http2) = parse_upstream(url)?;
+        let mut weight = 1;
+        for option in words {
+            match option.split_once('=') {
+                Some(("weight", n)) => match n.parse::<u32>() {
+                    Ok(n) if (1..=1000).contains(&n) => weight = n,
+                    _ => return Err(format!("`{entry}`: weight must be 1 to 1000")),
+                },
+                None if option == "h2" => http2 = true,
+                _ => {
+                    return Err(format!(
+                        "`{entry}`: unknown option `{option}` (use weight=N or h2)"
+                    ))
+                }
+            }
+        }
+        backends.push(BackendConfig { url, weight, http2 });
+    }
+    if backends.is_empty() {
+        return Err("lists no backend".into());
+    }
+    Ok(backends)
+}
+
+/// Parses one base URL; `h2c://` means HTTP/2 with prior knowledge.
+fn parse_upstream(v: &str) -> Result<(UpstreamUrl, bool), String> {
     let uri: Uri = v.parse().map_err(|_| format!("`{v}` is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
+    let http2 = match uri.scheme_str() {
+        Some("http") => false,
+        Some("h2c") => true,
         Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
         _ => return Err(format!("`{v}` must start with http://")),
-    }
+    };
     let authority = uri
         .authority()
         .cloned()
@@ -297,10 +425,13 @@ fn parse_upstream(v: &str) -> Result<UpstreamUrl, String> {
         return Err(format!("`{v}` must not have a query string"));
     }
     let path_prefix = uri.path().trim_end_matches('/').to_owned();
-    Ok(UpstreamUrl {
-        authority,
-        path_prefix,
-    })
+    Ok((
+        UpstreamUrl {
+            authority,
+            path_prefix,
+        },
+        http2,
+    ))
 }
 
 /// Parses non-negative seconds, decimals allowed (`2`, `0.5`).
@@ -364,7 +495,11 @@ mod tests {
         assert_eq!(c.default_ttl, Some(Duration::from_secs(2)));
         assert_eq!(c.refresh_window, Duration::from_secs(60));
         assert_eq!(c.upstream_timeout, Duration::from_secs(2));
-        assert_eq!(c.upstream.authority.as_str(), "host.docker.internal:3006");
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(
+            c.backends[0].url.authority.as_str(),
+            "host.docker.internal:3006"
+        );
         assert!(c.admin_key.is_some());
         assert!(!format!("{c:?}").contains("Secret"));
     }
@@ -389,6 +524,12 @@ mod tests {
             ("STALE_RETENTION_SECS", "soon"),
             ("STALE_IF_ERROR_SECS", "-3"),
             ("CLIENT_CACHE_CONTROL", "all"),
+            ("UPSTREAM_URLS", "http://a:1 weight=0"),
+            ("UPSTREAM_URLS", "http://a:1 heavy"),
+            ("UPSTREAM_URLS", " , "),
+            ("HEALTH_CHECK_FAILURE_THRESHOLD", "0"),
+            ("CONNECT_TIMEOUT_SECS", "0"),
+            ("ADMIN_LISTEN_ADDR", "nine-thousand"),
         ] {
             assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");
         }
@@ -413,8 +554,37 @@ mod tests {
         assert_eq!(c.default_ttl, None);
         assert!(c.admin_key.is_none());
         assert_eq!(
-            c.upstream.uri_for("/x?a=1").unwrap().to_string(),
+            c.backends[0].url.uri_for("/x?a=1").unwrap().to_string(),
             "http://127.0.0.1:9/api/x?a=1"
+        );
+    }
+
+    #[test]
+    fn weighted_backend_list() {
+        let c = cfg(&[
+            ("UPSTREAM_URL", "http://ignored:1"),
+            (
+                "UPSTREAM_URLS",
+                "http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080 h2,h2c://10.0.0.3:1",
+            ),
+        ])
+        .unwrap();
+        let got: Vec<_> = c
+            .backends
+            .iter()
+            .map(|b| (b.url.authority.as_str(), b.weight, b.http2))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:8080", 3, false),
+                ("10.0.0.2:8080", 1, true),
+                ("10.0.0.3:1", 1, true)
+            ]
+        );
+        assert_eq!(
+            c.admin_listen_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9000)))
         );
     }
 

@@ -19,6 +19,8 @@ pub enum UpstreamError {
     Body(String),
     /// Internal: the request for the upstream could not be built.
     Request(String),
+    /// No backend may take a request now (all down or their breakers open).
+    NoBackend { retry_after_secs: u64 },
     /// The upstream answered a revalidation or refresh with this server error; the stored
     /// copy is kept rather than replaced by an error.
     Status(u16),
@@ -29,6 +31,7 @@ impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
             UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::Request(_) => StatusCode::BAD_REQUEST,
             UpstreamError::Status(code) => {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -42,6 +45,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout => "timeout",
+            UpstreamError::NoBackend { .. } => "no_backend",
             UpstreamError::BadResponse(_) => "bad_response",
             UpstreamError::Body(_) => "body",
             UpstreamError::Request(_) => "request",
@@ -55,6 +59,7 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "upstream connect failed: {e}"),
             UpstreamError::Timeout => f.write_str("upstream timed out"),
+            UpstreamError::NoBackend { .. } => f.write_str("no healthy upstream backend"),
             UpstreamError::BadResponse(e) => write!(f, "bad upstream response: {e}"),
             UpstreamError::Body(e) => write!(f, "upstream body failed: {e}"),
             UpstreamError::Request(e) => write!(f, "cannot build upstream request: {e}"),
@@ -84,6 +89,13 @@ mod tests {
     #[test]
     fn status_mapping() {
         assert_eq!(UpstreamError::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            UpstreamError::NoBackend {
+                retry_after_secs: 3
+            }
+            .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(
             UpstreamError::Connect("refused".into()).status(),
             StatusCode::BAD_GATEWAY

@@ -17,7 +17,9 @@
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`],
 //!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single
 //!   flight) and [`cache::expiry`] (one timer heap for all entries).
-//! * [`upstream`] — the pooled client to the origin; [`error`] maps its failures to 502/504.
+//! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
+//!   pooled clients; [`error`] maps failures to 502/503/504.
+//! * [`ops`] — the operator listener (`/status`), off the proxy port.
 //! * [`config`] — environment variables to a validated [`config::Config`].
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
 
@@ -26,6 +28,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod upstream;
@@ -37,8 +40,18 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// Runs the proxy on an already bound `listener` until `shutdown` resolves.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+/// Runs the proxy on an already bound `listener` (and the operator routes on `ops`, when
+/// given) until `shutdown` resolves and in-flight requests have drained.
+pub async fn run(
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) {
     let proxy = Arc::new(proxy::Proxy::new(config));
+    let ops = ops.map(|l| tokio::spawn(ops::serve(l, proxy.clone())));
     server::serve(listener, proxy, shutdown).await;
+    if let Some(task) = ops {
+        task.abort();
+    }
 }

@@ -46,18 +46,29 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let ops = match config.admin_listen_addr {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("edgecache: invalid configuration: ADMIN_LISTEN_ADDR: cannot listen on {addr}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        };
         let addr = listener
             .local_addr()
             .map_or_else(|_| config.listen_addr.to_string(), |a| a.to_string());
         tracing::info!(
             listen = %addr,
-            upstream = %config.upstream.authority,
+            backends = config.backends.len(),
+            upstream = %config.backends.iter().map(|b| b.url.authority.as_str()).collect::<Vec<_>>().join(","),
             default_ttl_secs = config.default_ttl.map_or(0.0, |d| d.as_secs_f64()),
             refresh_window_secs = config.refresh_window.as_secs_f64(),
             admin = config.admin_key.is_some(),
             "edgecache listening"
         );
-        edgecache::run(listener, config, shutdown_signal()).await;
+        edgecache::run(listener, ops, config, shutdown_signal()).await;
         ExitCode::SUCCESS
     })
 }

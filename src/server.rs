@@ -21,6 +21,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let expiry = tokio::spawn(proxy.clone().run_expiry());
+    let health_checks = proxy.upstream.spawn_health_checks();
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -72,4 +73,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     expiry.abort();
+    for task in health_checks {
+        task.abort();
+    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -63,23 +63,11 @@ impl Proxy {
     pub(crate) async fn fetch_for_cache(&self, req: FetchRequest) -> Fetched {
         let deadline = self.upstream.deadline();
         let request_time = SystemTime::now();
-        let uri = match self.upstream.uri_for(&req.key) {
-            Ok(uri) => uri,
-            Err(e) => return Fetched::Failed(e),
-        };
-        let mut up = Request::new(ProxyBody::Empty);
-        *up.method_mut() = Method::GET;
-        *up.uri_mut() = uri;
-        *up.version_mut() = Version::HTTP_11;
-        let headers = up.headers_mut();
-        headers.clone_from(&req.headers);
+        let mut headers = req.headers.clone();
         headers.insert(
             SURROGATE_CAPABILITY,
             HeaderValue::from_static(SURROGATE_CAPABILITY_VALUE),
         );
-        if let Ok(host) = HeaderValue::from_str(self.upstream.authority().as_str()) {
-            headers.insert(header::HOST, host);
-        }
         if let Some(base) = &req.base {
             if let Some(etag) = &base.upstream_etag {
                 headers.insert(header::IF_NONE_MATCH, etag.clone());
@@ -89,7 +77,10 @@ impl Proxy {
             }
         }
 
-        let resp = match self.upstream.send(up, deadline).await {
+        let sent = self
+            .upstream
+            .send_idempotent(&Method::GET, &req.key, &headers, deadline);
+        let resp = match sent.await {
             Ok(resp) => resp,
             Err(e) => return Fetched::Failed(e),
         };

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
@@ -56,7 +56,7 @@ const MAX_REFRESH_RETRY: Duration = Duration::from_secs(10);
 
 impl Proxy {
     pub fn new(config: Config) -> Self {
-        let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout);
+        let upstream = Upstream::new(&config);
         Proxy {
             config,
             cache: Cache::default(),
@@ -364,12 +364,8 @@ impl Proxy {
         peer: SocketAddr,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let key = primary_key(&parts.uri).to_owned();
-        let uri = match self.upstream.uri_for(&key) {
-            Ok(uri) => uri,
-            Err(e) => return respond::upstream_error(&e),
-        };
         let headers = self.upstream_headers(&parts.headers, peer, false);
         let method = parts.method.clone();
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -378,12 +374,12 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        parts.headers = headers;
-        let up = Request::from_parts(parts, ProxyBody::stream(body));
         let started = Instant::now();
-        let result = self.upstream.send(up, self.upstream.deadline()).await;
+        let deadline = self.upstream.deadline();
+        let sent =
+            self.upstream
+                .send_once(&method, &key, headers, ProxyBody::stream(body), deadline);
+        let result = sent.await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         match result {
             Err(e) => {
@@ -441,9 +437,6 @@ impl Proxy {
         set_forwarded(&mut h, peer.ip(), &self.config.trusted_proxies);
         if for_cache {
             strip_client_conditionals(&mut h);
-        }
-        if let Ok(host) = HeaderValue::from_str(self.upstream.authority().as_str()) {
-            h.insert(header::HOST, host);
         }
         h
     }

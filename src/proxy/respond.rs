@@ -175,12 +175,19 @@ pub fn passed(
 
 /// The response for an upstream failure.
 pub fn upstream_error(err: &UpstreamError) -> Response<ProxyBody> {
-    let body = match err.status() {
-        StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
-        StatusCode::BAD_REQUEST => "bad request\n",
+    let body = match err {
+        UpstreamError::Timeout => "upstream timed out\n",
+        UpstreamError::Request(_) => "bad request\n",
+        UpstreamError::NoBackend { .. } => "no healthy upstream\n",
+        UpstreamError::Status(_) => "upstream error\n",
         _ => "upstream unavailable\n",
     };
-    plain(err.status(), body)
+    let mut resp = plain(err.status(), body);
+    if let UpstreamError::NoBackend { retry_after_secs } = err {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    }
+    resp
 }
 
 /// A small plain-text response.

@@ -1,0 +1,55 @@
+//! The operator listener (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
+//! by default): `GET /status` — backends with their health and breaker state, and cache size
+//! — as JSON. Kept off the proxy port so no client can reach it through the proxy.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::body::ProxyBody;
+use crate::proxy::respond;
+use crate::proxy::Proxy;
+
+/// Serves the operator routes until the task is aborted.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(route(&proxy, req)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(proxy: &Proxy, req: Request<Incoming>) -> Response<ProxyBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/status") => respond::json(StatusCode::OK, status_json(proxy)),
+        (&Method::GET, "/health") => respond::plain(StatusCode::OK, "ok\n"),
+        _ => respond::plain(StatusCode::NOT_FOUND, "not found: try /status\n"),
+    }
+}
+
+/// `{"backends":[…],"cache":{"entries":N,"bytes":N,"in_flight":N}}`
+pub fn status_json(proxy: &Proxy) -> String {
+    format!(
+        r#"{{"backends":{},"cache":{{"entries":{},"bytes":{},"in_flight":{}}}}}"#,
+        proxy.upstream.status_json(),
+        proxy.cache.store.len(),
+        proxy.cache.store.bytes(),
+        proxy.cache.flights.len(),
+    )
+}
