@@ -27,6 +27,7 @@ use crate::cache::entry::CachedResponse;
 use crate::cache::key::primary_key;
 use crate::cache::FetchOutcome;
 use crate::config::AdminKey;
+use crate::metrics::Eviction;
 use crate::proxy::headers::{CLEAR_CACHE, CLEAR_CACHE_KEY, CLEAR_CACHE_SCOPE};
 use crate::proxy::respond;
 use crate::proxy::Proxy;
@@ -98,6 +99,7 @@ pub async fn handle(
     let path = primary_key(req.uri()).to_owned();
     let Some(configured) = &proxy.config.admin_key else {
         tracing::warn!(%path, peer = %peer.ip(), "admin request refused: CLEAR_CACHE_KEY is not set");
+        proxy.metrics.admin("disabled");
         return respond::json(
             StatusCode::FORBIDDEN,
             r#"{"error":"admin disabled: CLEAR_CACHE_KEY is not set"}"#.into(),
@@ -105,6 +107,7 @@ pub async fn handle(
     };
     if !key_matches(configured, req.headers().get(CLEAR_CACHE_KEY)) {
         tracing::warn!(%path, peer = %peer.ip(), "admin request with a missing or wrong Clear-Cache-Key");
+        proxy.metrics.admin("unauthorized");
         return respond::json(
             StatusCode::UNAUTHORIZED,
             r#"{"error":"unauthorized"}"#.into(),
@@ -120,17 +123,18 @@ pub async fn handle(
             r#"{"error":"Clear-Cache-Scope must be exact, prefix or all"}"#.into(),
         );
     };
-    let resp = match scope {
+    let (action, resp) = match scope {
         Scope::Exact => exact(proxy, &path, mode).await,
         Scope::Prefix => many(proxy, &path, mode),
         Scope::All => many(proxy, "", mode),
     };
-    tracing::info!(%path, ?mode, ?scope, status = resp.status().as_u16(), "admin request");
+    proxy.metrics.admin(action);
+    tracing::info!(%path, ?mode, ?scope, action, status = resp.status().as_u16(), "admin request");
     resp
 }
 
 /// One key: clear or refresh each stored variant, waiting for refreshes to land.
-async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody> {
+async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> (&'static str, Response<ProxyBody>) {
     let variants = proxy.cache.store.variants(path);
     let Some(key) = proxy
         .cache
@@ -138,7 +142,10 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody
         .key_arc(path)
         .filter(|_| !variants.is_empty())
     else {
-        return respond::json(StatusCode::OK, report(path, "not_cached", 0));
+        return (
+            "not_cached",
+            respond::json(StatusCode::OK, report(path, "not_cached", 0)),
+        );
     };
     let refresh: Vec<Arc<CachedResponse>> = variants
         .into_iter()
@@ -146,7 +153,11 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody
         .collect();
     if refresh.is_empty() {
         let n = proxy.cache.store.remove(path);
-        return respond::json(StatusCode::OK, report(path, "cleared", n));
+        proxy.metrics.evicted(Eviction::Admin, n);
+        return (
+            "cleared",
+            respond::json(StatusCode::OK, report(path, "cleared", n)),
+        );
     }
     let waiters: Vec<_> = refresh
         .iter()
@@ -159,7 +170,9 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody
             Some(FetchOutcome::Stored(_)) => refreshed += 1,
             Some(FetchOutcome::NotShared) => {
                 // The upstream no longer lets it be shared: the old copy must go too.
-                proxy.cache.store.remove(path);
+                proxy
+                    .metrics
+                    .evicted(Eviction::Admin, proxy.cache.store.remove(path));
                 refreshed += 1;
             }
             Some(FetchOutcome::Failed(e)) => failure = Some(e),
@@ -175,14 +188,17 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> Response<ProxyBody
             let mut body = report(path, "refresh_failed", 0);
             body.pop();
             let _ = write!(body, r#","error":"{}","kept":"previous"}}"#, e.as_str());
-            respond::json(e.status(), body)
+            ("refresh_failed", respond::json(e.status(), body))
         }
-        _ => respond::json(StatusCode::OK, report(path, "refreshed", refreshed)),
+        _ => (
+            "refreshed",
+            respond::json(StatusCode::OK, report(path, "refreshed", refreshed)),
+        ),
     }
 }
 
 /// Many keys (prefix or all): clears happen now, refreshes start in the background.
-fn many(proxy: &Arc<Proxy>, prefix: &str, mode: Mode) -> Response<ProxyBody> {
+fn many(proxy: &Arc<Proxy>, prefix: &str, mode: Mode) -> (&'static str, Response<ProxyBody>) {
     let (mut cleared, mut refreshing) = (0, 0);
     if mode == Mode::Clear {
         cleared = proxy.cache.store.remove_prefix(prefix);
@@ -198,20 +214,24 @@ fn many(proxy: &Arc<Proxy>, prefix: &str, mode: Mode) -> Response<ProxyBody> {
             }
         }
     }
+    proxy.metrics.evicted(Eviction::Admin, cleared);
+    let action = if refreshing > 0 {
+        "refreshing"
+    } else if cleared > 0 {
+        "cleared"
+    } else {
+        "not_cached"
+    };
     let mut body = String::new();
     let _ = write!(
         body,
-        r#"{{"prefix":"{}","action":"{}","cleared":{cleared},"refreshing":{refreshing}}}"#,
+        r#"{{"prefix":"{}","action":"{action}","cleared":{cleared},"refreshing":{refreshing}}}"#,
         json_escape(prefix),
-        if refreshing > 0 {
-            "refreshing"
-        } else if cleared > 0 {
-            "cleared"
-        } else {
-            "not_cached"
-        },
     );
-    respond::json(StatusCode::OK, body)
+    (
+        if refreshing > 0 { "refreshed" } else { action },
+        respond::json(StatusCode::OK, body),
+    )
 }
 
 fn wants_refresh(proxy: &Proxy, entry: &CachedResponse, mode: Mode) -> bool {

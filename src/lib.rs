@@ -19,7 +19,8 @@
 //!   flight) and [`cache::expiry`] (one timer heap for all entries).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
 //!   pooled clients; [`error`] maps failures to 502/503/504.
-//! * [`ops`] — the operator listener (`/status`), off the proxy port.
+//! * [`ops`] — the operator listener (`/status`, `/metrics`), off the proxy port;
+//!   [`metrics`] holds the counters.
 //! * [`config`] — environment variables to a validated [`config::Config`].
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
 
@@ -28,6 +29,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod server;

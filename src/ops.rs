@@ -1,8 +1,10 @@
 //! The operator listener (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
 //! by default): `GET /status` — backends with their health and breaker state, and cache size
-//! — as JSON. Kept off the proxy port so no client can reach it through the proxy.
+//! — as JSON, and `GET /metrics` in the Prometheus text format. Kept off the proxy port so no
+//! client can reach it through the proxy.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -38,9 +40,51 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
 fn route(proxy: &Proxy, req: Request<Incoming>) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/status") => respond::json(StatusCode::OK, status_json(proxy)),
+        (&Method::GET, "/metrics") => {
+            let mut resp = respond::plain(StatusCode::OK, "");
+            *resp.body_mut() = ProxyBody::full(metrics_text(proxy));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, "/health") => respond::plain(StatusCode::OK, "ok\n"),
-        _ => respond::plain(StatusCode::NOT_FOUND, "not found: try /status\n"),
+        _ => respond::plain(
+            StatusCode::NOT_FOUND,
+            "not found: try /status or /metrics\n",
+        ),
     }
+}
+
+/// All series in the Prometheus text exposition format.
+pub fn metrics_text(proxy: &Proxy) -> String {
+    let mut out = String::with_capacity(8192);
+    proxy.metrics.render(&mut out);
+    let gauge = |out: &mut String, name: &str, help: &str, v: usize| {
+        crate::metrics::series(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    };
+    gauge(
+        &mut out,
+        "edgecache_cache_entries",
+        "Stored responses (variants).",
+        proxy.cache.store.len(),
+    );
+    gauge(
+        &mut out,
+        "edgecache_cache_bytes",
+        "Accounted bytes of stored responses.",
+        proxy.cache.store.bytes(),
+    );
+    gauge(
+        &mut out,
+        "edgecache_inflight_fetches",
+        "Upstream fetches other requests can join.",
+        proxy.cache.flights.len(),
+    );
+    proxy.upstream.render_metrics(&mut out);
+    out
 }
 
 /// `{"backends":[…],"cache":{"entries":N,"bytes":N,"in_flight":N}}`

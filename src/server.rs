@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,15 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        proxy
+            .metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        proxy
+            .metrics
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let counted = proxy.clone();
         let proxy = proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
@@ -59,6 +69,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
             }
+            counted
+                .metrics
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
         });
     }
 

@@ -31,16 +31,19 @@ use crate::cache::key::{primary_key, push_flight_suffix};
 use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
 use crate::config::{ClientCacheControl, Config};
+use crate::metrics::{Eviction, Metrics};
 use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{set_forwarded, strip_client_conditionals, strip_hop_by_hop, CLEAR_CACHE};
 use respond::CacheStatus;
+use std::sync::atomic::Ordering;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Proxy {
     pub config: Config,
     pub cache: Cache,
     pub upstream: Upstream,
+    pub metrics: Metrics,
 }
 
 /// Facts about one request gathered for its access-log line.
@@ -49,6 +52,7 @@ struct Trace {
     cache: Option<CacheStatus>,
     upstream_ms: Option<u64>,
     coalesced: bool,
+    admin: bool,
 }
 
 /// Longest pause between two refresh attempts of a hot entry whose refresh keeps failing.
@@ -61,6 +65,7 @@ impl Proxy {
             config,
             cache: Cache::default(),
             upstream,
+            metrics: Metrics::default(),
         }
     }
 
@@ -75,6 +80,11 @@ impl Proxy {
         let uri = req.uri().clone();
         let mut trace = Trace::default();
         let resp = self.route(req, peer, &mut trace).await;
+        self.metrics.request(match (trace.cache, trace.admin) {
+            (_, true) => 5,
+            (Some(status), _) => status as usize,
+            (None, _) => 6,
+        });
         tracing::info!(
             target: "edgecache::access",
             %method,
@@ -96,6 +106,7 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         if req.headers().contains_key(CLEAR_CACHE) {
+            trace.admin = true;
             return crate::admin::handle(self, req, peer).await;
         }
         match *req.method() {
@@ -260,6 +271,7 @@ impl Proxy {
             }
             Role::Follower(waiter) => {
                 trace.coalesced = true;
+                self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
                 match waiter.wait().await {
                     Some(FetchOutcome::Stored(entry)) if entry.vary.matches(&parts.headers) => {
                         respond::from_entry(&entry, head, &parts.headers, status, Instant::now())
@@ -348,6 +360,12 @@ impl Proxy {
                     let fetched = proxy.fetch_for_cache(fetch).await;
                     if let Fetched::Failed(e) = &fetched {
                         tracing::warn!(error = %e, "background refresh failed; keeping the stored copy");
+                        proxy
+                            .metrics
+                            .refreshes_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        proxy.metrics.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                     }
                     guard.publish(fetched.outcome());
                 });
@@ -405,7 +423,7 @@ impl Proxy {
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
     /// same-origin URIs in the response's `Location` and `Content-Location`.
     fn invalidate(&self, key: &str, resp: &HeaderMap, host: Option<&HeaderValue>) {
-        self.cache.store.remove(key);
+        let mut removed = self.cache.store.remove(key);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -419,9 +437,10 @@ impl Proxy {
                     .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes())),
             };
             if same_origin && uri.path().starts_with('/') {
-                self.cache.store.remove(primary_key(&uri));
+                removed += self.cache.store.remove(primary_key(&uri));
             }
         }
+        self.metrics.evicted(Eviction::Invalidated, removed);
     }
 
     /// The headers to send upstream for a downstream request.
@@ -504,7 +523,9 @@ impl Proxy {
             self.cache.expiry.schedule(keep_until, key, id);
             return;
         }
-        self.cache.store.remove_version(&key, id);
+        if self.cache.store.remove_version(&key, id) {
+            self.metrics.evicted(Eviction::Expired, 1);
+        }
         tracing::debug!(key = %key, "expired entry dropped");
     }
 }

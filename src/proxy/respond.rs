@@ -13,7 +13,8 @@ use crate::cache::entry::CachedResponse;
 use crate::cache::range::{self, RangeReply};
 use crate::error::UpstreamError;
 
-/// What the cache did for a request, sent as `X-Cache-Status`.
+/// What the cache did for a request, sent as `X-Cache-Status`. The variant order is the
+/// index into [`crate::metrics::REQUEST_LABELS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
     /// Served from a fresh stored response.

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::body::ProxyBody;
 use crate::config::{BackendConfig, Config, PoolConfig, UpstreamUrl};
 use crate::error::{chain, UpstreamError};
+use crate::metrics::{self, Histogram};
 use balancer::SmoothWeighted;
 use health::{Admission, Health, Thresholds, Transition};
 
@@ -36,6 +37,9 @@ pub struct Backend {
     health: Mutex<Health>,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Responses by status class 1xx–5xx, then errors without a response.
+    outcomes: [AtomicU64; 6],
+    latency: Histogram,
 }
 
 impl Backend {
@@ -59,6 +63,8 @@ impl Backend {
             health: Mutex::new(Health::default()),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            outcomes: Default::default(),
+            latency: Histogram::default(),
         }
     }
 
@@ -190,12 +196,19 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let backend = &self.backends[i];
         backend.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = match tokio::time::timeout_at(deadline, backend.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(chain(&e))),
             Ok(Err(e)) => Err(UpstreamError::BadResponse(chain(&e))),
         };
+        backend.latency.observe(started.elapsed());
+        let class = match &result {
+            Ok(resp) => usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1,
+            Err(_) => 5,
+        };
+        backend.outcomes[class].fetch_add(1, Ordering::Relaxed);
         let ok = matches!(&result, Ok(resp) if !resp.status().is_server_error());
         if !ok {
             backend.failures.fetch_add(1, Ordering::Relaxed);
@@ -275,19 +288,54 @@ impl Upstream {
         out
     }
 
-    /// Per-backend counters, for metrics: (authority, state, requests, failures).
-    pub fn backend_stats(&self) -> Vec<(String, &'static str, u64, u64)> {
-        self.backends
-            .iter()
-            .map(|b| {
-                (
-                    b.url.authority.to_string(),
-                    b.health().state(),
-                    b.requests.load(Ordering::Relaxed),
-                    b.failures.load(Ordering::Relaxed),
-                )
-            })
-            .collect()
+    /// Appends the per-backend series in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+        metrics::series(
+            out,
+            "edgecache_upstream_requests_total",
+            "counter",
+            "Upstream requests by backend and outcome (status class, or error without a response).",
+        );
+        for b in &self.backends {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let v = b.outcomes[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "edgecache_upstream_requests_total{{backend=\"{}\",status=\"{class}\"}} {v}",
+                    b.url.authority
+                );
+            }
+        }
+        metrics::series(
+            out,
+            "edgecache_upstream_request_duration_seconds",
+            "histogram",
+            "Time to the upstream response head, by backend.",
+        );
+        for b in &self.backends {
+            b.latency.render(
+                out,
+                "edgecache_upstream_request_duration_seconds",
+                &format!("backend=\"{}\"", b.url.authority),
+            );
+        }
+        metrics::series(
+            out,
+            "edgecache_backend_up",
+            "gauge",
+            "1 when a backend may take traffic (healthy, breaker not open).",
+        );
+        let now = Instant::now().into_std();
+        for b in &self.backends {
+            let up = u8::from(b.health().available(now));
+            let _ = writeln!(
+                out,
+                "edgecache_backend_up{{backend=\"{}\",state=\"{}\"}} {up}",
+                b.url.authority,
+                b.health().state()
+            );
+        }
     }
 }
 
