@@ -42,6 +42,9 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Responses with larger bodies are streamed and never stored (`CACHE_MAX_OBJECT_BYTES`).
     pub max_object_bytes: usize,
+    /// The store's accounted size (bodies, headers, keys, per-entry overhead) never exceeds
+    /// this (`CACHE_MAX_BYTES`).
+    pub max_bytes: usize,
     /// How long an expired entry that has validators is kept after its last use, so a later
     /// request can revalidate it (304) instead of refetching it (`STALE_RETENTION_SECS`).
     /// Zero drops every cold entry at expiry, as the predecessor did.
@@ -285,6 +288,14 @@ impl Config {
                 .collect::<Result<_, _>>()
                 .map_err(|p| bad("TRUSTED_PROXIES", p))?,
         };
+        let max_bytes = match var("CACHE_MAX_BYTES") {
+            None => 256 << 20,
+            Some(v) => match parse_bytes(&v) {
+                Ok(0) => return Err(bad("CACHE_MAX_BYTES", "must be greater than 0".into())),
+                Ok(n) => n,
+                Err(p) => return Err(bad("CACHE_MAX_BYTES", p)),
+            },
+        };
         let max_object_bytes = match var("CACHE_MAX_OBJECT_BYTES") {
             None => 8 << 20,
             Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
@@ -372,6 +383,7 @@ impl Config {
             shutdown_grace,
             trusted_proxies,
             max_object_bytes,
+            max_bytes,
         })
     }
 }
@@ -523,6 +535,8 @@ mod tests {
             ("CACHE_MAX_OBJECT_BYTES", "8 parsecs"),
             ("STALE_RETENTION_SECS", "soon"),
             ("STALE_IF_ERROR_SECS", "-3"),
+            ("CACHE_MAX_BYTES", "lots"),
+            ("CACHE_MAX_BYTES", "0"),
             ("CLIENT_CACHE_CONTROL", "all"),
             ("UPSTREAM_URLS", "http://a:1 weight=0"),
             ("UPSTREAM_URLS", "http://a:1 heavy"),
@@ -591,6 +605,7 @@ mod tests {
     #[test]
     fn byte_sizes_and_networks() {
         assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
         assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
         assert_eq!(parse_bytes("100"), Ok(100));
         let net = IpNet::parse("172.28.0.0/16").unwrap();

@@ -10,7 +10,10 @@ use common::*;
 
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
@@ -18,7 +21,10 @@ fn value(text: &str, series: &str) -> f64 {
 async fn scrape(ops: std::net::SocketAddr) -> String {
     let got = get(ops, "/metrics", &[]).await;
     assert_eq!(got.status, 200);
-    assert!(got.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(got
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     got.text()
 }
 
@@ -35,32 +41,103 @@ async fn counters_move_with_traffic() {
     tokio::spawn(edgecache::ops::serve(listener, proxy.proxy.clone()));
 
     let before = scrape(ops).await;
-    assert_eq!(value(&before, "edgecache_requests_total{cache_status=\"HIT\"}"), 0.0);
+    assert_eq!(
+        value(&before, "edgecache_requests_total{cache_status=\"HIT\"}"),
+        0.0
+    );
 
-    let herd: Vec<_> = (0..10).map(|_| tokio::spawn(get(proxy.addr, "/m", &[]))).collect();
+    let herd: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get(proxy.addr, "/m", &[])))
+        .collect();
     for h in herd {
         assert_eq!(h.await.unwrap().status, 200);
     }
     get(proxy.addr, "/m", &[]).await;
-    send("POST", proxy.addr, "/m", &[("clear-cache", "clear"), ("clear-cache-key", "Secret")], Bytes::new()).await;
-    send("POST", proxy.addr, "/m", &[("clear-cache", "clear"), ("clear-cache-key", "nope")], Bytes::new()).await;
+    send(
+        "POST",
+        proxy.addr,
+        "/m",
+        &[("clear-cache", "clear"), ("clear-cache-key", "Secret")],
+        Bytes::new(),
+    )
+    .await;
+    send(
+        "POST",
+        proxy.addr,
+        "/m",
+        &[("clear-cache", "clear"), ("clear-cache-key", "nope")],
+        Bytes::new(),
+    )
+    .await;
 
     let after = scrape(ops).await;
-    assert_eq!(value(&after, "edgecache_requests_total{cache_status=\"MISS\"}"), 10.0);
-    assert_eq!(value(&after, "edgecache_requests_total{cache_status=\"HIT\"}"), 1.0);
-    assert_eq!(value(&after, "edgecache_requests_total{cache_status=\"ADMIN\"}"), 2.0);
+    assert_eq!(
+        value(&after, "edgecache_requests_total{cache_status=\"MISS\"}"),
+        10.0
+    );
+    assert_eq!(
+        value(&after, "edgecache_requests_total{cache_status=\"HIT\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "edgecache_requests_total{cache_status=\"ADMIN\"}"),
+        2.0
+    );
     assert_eq!(value(&after, "edgecache_coalesced_requests_total"), 9.0);
-    assert_eq!(value(&after, "edgecache_admin_requests_total{outcome=\"cleared\"}"), 1.0);
-    assert_eq!(value(&after, "edgecache_admin_requests_total{outcome=\"unauthorized\"}"), 1.0);
-    assert_eq!(value(&after, "edgecache_evictions_total{reason=\"admin\"}"), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "edgecache_admin_requests_total{outcome=\"cleared\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgecache_admin_requests_total{outcome=\"unauthorized\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "edgecache_evictions_total{reason=\"admin\"}"),
+        1.0
+    );
     assert_eq!(value(&after, "edgecache_cache_entries"), 0.0);
     let backend = format!("backend=\"{}\"", origin.addr);
-    assert_eq!(value(&after, &format!("edgecache_upstream_requests_total{{{backend},status=\"2xx\"}}")), 1.0);
-    assert_eq!(value(&after, &format!("edgecache_upstream_request_duration_seconds_count{{{backend}}}")), 1.0);
-    assert_eq!(value(&after, &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.05\"}}")), 0.0);
-    assert_eq!(value(&after, &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.25\"}}")), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            &format!("edgecache_upstream_requests_total{{{backend},status=\"2xx\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            &format!("edgecache_upstream_request_duration_seconds_count{{{backend}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.05\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.25\"}}")
+        ),
+        1.0
+    );
     assert!(value(&after, "edgecache_connections_total") >= 13.0);
 
     let status = get(ops, "/status", &[]).await;
-    assert!(status.text().contains(r#""state":"up""#), "{}", status.text());
+    assert!(
+        status.text().contains(r#""state":"up""#),
+        "{}",
+        status.text()
+    );
 }

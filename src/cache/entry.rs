@@ -1,7 +1,7 @@
 //! A stored response ([`CachedResponse`]): the parts sent to clients, pre-built once at store
 //! time, plus the metadata the policy needs (age, lifetime, validators, stale allowances).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,6 +43,10 @@ pub struct CachedResponse {
     pub size: usize,
     /// Last time a client asked for this entry, in ms since [`clock_ms`]'s epoch.
     last_access_ms: AtomicU64,
+    /// SIEVE's visited bit: set by hits, cleared by the eviction hand.
+    pub visited: AtomicBool,
+    /// This entry's slot in its eviction queue (`u32::MAX` before it is queued).
+    pub node: AtomicU32,
 }
 
 /// Everything needed to build a [`CachedResponse`] except the bookkeeping fields.
@@ -95,6 +99,8 @@ impl CachedResponse {
             operator_ttl: e.operator_ttl,
             size,
             last_access_ms: AtomicU64::new(last_access_ms),
+            visited: AtomicBool::new(false),
+            node: AtomicU32::new(u32::MAX),
         }
     }
 
@@ -128,6 +134,9 @@ impl CachedResponse {
         // Skip the store when nothing changed: hot keys are read on many cores at once.
         if self.last_access_ms.load(Ordering::Relaxed) != now {
             self.last_access_ms.store(now, Ordering::Relaxed);
+        }
+        if !self.visited.load(Ordering::Relaxed) {
+            self.visited.store(true, Ordering::Relaxed);
         }
     }
 

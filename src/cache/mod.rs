@@ -5,6 +5,7 @@
 pub mod coalesce;
 pub mod conditional;
 pub mod entry;
+pub mod eviction;
 pub mod expiry;
 pub mod key;
 pub mod policy;
@@ -40,12 +41,30 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// A cache whose store holds at most `max_bytes` (`CACHE_MAX_BYTES`).
+    pub fn new(max_bytes: usize) -> Self {
+        Cache {
+            store: Store::new(max_bytes),
+            flights: Flights::default(),
+            expiry: ExpiryQueue::default(),
+        }
+    }
+
     /// Stores `entry` under `key` and arms its timer for `at` (its expiry, or earlier when it
-    /// is to be refreshed ahead of expiry).
-    pub fn insert(&self, key: Arc<str>, entry: Arc<CachedResponse>, at: std::time::Instant) {
+    /// is to be refreshed ahead of expiry). Returns how many entries were evicted for room.
+    pub fn insert(
+        &self,
+        key: Arc<str>,
+        entry: Arc<CachedResponse>,
+        at: std::time::Instant,
+        past_window: &dyn Fn(&CachedResponse) -> bool,
+    ) -> usize {
         let id = entry.id;
         let key = self.store.key_arc(&key).unwrap_or(key);
-        self.store.insert(key.clone(), entry);
-        self.expiry.schedule(at, key, id);
+        let evicted = self.store.insert(key.clone(), entry, past_window);
+        if self.store.get_by_id(&key, id).is_some() {
+            self.expiry.schedule(at, key, id);
+        }
+        evicted
     }
 }

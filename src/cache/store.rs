@@ -1,6 +1,7 @@
 //! The in-memory store: a sharded [`DashMap`] from primary key to the stored variants of that
-//! URL. Readers take one shard read lock for a lookup and leave with an `Arc`, so nothing is
-//! held across `.await` and a hit never copies a body.
+//! URL, bounded by `CACHE_MAX_BYTES` through [`Sieve`] eviction. Readers take one map-shard
+//! read lock for a lookup and leave with an `Arc`, so nothing is held across `.await`, a hit
+//! never copies a body, and a hit never touches the eviction queues (it sets one bit).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,20 +10,40 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderName};
 
 use super::entry::CachedResponse;
+use super::eviction::Sieve;
 
 /// Most variants kept per URL; a `Vary` on a high-cardinality header cannot grow a key
 /// without bound (the oldest variant goes first).
 const MAX_VARIANTS: usize = 16;
 
-/// Stored responses by primary key, with size accounting.
-#[derive(Default)]
+/// Stored responses by primary key, with size accounting and a byte budget.
 pub struct Store {
     map: DashMap<Arc<str>, Vec<Arc<CachedResponse>>>,
+    sieve: Sieve,
+    max_bytes: usize,
     bytes: AtomicUsize,
     entries: AtomicUsize,
 }
 
+impl Default for Store {
+    /// An unbounded store (for tests).
+    fn default() -> Self {
+        Store::new(usize::MAX)
+    }
+}
+
 impl Store {
+    /// A store whose accounted size never exceeds `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Store {
+            map: DashMap::new(),
+            sieve: Sieve::default(),
+            max_bytes,
+            bytes: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+        }
+    }
+
     /// The variant of `key` that `req` selects, if stored.
     pub fn get(&self, key: &str, req: &HeaderMap) -> Option<Arc<CachedResponse>> {
         let variants = self.map.get(key)?;
@@ -47,33 +68,49 @@ impl Store {
         self.map.get(key).map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Stores `entry`, replacing the variant it supersedes. Variants with a different set of
-    /// `Vary` names are dropped: the origin changed how it negotiates.
-    pub fn insert(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
-        let mut removed = 0usize;
-        let mut removed_count = 0usize;
-        let added = entry.size;
+    /// Stores `entry`, replacing the variant it supersedes (variants with a different set of
+    /// `Vary` names are dropped: the origin changed how it negotiates), then evicts until the
+    /// budget holds, entries for which `past_window` is true first. Returns how many entries
+    /// were evicted for room; an entry larger than the whole budget is not stored.
+    pub fn insert(
+        &self,
+        key: Arc<str>,
+        entry: Arc<CachedResponse>,
+        past_window: &dyn Fn(&CachedResponse) -> bool,
+    ) -> usize {
+        if entry.size > self.max_bytes {
+            return 0;
+        }
+        let mut removed = Vec::new();
         {
-            let mut variants = self.map.entry(key).or_default();
+            let mut variants = self.map.entry(key.clone()).or_default();
             variants.retain(|old| {
                 let keep = old.vary.same_names(&entry.vary) && old.vary != entry.vary;
                 if !keep {
-                    removed += old.size;
-                    removed_count += 1;
+                    removed.push(old.clone());
                 }
                 keep
             });
             if variants.len() >= MAX_VARIANTS {
-                let old = variants.remove(0);
-                removed += old.size;
-                removed_count += 1;
+                removed.push(variants.remove(0));
             }
-            variants.push(entry);
+            variants.push(entry.clone());
         }
-        self.bytes.fetch_add(added, Ordering::Relaxed);
-        self.bytes.fetch_sub(removed, Ordering::Relaxed);
+        self.bytes.fetch_add(entry.size, Ordering::Relaxed);
         self.entries.fetch_add(1, Ordering::Relaxed);
-        self.entries.fetch_sub(removed_count, Ordering::Relaxed);
+        self.sieve.insert(key.clone(), &entry);
+        self.forget(&key, &removed);
+
+        let mut evicted = 0;
+        while self.bytes() > self.max_bytes {
+            let Some((victim_key, victim)) = self.sieve.evict(&key, past_window) else {
+                break;
+            };
+            if self.remove_version(&victim_key, victim.id) {
+                evicted += 1;
+            }
+        }
+        evicted
     }
 
     /// Removes version `id` of `key` if it is still stored. Returns whether it was.
@@ -93,7 +130,7 @@ impl Store {
         }
         match found {
             Some(e) => {
-                self.account_removed(e.size, 1);
+                self.forget(key, std::slice::from_ref(&e));
                 true
             }
             None => false,
@@ -103,8 +140,8 @@ impl Store {
     /// Removes every variant of `key`; returns how many there were.
     pub fn remove(&self, key: &str) -> usize {
         match self.map.remove(key) {
-            Some((_, variants)) => {
-                self.account_removed(variants.iter().map(|e| e.size).sum(), variants.len());
+            Some((key, variants)) => {
+                self.forget(&key, &variants);
                 variants.len()
             }
             None => 0,
@@ -114,18 +151,22 @@ impl Store {
     /// Removes every key starting with `prefix` (all keys for `""`); returns how many
     /// variants went.
     pub fn remove_prefix(&self, prefix: &str) -> usize {
-        let (mut bytes, mut count) = (0, 0);
+        let mut removed = Vec::new();
         self.map.retain(|k, variants| {
             if k.starts_with(prefix) {
-                bytes += variants.iter().map(|e| e.size).sum::<usize>();
-                count += variants.len();
+                removed.push((k.clone(), std::mem::take(variants)));
                 false
             } else {
                 true
             }
         });
-        self.account_removed(bytes, count);
-        count
+        removed
+            .iter()
+            .map(|(k, v)| {
+                self.forget(k, v);
+                v.len()
+            })
+            .sum()
     }
 
     /// Keys starting with `prefix` and their variants (a snapshot).
@@ -156,8 +197,96 @@ impl Store {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn account_removed(&self, bytes: usize, count: usize) {
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.entries.fetch_sub(count, Ordering::Relaxed);
+    /// The byte budget (`CACHE_MAX_BYTES`).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Accounting and eviction-queue bookkeeping for entries that left the map.
+    fn forget(&self, key: &str, gone: &[Arc<CachedResponse>]) {
+        for e in gone {
+            self.sieve.remove(key, e);
+            self.bytes.fetch_sub(e.size, Ordering::Relaxed);
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::entry::NewEntry;
+    use crate::cache::key::VaryKey;
+    use http::{HeaderValue, StatusCode};
+    use std::time::{Duration, Instant};
+
+    fn entry(body: usize) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse::new(
+            NewEntry {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: bytes::Bytes::from(vec![0u8; body]),
+                etag: HeaderValue::from_static("\"e\""),
+                last_modified: None,
+                upstream_etag: None,
+                upstream_last_modified: None,
+                vary: VaryKey::default(),
+                stored_at: Instant::now(),
+                initial_age: Duration::ZERO,
+                lifetime: Duration::from_secs(60),
+                forbids_stale: false,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                operator_ttl: false,
+            },
+            4,
+            0,
+        ))
+    }
+
+    #[test]
+    fn never_exceeds_the_budget_and_accounts_exactly() {
+        let one = entry(1000).size;
+        let store = Store::new(one * 10);
+        let mut evicted = 0;
+        for i in 0..100 {
+            evicted += store.insert(Arc::from(format!("/k{i}")), entry(1000), &|_| false);
+            assert!(store.bytes() <= store.max_bytes());
+        }
+        assert_eq!(store.len(), 10);
+        assert_eq!(evicted, 90);
+        assert_eq!(store.bytes(), one * 10);
+        assert_eq!(store.remove_prefix(""), 10);
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn visited_entries_survive_a_scan() {
+        let one = entry(100).size;
+        let store = Store::new(one * 400);
+        let hot = |i| format!("/hot{i}");
+        for i in 0..50 {
+            store.insert(Arc::from(hot(i)), entry(100), &|_| false);
+        }
+        for round in 0..20 {
+            for i in 0..50 {
+                let e = store.get(&hot(i), &HeaderMap::new());
+                e.unwrap_or_else(|| panic!("round {round}: {} evicted by a scan", hot(i)))
+                    .touch();
+            }
+            for i in 0..100 {
+                store.insert(Arc::from(format!("/scan{round}-{i}")), entry(100), &|_| {
+                    false
+                });
+            }
+        }
+        assert_eq!(store.len(), 400);
+    }
+
+    #[test]
+    fn oversized_entries_are_not_stored() {
+        let store = Store::new(100);
+        assert_eq!(store.insert(Arc::from("/big"), entry(1000), &|_| false), 0);
+        assert!(store.is_empty());
     }
 }

@@ -61,9 +61,10 @@ const MAX_REFRESH_RETRY: Duration = Duration::from_secs(10);
 impl Proxy {
     pub fn new(config: Config) -> Self {
         let upstream = Upstream::new(&config);
+        let max_bytes = config.max_bytes;
         Proxy {
             config,
-            cache: Cache::default(),
+            cache: Cache::new(max_bytes),
             upstream,
             metrics: Metrics::default(),
         }
@@ -471,7 +472,12 @@ impl Proxy {
             let lead = (entry.lifetime / 10).min(self.config.upstream_timeout);
             expires.checked_sub(lead).unwrap_or(expires)
         };
-        self.cache.insert(key, entry, at);
+        let window = self.config.refresh_window;
+        let now = Instant::now();
+        // Expired and not asked for within the refresh window: evicted before anything else.
+        let past_window = |e: &CachedResponse| !e.is_fresh(now) && !e.requested_within(window);
+        let evicted = self.cache.insert(key, entry, at, &past_window);
+        self.metrics.evicted(Eviction::Capacity, evicted);
     }
 
     /// The expiry task: when an entry is about to expire, refresh it in the background if a
