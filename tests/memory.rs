@@ -12,12 +12,18 @@ use common::*;
 /// budget, evictions are counted, and a key requested all along stays cached.
 #[tokio::test]
 async fn store_stays_within_the_budget_and_keeps_hot_keys() {
-    let origin = Origin::start(|_req| async { reply(200, &[("cache-control", "max-age=600")], vec![b'x'; 1024]) }).await;
+    let origin = Origin::start(|_req| async {
+        reply(200, &[("cache-control", "max-age=600")], vec![b'x'; 1024])
+    })
+    .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CACHE_MAX_BYTES", "64KiB")]).await;
     let store = &proxy.proxy.cache.store;
     for i in 0..300 {
         get(proxy.addr, "/hot", &[]).await;
-        assert_eq!(get(proxy.addr, &format!("/cold/{i}"), &[]).await.status, 200);
+        assert_eq!(
+            get(proxy.addr, &format!("/cold/{i}"), &[]).await.status,
+            200
+        );
         assert!(store.bytes() <= 64 * 1024, "{} bytes stored", store.bytes());
     }
     assert_eq!(get(proxy.addr, "/hot", &[]).await.cache(), "HIT");
@@ -48,7 +54,9 @@ async fn oversized_responses_stream_without_being_stored() {
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CACHE_MAX_OBJECT_BYTES", "64KiB")]).await;
-    let clients: Vec<_> = (0..5).map(|_| tokio::spawn(get(proxy.addr, "/big", &[]))).collect();
+    let clients: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(get(proxy.addr, "/big", &[])))
+        .collect();
     for c in clients {
         let got = c.await.unwrap();
         assert_eq!(got.status, 200);
