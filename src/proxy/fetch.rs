@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use super::headers::strip_hop_by_hop;
 use super::Proxy;
@@ -152,7 +152,7 @@ impl Proxy {
             Err(e) => return Fetched::Failed(e),
         };
 
-        let mut headers = parts.headers;
+        let mut headers = owned(&parts.headers);
         strip_own_fields(&mut headers);
         let upstream_etag = headers.get(header::ETAG).cloned();
         let upstream_last_modified = headers.get(header::LAST_MODIFIED).cloned();
@@ -220,7 +220,7 @@ impl Proxy {
             }
             headers.remove(name);
             for v in update.get_all(name) {
-                headers.append(name.clone(), v.clone());
+                headers.append(name.clone(), owned_value(v));
             }
         }
         let initial_age = policy::initial_age(&headers, request_time, response_time);
@@ -298,6 +298,22 @@ fn strip_own_fields(headers: &mut HeaderMap) {
     headers.remove(policy::SURROGATE_CONTROL);
 }
 
+/// A copy of `headers` whose values own their bytes. hyper parses header values as slices of
+/// its connection read buffer; storing those would keep that whole buffer alive per entry.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        out.append(name.clone(), owned_value(value));
+    }
+    out
+}
+
+fn owned_value(v: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    copy.set_sensitive(v.is_sensitive());
+    copy
+}
+
 fn secs(v: Option<u64>) -> Duration {
     Duration::from_secs(v.unwrap_or(0))
 }
@@ -325,28 +341,27 @@ async fn read_body(
     max: usize,
     deadline: tokio::time::Instant,
 ) -> Result<ReadBody, UpstreamError> {
-    let mut buf = BytesMut::new();
+    // Sized from Content-Length when known, and returned as an exact-size allocation: a
+    // stored body must not pin hyper's (larger, shared) read buffer for its whole life.
+    let hint = usize::try_from(body.size_hint().lower())
+        .unwrap_or(max)
+        .min(max);
+    let mut buf: Vec<u8> = Vec::with_capacity(hint);
     loop {
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(UpstreamError::Timeout),
-            Ok(None) => return Ok(ReadBody::Complete(buf.freeze())),
+            Ok(None) => return Ok(ReadBody::Complete(Bytes::from(buf.into_boxed_slice()))),
             Ok(Some(Err(e))) => return Err(UpstreamError::Body(chain(&e))),
             Ok(Some(Ok(frame))) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                if buf.len() + data.len() > max {
-                    buf.extend_from_slice(&data);
+                buf.extend_from_slice(&data);
+                if buf.len() > max {
                     return Ok(ReadBody::TooLarge {
-                        prefix: buf.freeze(),
+                        prefix: Bytes::from(buf),
                         rest: body,
                     });
-                }
-                if buf.is_empty() {
-                    // Most bodies arrive in one frame: keep it without copying.
-                    buf = BytesMut::from(data);
-                } else {
-                    buf.extend_from_slice(&data);
                 }
             }
         }
