@@ -14,9 +14,11 @@
 //! `Clear-Cache-Scope: prefix` applies the action to every key starting with the path+query,
 //! `Clear-Cache-Scope: all` to every key. The answer is a small JSON object.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -76,6 +78,50 @@ impl Scope {
     }
 }
 
+/// Failed key attempts allowed per client address within [`THROTTLE_WINDOW`].
+const THROTTLE_ATTEMPTS: u32 = 5;
+const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at most; older windows are pruned first.
+const THROTTLE_TRACKED: usize = 10_000;
+
+/// Slows down key guessing: after [`THROTTLE_ATTEMPTS`] wrong keys from one address within
+/// [`THROTTLE_WINDOW`], that address gets 429 without its key being checked until the window
+/// ends.
+#[derive(Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl Throttle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds until `ip` may try again, if it is throttled now.
+    fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let map = self.lock();
+        let (count, since) = map.get(&ip)?;
+        let left = THROTTLE_WINDOW
+            .checked_sub(now.duration_since(*since))
+            .filter(|left| !left.is_zero())?;
+        (*count >= THROTTLE_ATTEMPTS).then(|| left.as_secs().max(1))
+    }
+
+    /// Records a wrong key; returns true when this attempt starts the throttling.
+    fn failed(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut map = self.lock();
+        if map.len() >= THROTTLE_TRACKED {
+            map.retain(|_, (_, since)| now.duration_since(*since) < THROTTLE_WINDOW);
+        }
+        let slot = map.entry(ip).or_insert((0, now));
+        if now.duration_since(slot.1) >= THROTTLE_WINDOW {
+            *slot = (0, now);
+        }
+        slot.0 += 1;
+        slot.0 == THROTTLE_ATTEMPTS
+    }
+}
+
 /// Compares the presented key with the configured one in constant time: both are hashed to
 /// fixed-length digests first, so neither content nor length leaks through timing.
 pub fn key_matches(configured: &AdminKey, presented: Option<&HeaderValue>) -> bool {
@@ -105,7 +151,21 @@ pub async fn handle(
             r#"{"error":"admin disabled: CLEAR_CACHE_KEY is not set"}"#.into(),
         );
     };
+    let now = Instant::now();
+    if let Some(retry_after) = proxy.admin_throttle.blocked(peer.ip(), now) {
+        proxy.metrics.admin("throttled");
+        let mut resp = respond::json(
+            StatusCode::TOO_MANY_REQUESTS,
+            r#"{"error":"too many wrong keys; try later"}"#.into(),
+        );
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+        return resp;
+    }
     if !key_matches(configured, req.headers().get(CLEAR_CACHE_KEY)) {
+        if proxy.admin_throttle.failed(peer.ip(), now) {
+            tracing::warn!(peer = %peer.ip(), "admin key guessing: throttling this address for {}s", THROTTLE_WINDOW.as_secs());
+        }
         tracing::warn!(%path, peer = %peer.ip(), "admin request with a missing or wrong Clear-Cache-Key");
         proxy.metrics.admin("unauthorized");
         return respond::json(
@@ -279,6 +339,21 @@ mod tests {
         assert!(!key_matches(&k, Some(&HeaderValue::from_static("secret"))));
         assert!(!key_matches(&k, Some(&HeaderValue::from_static("Secret "))));
         assert!(!key_matches(&k, None));
+    }
+
+    #[test]
+    fn throttle_after_repeated_failures_for_one_window() {
+        let t = Throttle::default();
+        let (ip, other) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for i in 1..THROTTLE_ATTEMPTS {
+            assert!(!t.failed(ip, t0), "attempt {i}");
+            assert_eq!(t.blocked(ip, t0), None);
+        }
+        assert!(t.failed(ip, t0));
+        assert_eq!(t.blocked(ip, t0), Some(60));
+        assert_eq!(t.blocked(other, t0), None, "per address");
+        assert_eq!(t.blocked(ip, t0 + THROTTLE_WINDOW), None, "the window ends");
     }
 
     #[test]

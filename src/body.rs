@@ -5,6 +5,9 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
@@ -19,7 +22,23 @@ pub enum ProxyBody {
         prefix: Option<Bytes>,
         rest: Incoming,
     },
+    /// A downstream request body on its way upstream, cut off after `remaining` bytes
+    /// (`MAX_REQUEST_BODY_BYTES`). `fault` records whose fault a failed transfer was, so the
+    /// caller can answer 413 or 400 instead of blaming the upstream.
+    Downstream {
+        rest: Incoming,
+        remaining: u64,
+        fault: Arc<AtomicU8>,
+    },
 }
+
+/// [`ProxyBody::Downstream`] went over its byte limit.
+pub const FAULT_TOO_LARGE: u8 = 1;
+/// [`ProxyBody::Downstream`]'s client sent a broken body (bad chunking, cut short).
+pub const FAULT_BROKEN: u8 = 2;
+
+/// The error a body yields: hyper's, or the request body limit.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
@@ -44,12 +63,12 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -57,8 +76,30 @@ impl Body for ProxyBody {
                 if let Some(p) = prefix.take().filter(|p| !p.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                Pin::new(rest).poll_frame(cx)
+                Pin::new(rest).poll_frame(cx).map_err(Into::into)
             }
+            ProxyBody::Downstream {
+                rest,
+                remaining,
+                fault,
+            } => match Pin::new(rest).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    fault.store(FAULT_BROKEN, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *remaining {
+                        fault.store(FAULT_TOO_LARGE, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(
+                            "request body exceeds MAX_REQUEST_BODY_BYTES".into(),
+                        )));
+                    }
+                    *remaining -= len;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map_err(Into::into),
+            },
         }
     }
 
@@ -67,6 +108,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Downstream { rest, .. } => rest.is_end_stream(),
         }
     }
 
@@ -76,6 +118,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ProxyBody::Downstream { rest, .. } => rest.size_hint(),
             ProxyBody::Stream { prefix, rest } => {
                 let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let inner = rest.size_hint();

@@ -53,8 +53,24 @@ pub struct Config {
     /// past expiry is served instead of the error, unless the response forbids serving it
     /// stale (`STALE_IF_ERROR_SECS`). A response's own `stale-if-error` also applies.
     pub stale_if_error: Duration,
+    /// Limits on what clients may send.
+    pub limits: Limits,
     /// Which request `Cache-Control` directives are obeyed (`CLIENT_CACHE_CONTROL`).
     pub client_cache_control: ClientCacheControl,
+}
+
+/// Limits that protect the proxy from hostile or broken clients.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A connection must deliver a request head this fast (`HEADER_READ_TIMEOUT_SECS`).
+    pub header_read_timeout: Duration,
+    /// Request line + headers above this are refused with 431/414 (`MAX_HEADER_BYTES`).
+    pub max_header_bytes: usize,
+    /// Open downstream connections at most (`MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Request bodies passed through above this are refused with 413; `None`: no limit
+    /// (`MAX_REQUEST_BODY_BYTES`).
+    pub max_request_body: Option<u64>,
 }
 
 /// How far clients' own `Cache-Control` request directives are obeyed.
@@ -351,6 +367,28 @@ impl Config {
                 )
             })?),
         };
+        let byte_size = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => parse_bytes(&v).map_err(|p| bad(name, p)),
+            }
+        };
+        let limits = Limits {
+            header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", 10.0)?,
+            max_header_bytes: byte_size("MAX_HEADER_BYTES", 64 << 10)?,
+            max_connections: count("MAX_CONNECTIONS", 10_000)? as usize,
+            max_request_body: Some(byte_size("MAX_REQUEST_BODY_BYTES", 0)? as u64)
+                .filter(|n| *n > 0),
+        };
+        if limits.header_read_timeout.is_zero() {
+            return Err(bad(
+                "HEADER_READ_TIMEOUT_SECS",
+                "must be greater than 0".into(),
+            ));
+        }
+        if limits.max_header_bytes < 8192 {
+            return Err(bad("MAX_HEADER_BYTES", "must be at least 8KiB".into()));
+        }
         let stale_retention = seconds("STALE_RETENTION_SECS", 0.0)?;
         let stale_if_error = seconds("STALE_IF_ERROR_SECS", 0.0)?;
         let client_cache_control = match var("CLIENT_CACHE_CONTROL")
@@ -368,6 +406,7 @@ impl Config {
             }
         };
         Ok(Config {
+            limits,
             backends,
             pool,
             admin_listen_addr,
@@ -537,6 +576,9 @@ mod tests {
             ("STALE_IF_ERROR_SECS", "-3"),
             ("CACHE_MAX_BYTES", "lots"),
             ("CACHE_MAX_BYTES", "0"),
+            ("MAX_HEADER_BYTES", "1KiB"),
+            ("MAX_CONNECTIONS", "-1"),
+            ("HEADER_READ_TIMEOUT_SECS", "0"),
             ("CLIENT_CACHE_CONTROL", "all"),
             ("UPSTREAM_URLS", "http://a:1 weight=0"),
             ("UPSTREAM_URLS", "http://a:1 heavy"),

@@ -70,7 +70,7 @@ pub struct Metrics {
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
     /// Admin requests by outcome label.
-    admin: [AtomicU64; 6],
+    admin: [AtomicU64; 7],
     pub open_connections: AtomicI64,
     pub connections_total: AtomicU64,
 }
@@ -79,7 +79,8 @@ pub struct Metrics {
 pub const REQUEST_LABELS: [&str; 7] =
     ["HIT", "MISS", "STALE", "REFRESH", "BYPASS", "ADMIN", "NONE"];
 /// Labels of `admin`, in index order.
-pub const ADMIN_LABELS: [&str; 6] = [
+pub const ADMIN_LABELS: [&str; 7] = [
+    "throttled",
     "cleared",
     "refreshed",
     "not_cached",

@@ -12,11 +12,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::proxy::Proxy;
-
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
@@ -25,15 +23,29 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     let health_checks = proxy.upstream.spawn_health_checks();
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let limits = &proxy.config.limits;
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Slowloris: a connection that does not deliver a request head in time is closed.
+        .header_read_timeout(limits.header_read_timeout)
+        // Request line + headers larger than this get 431 (or 414 for the URI).
+        .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
 
     loop {
+        // At MAX_CONNECTIONS, stop accepting: new connections wait in the kernel's backlog
+        // and existing ones are unaffected.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -66,6 +78,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
             }

@@ -52,6 +52,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// forge its address.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: &[IpNet]) {
     let peer_trusted = trusted.iter().any(|net| net.contains(peer));
+    strip_unkeyed_overrides(headers, peer_trusted);
     let peer_str = peer.to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if peer_trusted && !prior.trim().is_empty() => {
@@ -70,6 +71,33 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: &[IpNet]) {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),
             None => headers.remove(X_FORWARDED_HOST),
         };
+    }
+}
+
+/// Request headers that make many origins and frameworks serve a *different* resource (or
+/// believe another scheme, host or method) but are not part of the cache key: a client could
+/// use them to poison the cache entry everyone else reads. Never forwarded; edgecache sets
+/// `X-Forwarded-*` itself.
+const UNKEYED_OVERRIDES: [HeaderName; 10] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Removes [`UNKEYED_OVERRIDES`], and `Forwarded` unless the peer is a trusted proxy.
+pub fn strip_unkeyed_overrides(headers: &mut HeaderMap, peer_trusted: bool) {
+    for name in &UNKEYED_OVERRIDES {
+        headers.remove(name);
+    }
+    if !peer_trusted {
+        headers.remove(header::FORWARDED);
     }
 }
 

@@ -24,7 +24,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{primary_key, push_flight_suffix};
@@ -36,7 +36,7 @@ use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{set_forwarded, strip_client_conditionals, strip_hop_by_hop, CLEAR_CACHE};
 use respond::CacheStatus;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Proxy {
@@ -44,6 +44,8 @@ pub struct Proxy {
     pub cache: Cache,
     pub upstream: Upstream,
     pub metrics: Metrics,
+    /// Wrong admin keys per client address.
+    pub admin_throttle: crate::admin::Throttle,
 }
 
 /// Facts about one request gathered for its access-log line.
@@ -67,6 +69,7 @@ impl Proxy {
             cache: Cache::new(max_bytes),
             upstream,
             metrics: Metrics::default(),
+            admin_throttle: Default::default(),
         }
     }
 
@@ -393,14 +396,46 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        let fault = Arc::new(AtomicU8::new(0));
+        let remaining = match self.config.limits.max_request_body {
+            None => u64::MAX,
+            Some(limit) => {
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+                if declared.is_some_and(|n| n > limit) {
+                    return respond::plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                    );
+                }
+                limit
+            }
+        };
+        let body = ProxyBody::Downstream {
+            rest: body,
+            remaining,
+            fault: fault.clone(),
+        };
         let started = Instant::now();
         let deadline = self.upstream.deadline();
-        let sent =
-            self.upstream
-                .send_once(&method, &key, headers, ProxyBody::stream(body), deadline);
+        let sent = self
+            .upstream
+            .send_once(&method, &key, headers, body, deadline);
         let result = sent.await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         match result {
+            Err(_) if fault.load(Ordering::Relaxed) == FAULT_TOO_LARGE => {
+                respond::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            Err(_) if fault.load(Ordering::Relaxed) == FAULT_BROKEN => {
+                // The client's body was malformed or cut short: its fault, not the upstream's.
+                let mut resp = respond::plain(StatusCode::BAD_REQUEST, "malformed request body\n");
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream request failed");
                 respond::upstream_error(&e)

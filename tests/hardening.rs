@@ -1,0 +1,318 @@
+//! Hostile clients and broken upstreams, with raw TCP where a well-behaved client library
+//! would refuse to send the bytes: limits answer with the right status, ambiguous framing is
+//! refused, unkeyed override headers never reach the origin, admin key guessing is slowed,
+//! and a broken upstream body is never stored.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sends raw bytes, returns everything the proxy answers until it closes or `wait` passes.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn plain_origin() -> Origin {
+    Origin::start(|_req| async { reply(200, &[("cache-control", "max-age=60")], "ok") }).await
+}
+
+/// Oversized headers → 431, an oversized request line → 414; nothing reaches the origin.
+#[tokio::test]
+async fn oversized_heads_get_431_and_414() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[("MAX_HEADER_BYTES", "16KiB")]).await;
+    let big = "a".repeat(20_000);
+    let resp = raw(
+        proxy.addr,
+        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "{}",
+        &resp[..resp.len().min(80)]
+    );
+    let resp = raw(
+        proxy.addr,
+        format!("GET /{big} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 414") || resp.starts_with("HTTP/1.1 431"),
+        "{}",
+        &resp[..resp.len().min(80)]
+    );
+    assert_eq!(origin.total(), 0);
+}
+
+/// Ambiguous framing is refused with 400 and never forwarded.
+#[tokio::test]
+async fn request_smuggling_attempts_are_refused() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for attack in [
+        "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        "GET /a HTTP/1.1\r\nhost: x\r\nx-folded: a\r\n b\r\n\r\n",
+        "POST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "POST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked, identity\r\n\r\n0\r\n\r\n",
+    ] {
+        let resp = raw(proxy.addr, attack.as_bytes(), Duration::from_secs(2)).await;
+        assert!(resp.starts_with("HTTP/1.1 400") || resp.is_empty(), "{attack:?} → {}", &resp[..resp.len().min(60)]);
+    }
+    assert_eq!(origin.total(), 0, "nothing ambiguous reached the origin");
+}
+
+/// Content-Length together with Transfer-Encoding: hyper applies RFC 9112 §6.3 — chunked
+/// framing wins, Content-Length is dropped — and closes the connection after the response,
+/// so no second request can hide in the body. The upstream sees one unambiguous request.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_reframed_and_closed() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let origin = Origin::start(move |req| {
+        let cl = req
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        let te = req.headers().get("transfer-encoding").is_some();
+        s.lock().unwrap().push(format!("cl={cl:?} te={te}"));
+        async { reply(200, &[], "one") }
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    let smuggle = "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+    let started = Instant::now();
+    let resp = raw(proxy.addr, smuggle.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connection was closed"
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.1 400"),
+        "{resp}"
+    );
+    assert_eq!(
+        resp.matches("HTTP/1.1").count(),
+        1,
+        "exactly one response: {resp}"
+    );
+    assert_eq!(origin.hits("/smuggled"), 0);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter().all(|s| !s.contains("cl=Some(\"40\")")),
+        "{seen:?}"
+    );
+}
+
+/// A client that never finishes its request head is disconnected after
+/// HEADER_READ_TIMEOUT_SECS; others are served meanwhile.
+#[tokio::test]
+async fn slowloris_is_cut_off() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[("HEADER_READ_TIMEOUT_SECS", "0.5")]).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-a: ")
+        .await
+        .unwrap();
+    assert_eq!(
+        get(proxy.addr, "/other", &[]).await.status,
+        200,
+        "others are unaffected"
+    );
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "connection closed");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// Headers that would change the upstream's answer but are not in the cache key are never
+/// forwarded; a client-supplied X-Forwarded-Host is replaced.
+#[tokio::test]
+async fn unkeyed_override_headers_are_stripped() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let origin = Origin::start(move |req| {
+        let names: Vec<String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("")))
+            .collect();
+        s.lock().unwrap().extend(names);
+        async { reply(200, &[("cache-control", "max-age=60")], "page") }
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[("TRUSTED_PROXIES", "none")]).await;
+    get(
+        proxy.addr,
+        "/p",
+        &[
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-forwarded-scheme", "nothttps"),
+            ("x-http-method-override", "DELETE"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "host=evil.example"),
+        ],
+    )
+    .await;
+    let seen = seen.lock().unwrap().join("\n");
+    for bad in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-scheme",
+        "x-http-method-override",
+        "forwarded=",
+        "evil.example",
+    ] {
+        assert!(!seen.contains(bad), "{bad} reached the origin:\n{seen}");
+    }
+}
+
+/// MAX_REQUEST_BODY_BYTES: a declared or streamed body above it gets 413.
+#[tokio::test]
+async fn request_body_limit() {
+    let origin = Origin::start(|req| async move {
+        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+        reply(200, &[], "took it")
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[("MAX_REQUEST_BODY_BYTES", "1KiB")]).await;
+    let small = send("POST", proxy.addr, "/u", &[], Bytes::from(vec![1u8; 512])).await;
+    assert_eq!(small.status, 200);
+    let big = send("POST", proxy.addr, "/u", &[], Bytes::from(vec![1u8; 4096])).await;
+    assert_eq!(big.status, 413);
+    let chunked = raw(
+        proxy.addr,
+        format!("POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1000\r\n{}\r\n0\r\n\r\n", "y".repeat(4096)).as_bytes(),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        chunked.starts_with("HTTP/1.1 413"),
+        "{}",
+        &chunked[..chunked.len().min(60)]
+    );
+}
+
+/// Repeated wrong admin keys from one address are answered 429 for a while.
+#[tokio::test]
+async fn admin_key_guessing_is_throttled() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for i in 0..8 {
+            let key = format!("guess{i}");
+            v.push(
+                send(
+                    "POST",
+                    proxy.addr,
+                    "/x",
+                    &[("clear-cache", "clear"), ("clear-cache-key", &key)],
+                    Bytes::new(),
+                )
+                .await
+                .status,
+            );
+        }
+        v
+    };
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429, 429, 429]);
+    let right = send(
+        "POST",
+        proxy.addr,
+        "/x",
+        &[("clear-cache", "clear"), ("clear-cache-key", "Secret")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(right.status, 429, "even the right key waits out the window");
+}
+
+/// A raw upstream that misbehaves in a scripted way after reading one request.
+async fn broken_upstream(script: &'static [u8], then_hang: bool) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(script).await;
+                if then_hang {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Resets mid-body, a short body for its Content-Length, garbage, or a hang after the head:
+/// clients get an error or a cut connection — never a complete-looking 200 — and nothing is
+/// stored; concurrent waiters get the same outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broken_upstream_bodies_are_never_stored() {
+    let cases: [(&'static [u8], bool); 3] = [
+        (b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 100\r\n\r\nonly-part", false),
+        (b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", false),
+        (b"this is not http at all\r\n\r\n", false),
+    ];
+    for (script, hang) in cases {
+        let up = broken_upstream(script, hang).await;
+        let proxy = ProxyHandle::start(&format!("http://{up}"), &[]).await;
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                tokio::spawn(raw(
+                    proxy.addr,
+                    b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n",
+                    Duration::from_secs(3),
+                ))
+            })
+            .collect();
+        for w in waiters {
+            let resp = w.await.unwrap();
+            assert!(
+                resp.starts_with("HTTP/1.1 502") || resp.is_empty(),
+                "{:?}: {}",
+                String::from_utf8_lossy(script),
+                &resp[..resp.len().min(60)]
+            );
+        }
+        assert!(proxy.proxy.cache.store.is_empty());
+    }
+    let hang = broken_upstream(
+        b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 100\r\n\r\nabc",
+        true,
+    )
+    .await;
+    let proxy = ProxyHandle::start(&format!("http://{hang}"), &[("REQ_TIMEOUT", "0.5")]).await;
+    let resp = raw(
+        proxy.addr,
+        b"GET /h HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 504"),
+        "{}",
+        &resp[..resp.len().min(60)]
+    );
+    assert!(proxy.proxy.cache.store.is_empty());
+}
