@@ -160,3 +160,29 @@ pub fn clock_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
+
+/// A fresh 200 entry with a `body`-byte body, for unit tests of the store and eviction.
+#[cfg(test)]
+pub(crate) fn test_entry(body: usize) -> std::sync::Arc<CachedResponse> {
+    std::sync::Arc::new(CachedResponse::new(
+        NewEntry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![0u8; body]),
+            etag: HeaderValue::from_static("\"e\""),
+            last_modified: None,
+            upstream_etag: None,
+            upstream_last_modified: None,
+            vary: VaryKey::default(),
+            stored_at: Instant::now(),
+            initial_age: Duration::ZERO,
+            lifetime: Duration::from_secs(60),
+            forbids_stale: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            operator_ttl: false,
+        },
+        4,
+        0,
+    ))
+}

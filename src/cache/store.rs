@@ -215,33 +215,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::entry::NewEntry;
-    use crate::cache::key::VaryKey;
-    use http::{HeaderValue, StatusCode};
-    use std::time::{Duration, Instant};
 
     fn entry(body: usize) -> Arc<CachedResponse> {
-        Arc::new(CachedResponse::new(
-            NewEntry {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                body: bytes::Bytes::from(vec![0u8; body]),
-                etag: HeaderValue::from_static("\"e\""),
-                last_modified: None,
-                upstream_etag: None,
-                upstream_last_modified: None,
-                vary: VaryKey::default(),
-                stored_at: Instant::now(),
-                initial_age: Duration::ZERO,
-                lifetime: Duration::from_secs(60),
-                forbids_stale: false,
-                stale_while_revalidate: Duration::ZERO,
-                stale_if_error: Duration::ZERO,
-                operator_ttl: false,
-            },
-            4,
-            0,
-        ))
+        crate::cache::entry::test_entry(body)
     }
 
     #[test]
