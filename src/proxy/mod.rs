@@ -80,8 +80,10 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let uri = req.uri().clone();
+        // The access log needs the request line after the request is consumed: keep a copy
+        // only when the line will actually be written.
+        let logged = tracing::enabled!(target: "edgecache::access", tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
         let mut trace = Trace::default();
         let resp = self.route(req, peer, &mut trace).await;
         self.metrics.request(match (trace.cache, trace.admin) {
@@ -89,17 +91,19 @@ impl Proxy {
             (Some(status), _) => status as usize,
             (None, _) => 6,
         });
-        tracing::info!(
-            target: "edgecache::access",
-            %method,
-            path = %uri.path_and_query().map_or("/", |pq| pq.as_str()),
-            status = resp.status().as_u16(),
-            cache = trace.cache.map_or("-", CacheStatus::as_str),
-            coalesced = trace.coalesced,
-            upstream_ms = trace.upstream_ms,
-            total_ms = started.elapsed().as_millis() as u64,
-            peer = %peer.ip(),
-        );
+        if let Some((method, uri)) = logged {
+            tracing::info!(
+                target: "edgecache::access",
+                %method,
+                path = %uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                status = resp.status().as_u16(),
+                cache = trace.cache.map_or("-", CacheStatus::as_str),
+                coalesced = trace.coalesced,
+                upstream_ms = trace.upstream_ms,
+                total_ms = started.elapsed().as_millis() as u64,
+                peer = %peer.ip(),
+            );
+        }
         resp
     }
 
