@@ -29,6 +29,8 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;

@@ -209,7 +209,14 @@ impl Upstream {
             Err(_) => 5,
         };
         backend.outcomes[class].fetch_add(1, Ordering::Relaxed);
-        let ok = matches!(&result, Ok(resp) if !resp.status().is_server_error());
+        // A 5xx counts against a backend only when there is another to send traffic to: with
+        // one backend, opening its breaker would just replace the origin's own answer with a
+        // 503 of ours (nginx ignores max_fails for a single server for the same reason).
+        // Connection failures and timeouts always count: a dead backend is shielded.
+        let ok = match &result {
+            Ok(resp) => !(resp.status().is_server_error() && self.backends.len() > 1),
+            Err(_) => false,
+        };
         if !ok {
             backend.failures.fetch_add(1, Ordering::Relaxed);
         }

@@ -1,0 +1,72 @@
+//! One entry point that feeds arbitrary bytes to every header parser a client or upstream
+//! controls: `Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`, `Vary`,
+//! `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`. Shared by the `cargo fuzz`
+//! target (`fuzz/`) and the regression test over its corpus (`tests/parser_corpus.rs`).
+//! Not part of the proxy's API.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::cache::conditional::{etag_for_body, not_modified};
+use crate::cache::key::VaryKey;
+use crate::cache::policy::{self, CacheControl};
+use crate::cache::range;
+
+/// The fields the input is spread over, one value per `\n`-separated line, in this order.
+const FIELDS: [HeaderName; 12] = [
+    header::CACHE_CONTROL,
+    HeaderName::from_static("cdn-cache-control"),
+    HeaderName::from_static("surrogate-control"),
+    header::AGE,
+    header::EXPIRES,
+    header::DATE,
+    header::VARY,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::RANGE,
+    header::IF_RANGE,
+    header::ACCEPT_LANGUAGE,
+];
+
+/// Parses `data` every way edgecache parses untrusted headers. Must never panic, loop or
+/// allocate without bound.
+pub fn exercise_header_parsers(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for (line, name) in data.split(|&b| b == b'\n').zip(FIELDS.iter().cycle()) {
+        if let Ok(v) = HeaderValue::from_bytes(line) {
+            headers.append(name.clone(), v);
+        }
+    }
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let cc = CacheControl::for_response(&headers);
+    let req_cc = CacheControl::parse(&headers);
+    for status in [
+        StatusCode::OK,
+        StatusCode::NOT_FOUND,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ] {
+        let (lifetime, _) = policy::freshness_lifetime(status, &headers, &cc, None, now);
+        let _ = policy::storability(
+            &Method::GET,
+            status,
+            &headers,
+            &req_cc,
+            &headers,
+            &cc,
+            !lifetime.is_zero(),
+        );
+    }
+    let _ = policy::initial_age(&headers, now, now);
+    let names: Vec<String> = policy::vary_names(&headers).collect();
+    let vary = VaryKey::capture(names.iter().map(String::as_str), &headers);
+    let _ = vary.matches(&headers);
+    let etag = headers
+        .get(header::ETAG)
+        .cloned()
+        .unwrap_or_else(|| etag_for_body(data));
+    let lm = policy::http_date(&headers, header::DATE);
+    let _ = not_modified(&headers, Some(&etag), lm);
+    let _ = range::select(&headers, data.len() as u64, &etag, lm);
+}
