@@ -316,3 +316,26 @@ async fn broken_upstream_bodies_are_never_stored() {
     );
     assert!(proxy.proxy.cache.store.is_empty());
 }
+
+/// No path normalisation on either side: the key is the exact path and query the origin is
+/// asked for, so `/a/../b` can neither share `/b`'s entry nor fill it.
+#[tokio::test]
+async fn dot_segments_are_neither_normalised_nor_shared() {
+    let origin = Origin::start(|req| async move {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |pq| pq.to_string());
+        reply(200, &[("cache-control", "max-age=60")], pq)
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for path in ["/b", "/a/../b", "/a/%2e%2e/b", "//b", "/b?"] {
+        let got = get(proxy.addr, path, &[]).await;
+        assert_eq!(got.text(), path, "the origin was asked for exactly {path}");
+    }
+    for path in ["/b", "/a/../b", "/a/%2e%2e/b", "//b", "/b?"] {
+        let got = get(proxy.addr, path, &[]).await;
+        assert_eq!((got.cache(), got.text().as_str()), ("HIT", path));
+    }
+}
