@@ -339,3 +339,35 @@ async fn dot_segments_are_neither_normalised_nor_shared() {
         assert_eq!((got.cache(), got.text().as_str()), ("HIT", path));
     }
 }
+
+/// At MAX_CONNECTIONS, a new connection waits (in the listen backlog) while the open ones keep
+/// being served; it is served as soon as one closes.
+#[tokio::test]
+async fn max_connections_queues_new_connections_without_hurting_open_ones() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[("MAX_CONNECTIONS", "2")]).await;
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    let second = TcpStream::connect(proxy.addr).await.unwrap();
+    // Both admitted: the first one is served.
+    first
+        .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    // A third has to wait for a slot.
+    let third = tokio::spawn(raw(
+        proxy.addr,
+        b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "served beyond MAX_CONNECTIONS");
+    drop(second);
+    let resp = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
