@@ -45,7 +45,7 @@ async fn soak_mixed_traffic() {
             if path.starts_with("/fault/500") {
                 return reply(500, &[], "fault");
             }
-            if path.starts_with("/fault/reset") && i % 2 == 0 {
+            if path.starts_with("/fault/reset") && i.is_multiple_of(2) {
                 // Claims a body it never finishes: the proxy sees a hung or broken response.
                 return reply(
                     200,
