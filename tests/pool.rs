@@ -100,21 +100,23 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
     drop(b2);
 }
 
-/// Every backend down: 503 with Retry-After — or the stale copy when one exists and
+/// Every backend down: the first request finds both unreachable (502), their breakers open,
+/// and then requests get 503 with Retry-After — or the stale copy when one exists and
 /// STALE_IF_ERROR_SECS allows it.
 #[tokio::test]
 async fn all_backends_down_is_503_or_stale() {
-    let a = Origin::start(|_req| async {
+    let body = |_req| async {
         reply(
             200,
             &[("cache-control", "max-age=1"), ("etag", "\"s\"")],
             "kept",
         )
-    })
-    .await;
+    };
+    let (a, b) = (Origin::start(body).await, Origin::start(body).await);
     let proxy = ProxyHandle::start(
-        &a.url(),
+        "http://unused:1",
         &[
+            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "30"),
             ("STALE_RETENTION_SECS", "60"),
@@ -124,13 +126,14 @@ async fn all_backends_down_is_503_or_stale() {
     .await;
     assert_eq!(get(proxy.addr, "/s", &[]).await.text(), "kept");
     a.stop();
+    b.stop();
     let first = get(proxy.addr, "/other", &[]).await;
-    assert_eq!(first.status, 502, "connect failure");
+    assert_eq!(first.status, 502, "neither backend can be connected to");
     let down = get(proxy.addr, "/other", &[]).await;
-    assert_eq!(down.status, 503, "breaker open: no backend");
+    assert_eq!(down.status, 503, "both breakers open: no backend");
     let retry: u64 = down.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry));
-    let proxy_entry_stale = eventually(Duration::from_secs(3), || {
+    let stale_now = eventually(Duration::from_secs(3), || {
         proxy
             .proxy
             .cache
@@ -138,12 +141,31 @@ async fn all_backends_down_is_503_or_stale() {
             .get("/s", &Default::default())
             .is_some_and(|e| !e.is_fresh(Instant::now()))
     });
-    assert!(proxy_entry_stale.await);
+    assert!(stale_now.await);
     let stale = get(proxy.addr, "/s", &[]).await;
     assert_eq!(
         (stale.status, stale.cache(), stale.text().as_str()),
         (200, "STALE", "kept")
     );
+}
+
+/// A single backend is never shut out: its failures and 5xx reach the client as they are,
+/// and it is used again the moment it is back.
+#[tokio::test]
+async fn single_backend_is_never_shut_out() {
+    let origin = named("only").await;
+    let addr = origin.addr;
+    let proxy = ProxyHandle::start(&origin.url(), &[("BREAKER_FAILURE_THRESHOLD", "1")]).await;
+    origin.stop();
+    for i in 0..3 {
+        assert_eq!(get(proxy.addr, &format!("/x?{i}"), &[]).await.status, 502);
+    }
+    let back = Origin::start_on(addr, |_req| async {
+        reply(200, &[("cache-control", "no-store")], "back")
+    })
+    .await;
+    assert_eq!(get(proxy.addr, "/x?again", &[]).await.text(), "back");
+    drop(back);
 }
 
 /// Live 5xx from one of two backends open its breaker: during the cool-down it gets

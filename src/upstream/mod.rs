@@ -209,27 +209,36 @@ impl Upstream {
             Err(_) => 5,
         };
         backend.outcomes[class].fetch_add(1, Ordering::Relaxed);
-        // A 5xx counts against a backend only when there is another to send traffic to: with
-        // one backend, opening its breaker would just replace the origin's own answer with a
-        // 503 of ours (nginx ignores max_fails for a single server for the same reason).
-        // Connection failures and timeouts always count: a dead backend is shielded.
-        let ok = match &result {
-            Ok(resp) => !(resp.status().is_server_error() && self.backends.len() > 1),
-            Err(_) => false,
-        };
+        let ok = matches!(&result, Ok(resp) if !resp.status().is_server_error());
         if !ok {
             backend.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let transition =
-            backend
-                .health()
-                .on_result(ok, Instant::now().into_std(), &self.thresholds);
-        log_transition(backend, transition);
+        // A lone backend is never shut out (see `pick`): no breaker bookkeeping for it.
+        if self.backends.len() > 1 {
+            let transition =
+                backend
+                    .health()
+                    .on_result(ok, Instant::now().into_std(), &self.thresholds);
+            log_transition(backend, transition);
+        }
         result
     }
 
     /// Chooses a backend among the available ones, skipping `exclude`.
+    ///
+    /// A single backend is never considered unavailable (as nginx ignores `max_fails` for a
+    /// single server): with nothing to fail over to, shutting it out would only turn its own
+    /// answers — or a quick connection error — into our 503s for a whole cool-down. Its
+    /// health is still probed, logged and shown on `/status`.
     fn pick(&self, exclude: Option<usize>) -> Result<(usize, Admission), UpstreamError> {
+        if self.backends.len() == 1 {
+            return match exclude {
+                Some(0) => Err(UpstreamError::NoBackend {
+                    retry_after_secs: 1,
+                }),
+                _ => Ok((0, Admission::Yes)),
+            };
+        }
         let now = Instant::now().into_std();
         let chosen = {
             let mut balancer = self.balancer.lock().unwrap_or_else(|p| p.into_inner());
