@@ -65,3 +65,82 @@ async fn oversized_responses_stream_without_being_stored() {
     assert_eq!(origin.hits("/big"), 5);
     assert!(proxy.proxy.cache.store.is_empty());
 }
+
+/// A very large upstream body (256 MiB from the real mock origin, streamed in 64 KiB chunks)
+/// passes through without being buffered: the client receives every byte, nothing is stored,
+/// and this process's memory grows by far less than the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_upstream_body_streams_through_in_bounded_memory() {
+    use http_body_util::BodyExt;
+    use std::io::BufRead;
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mock-origin"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let origin = line
+        .trim()
+        .strip_prefix("mock-origin listening on ")
+        .unwrap()
+        .to_string();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+
+    let proxy = ProxyHandle::start(
+        &origin,
+        &[("CACHE_MAX_OBJECT_BYTES", "1MiB"), ("REQ_TIMEOUT", "60")],
+    )
+    .await;
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = rss();
+    const SIZE: u64 = 256 << 20;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("/bytes?size={SIZE}&cc=max-age%3D600"))
+        .header("host", "x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut received, mut peak) = (0u64, before);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+            if received % (16 << 20) < data.len() as u64 {
+                peak = peak.max(rss());
+            }
+        }
+    }
+    assert_eq!(received, SIZE, "every byte arrived");
+    assert!(proxy.proxy.cache.store.is_empty(), "not stored");
+    let growth_mib = (peak.saturating_sub(before)) / 1024;
+    assert!(
+        growth_mib < 64,
+        "RSS grew {growth_mib} MiB while streaming a 256 MiB body"
+    );
+}
