@@ -33,7 +33,6 @@ pub enum FetchOutcome {
 }
 
 /// Store, timers and in-flight fetches together.
-#[derive(Default)]
 pub struct Cache {
     pub store: Store,
     pub flights: Flights<FetchOutcome>,

@@ -25,13 +25,6 @@ pub struct Store {
     entries: AtomicUsize,
 }
 
-impl Default for Store {
-    /// An unbounded store (for tests).
-    fn default() -> Self {
-        Store::new(usize::MAX)
-    }
-}
-
 impl Store {
     /// A store whose accounted size never exceeds `max_bytes`.
     pub fn new(max_bytes: usize) -> Self {

@@ -127,13 +127,13 @@ impl Proxy {
         );
         let too_large = declared_length(&parts.headers)
             .is_some_and(|n| n > self.config.max_object_bytes as u64);
-        if let Err(reason) = storable {
-            tracing::debug!(key = %req.key, reason = reason.as_str(), "response not stored");
-            strip_own_fields(&mut parts.headers);
-            return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
-        }
-        if too_large {
-            tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+        let not_stored = match storable {
+            Err(reason) => Some(reason.as_str()),
+            Ok(()) if too_large => Some("too_large"),
+            Ok(()) => None,
+        };
+        if let Some(reason) = not_stored {
+            tracing::debug!(key = %req.key, reason, "response not stored");
             strip_own_fields(&mut parts.headers);
             return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
         }
