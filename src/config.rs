@@ -64,6 +64,8 @@ pub struct Config {
 pub struct Limits {
     /// A connection must deliver a request head this fast (`HEADER_READ_TIMEOUT_SECS`).
     pub header_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this (`KEEPALIVE_TIMEOUT_SECS`).
+    pub keepalive_timeout: Duration,
     /// Request line + headers above this are refused with 431/414 (`MAX_HEADER_BYTES`).
     pub max_header_bytes: usize,
     /// Open downstream connections at most (`MAX_CONNECTIONS`).
@@ -375,6 +377,7 @@ impl Config {
         };
         let limits = Limits {
             header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", 10.0)?,
+            keepalive_timeout: seconds("KEEPALIVE_TIMEOUT_SECS", 75.0)?,
             max_header_bytes: byte_size("MAX_HEADER_BYTES", 64 << 10)?,
             max_connections: count("MAX_CONNECTIONS", 10_000)? as usize,
             max_request_body: Some(byte_size("MAX_REQUEST_BODY_BYTES", 0)? as u64)
@@ -383,6 +386,12 @@ impl Config {
         if limits.header_read_timeout.is_zero() {
             return Err(bad(
                 "HEADER_READ_TIMEOUT_SECS",
+                "must be greater than 0".into(),
+            ));
+        }
+        if limits.keepalive_timeout.is_zero() {
+            return Err(bad(
+                "KEEPALIVE_TIMEOUT_SECS",
                 "must be greater than 0".into(),
             ));
         }
@@ -553,6 +562,29 @@ mod tests {
         );
         assert!(c.admin_key.is_some());
         assert!(!format!("{c:?}").contains("Secret"));
+    }
+
+    /// Every setting in `.env.example` is valid as shipped (with an upstream filled in),
+    /// and the memory and connection limits are listed there.
+    #[test]
+    fn env_example_is_a_valid_config() {
+        let text = include_str!("../.env.example");
+        let mut vars: std::collections::HashMap<String, String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        vars.insert("UPSTREAM_URL".into(), "http://127.0.0.1:1".into());
+        let c = Config::from_lookup(|k| vars.get(k).cloned().filter(|v| !v.is_empty()));
+        assert!(c.is_ok(), "{:?}", c.err());
+        for name in [
+            "CACHE_MAX_BYTES",
+            "KEEPALIVE_TIMEOUT_SECS",
+            "MAX_CONNECTIONS",
+        ] {
+            assert!(vars.contains_key(name), "{name} missing from .env.example");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! A request flows top to bottom through these modules:
 //!
-//! * [`server`] — the shell: accept loop, HTTP/1.1 + h2c connections, graceful drain.
+//! * [`server`] — the shell: accept loop, HTTP/1.1 + h2c connections, graceful drain;
+//!   [`connection`] holds each connection to its head, keep-alive and stall deadlines.
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
 //!   headers between the two sides.
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod connection;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -73,7 +73,12 @@ pub struct Metrics {
     admin: [AtomicU64; 7],
     pub open_connections: AtomicI64,
     pub connections_total: AtomicU64,
+    /// Connections closed by their deadlines, by [`CONNECTION_TIMEOUT_LABELS`].
+    connection_timeouts: [AtomicU64; 3],
 }
+
+/// Labels of `connection_timeouts`, in index order (see [`crate::connection::Expired`]).
+pub const CONNECTION_TIMEOUT_LABELS: [&str; 3] = ["header_timeout", "keepalive_timeout", "stalled"];
 
 /// Labels of `requests`, in index order.
 pub const REQUEST_LABELS: [&str; 7] =
@@ -94,6 +99,13 @@ impl Metrics {
     pub fn request(&self, label_index: usize) {
         if let Some(c) = self.requests.get(label_index) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a connection closed by its deadlines.
+    pub fn connection_timed_out(&self, reason: &str) {
+        if let Some(i) = CONNECTION_TIMEOUT_LABELS.iter().position(|l| *l == reason) {
+            self.connection_timeouts[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -187,6 +199,19 @@ impl Metrics {
             "Downstream connections accepted.",
             &self.connections_total,
         );
+        series(
+            out,
+            "edgecache_connection_timeouts_total",
+            "counter",
+            "Downstream connections closed for a slow head, idle keep-alive or a stalled transfer.",
+        );
+        for (i, reason) in CONNECTION_TIMEOUT_LABELS.iter().enumerate() {
+            let v = self.connection_timeouts[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "edgecache_connection_timeouts_total{{reason=\"{reason}\"}} {v}"
+            );
+        }
     }
 }
 

@@ -13,7 +13,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
+use crate::connection::{Activity, Deadlines, Tracked, TrackedIo};
 use crate::proxy::Proxy;
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
@@ -27,11 +29,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Slowloris: a connection that does not deliver a request head in time is closed.
-        .header_read_timeout(limits.header_read_timeout)
+        // Off: hyper's would also time idle keep-alive connections. `connection` enforces
+        // HEADER_READ_TIMEOUT_SECS and KEEPALIVE_TIMEOUT_SECS separately.
+        .header_read_timeout(None)
         // Request line + headers larger than this get 431 (or 414 for the URI).
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
+    let deadlines = Deadlines {
+        header: limits.header_read_timeout,
+        keepalive: limits.keepalive_timeout,
+        stall: limits
+            .keepalive_timeout
+            .max(proxy.config.upstream_timeout * 2),
+    };
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
@@ -69,18 +79,40 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             .fetch_add(1, Ordering::Relaxed);
         let counted = proxy.clone();
         let proxy = proxy.clone();
+        let activity = Activity::new();
+        let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
+        let requests = activity.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let guard = requests.request_started();
+            async move {
+                let resp = proxy.handle(req, peer).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
+            }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let conn = builder.serve_connection(io, service).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+            tokio::pin!(conn);
+            loop {
+                let (wake, _) = activity.deadline(&deadlines, Instant::now());
+                tokio::select! {
+                    ended = &mut conn => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(wake) => {
+                        if let (_, Some(why)) = activity.deadline(&deadlines, Instant::now()) {
+                            // Dropping the connection closes the socket.
+                            tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
+                            counted.metrics.connection_timed_out(why.as_str());
+                            break;
+                        }
+                    }
+                }
             }
             counted
                 .metrics

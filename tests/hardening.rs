@@ -371,3 +371,131 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
         .unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+fn metrics_text(proxy: &ProxyHandle) -> String {
+    let mut out = String::new();
+    proxy.proxy.metrics.render(&mut out);
+    out
+}
+
+/// Reads one response with a `content-length` body from a keep-alive connection.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// An idle keep-alive connection outlives HEADER_READ_TIMEOUT_SECS (hyper's own head timer
+/// would close it then) and is closed after KEEPALIVE_TIMEOUT_SECS, counted in /metrics.
+#[tokio::test]
+async fn idle_keepalive_connections_get_their_own_timeout() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("HEADER_READ_TIMEOUT_SECS", "0.3"),
+            ("KEEPALIVE_TIMEOUT_SECS", "1.5"),
+        ],
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle for longer than the head timeout: still open, and serves a second request.
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(700), s.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "closed while idle within the keep-alive timeout"
+    );
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    let idle_from = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "closed when idle");
+    assert!(idle_from.elapsed() >= Duration::from_millis(1400));
+    let metrics = metrics_text(&proxy);
+    assert!(
+        metrics.contains("edgecache_connection_timeouts_total{reason=\"keepalive_timeout\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// On a keep-alive connection, a later request head that trickles in is cut off by the head
+/// timeout, not given the (longer) keep-alive timeout.
+#[tokio::test]
+async fn a_slow_head_after_keepalive_is_cut_off() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("HEADER_READ_TIMEOUT_SECS", "0.5"),
+            ("KEEPALIVE_TIMEOUT_SECS", "60"),
+        ],
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nx-a: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "slow head cut off long before the keep-alive timeout"
+    );
+    assert_eq!(origin.total(), 1);
+}
+
+/// A client that asks for a large body and stops reading holds its connection only until
+/// nothing has moved for max(KEEPALIVE_TIMEOUT_SECS, 2 × REQ_TIMEOUT); then it is closed.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let big = Bytes::from(vec![b'x'; 32 << 20]);
+    let origin = Origin::start(move |_req| {
+        let big = big.clone();
+        async move { reply(200, &[("cache-control", "no-store")], big) }
+    })
+    .await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[("KEEPALIVE_TIMEOUT_SECS", "1"), ("REQ_TIMEOUT", "0.5")],
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || metrics_text(&proxy).contains(
+            "edgecache_connection_timeouts_total{reason=\"stalled\"} 1"
+        ))
+        .await,
+        "the stalled connection is closed"
+    );
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(got.len() < 32 << 20, "the body was cut off, not completed");
+}

@@ -1,0 +1,342 @@
+//! Client connection deadlines: how long a connection may take to send a request head
+//! (`HEADER_READ_TIMEOUT_SECS`), sit idle between requests (`KEEPALIVE_TIMEOUT_SECS`), or
+//! stall with a request in flight, moving no bytes either way.
+//!
+//! hyper's own `header_read_timeout` also runs while a keep-alive connection waits for its
+//! next request, which would make the idle timeout equal to the head timeout. So the server
+//! turns it off and each connection carries an [`Activity`] record instead: the I/O wrapper
+//! ([`TrackedIo`]) stamps every byte moved, a [`RequestGuard`] (held by the service future,
+//! then by the response body) counts requests in flight, and [`Activity::deadline`] says when
+//! the connection task should look again and whether the connection is over its time.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// The deadlines a connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From connect (first request) or from the first byte of a later request to a complete
+    /// head.
+    pub header: Duration,
+    /// From the end of the last response to the first byte of the next request.
+    pub keepalive: Duration,
+    /// With a request in flight, the longest time without a byte read or written.
+    pub stall: Duration,
+}
+
+/// Why a connection was closed by its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// The request head did not arrive in time (slowloris).
+    Header,
+    /// No new request within the keep-alive timeout.
+    Idle,
+    /// A request in flight moved no bytes for too long (a client that stopped reading).
+    Stalled,
+}
+
+impl Expired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expired::Header => "header_timeout",
+            Expired::Idle => "keepalive_timeout",
+            Expired::Stalled => "stalled",
+        }
+    }
+}
+
+const NONE: u64 = u64::MAX;
+const PHASE_FIRST: u8 = 0;
+const PHASE_HTTP1: u8 = 1;
+const PHASE_HTTP2: u8 = 2;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// What one connection has been doing. Times are milliseconds since the connection opened.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    in_flight: AtomicU32,
+    /// Last byte read or written.
+    last_io: AtomicU64,
+    /// When the connection last became idle (no request in flight).
+    idle_since: AtomicU64,
+    /// First byte of a request head that has not been handed to the service yet.
+    head_started: AtomicU64,
+    /// First request not yet seen / HTTP/1 keep-alive / HTTP/2.
+    phase: AtomicU8,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Self::opened_at(Instant::now())
+    }
+
+    fn opened_at(opened: Instant) -> Arc<Self> {
+        Arc::new(Activity {
+            opened,
+            in_flight: AtomicU32::new(0),
+            last_io: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NONE),
+            phase: AtomicU8::new(PHASE_FIRST),
+        })
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.opened).as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    fn on_read(&self, first_bytes: &[u8], now: Instant) {
+        let now = self.ms(now);
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.phase.load(Ordering::Relaxed) == PHASE_FIRST && first_bytes.starts_with(H2_PREFACE)
+        {
+            // HTTP/2 frames between streams (PING, SETTINGS) are not request heads.
+            self.phase.store(PHASE_HTTP2, Ordering::Relaxed);
+            self.idle_since.store(now, Ordering::Relaxed);
+            return;
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.phase.load(Ordering::Relaxed) != PHASE_HTTP2
+            && self.head_started.load(Ordering::Relaxed) == NONE
+        {
+            self.head_started.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self, now: Instant) {
+        self.last_io.store(self.ms(now), Ordering::Relaxed);
+    }
+
+    /// A request head was handed to the service: the request is in flight until the guard
+    /// (moved into the response body) is dropped.
+    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(NONE, Ordering::Relaxed);
+        if self.phase.load(Ordering::Relaxed) == PHASE_FIRST {
+            self.phase.store(PHASE_HTTP1, Ordering::Relaxed);
+        }
+        RequestGuard {
+            activity: self.clone(),
+        }
+    }
+
+    /// When to look again, and whether the connection is already over its time at `now`.
+    pub fn deadline(&self, limits: &Deadlines, now: Instant) -> (Instant, Option<Expired>) {
+        let (at, why) = if self.in_flight.load(Ordering::Relaxed) > 0 {
+            let last = self.last_io.load(Ordering::Relaxed);
+            (self.at(last) + limits.stall, Expired::Stalled)
+        } else if self.phase.load(Ordering::Relaxed) == PHASE_FIRST {
+            // nginx's rule: the first request head is timed from the connect.
+            (self.opened + limits.header, Expired::Header)
+        } else {
+            let head = self.head_started.load(Ordering::Relaxed);
+            if head != NONE {
+                (self.at(head) + limits.header, Expired::Header)
+            } else {
+                let idle = self.idle_since.load(Ordering::Relaxed);
+                (self.at(idle) + limits.keepalive, Expired::Idle)
+            }
+        };
+        (at, (now >= at).then_some(why))
+    }
+}
+
+/// One request in flight on a connection; dropping it marks the connection idle again.
+#[derive(Debug)]
+pub struct RequestGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let a = &self.activity;
+        a.idle_since.store(a.ms(Instant::now()), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper drops it (after
+/// the last byte is written, or when the connection goes away).
+#[derive(Debug)]
+pub struct Tracked<B> {
+    inner: B,
+    _guard: RequestGuard,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        Tracked {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client stream that stamps its [`Activity`] on every byte moved.
+#[derive(Debug)]
+pub struct TrackedIo<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> TrackedIo<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        TrackedIo { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity
+                .on_read(&buf.filled()[before..], Instant::now());
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.on_write(Instant::now());
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.on_write(Instant::now());
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Deadlines = Deadlines {
+        header: Duration::from_secs(10),
+        keepalive: Duration::from_secs(75),
+        stall: Duration::from_secs(60),
+    };
+
+    fn secs(t0: Instant, s: u64) -> Instant {
+        t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn first_request_head_is_timed_from_the_connect() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        assert_eq!(a.deadline(&LIMITS, secs(t0, 9)), (secs(t0, 10), None));
+        a.on_read(b"GET / HTTP/1.1\r\n", secs(t0, 5));
+        assert_eq!(
+            a.deadline(&LIMITS, secs(t0, 10)),
+            (secs(t0, 10), Some(Expired::Header))
+        );
+    }
+
+    #[test]
+    fn keepalive_idle_then_a_new_head_gets_the_header_timeout() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        a.on_read(b"GET / HTTP/1.1\r\n\r\n", t0);
+        let guard = a.request_started();
+        assert_eq!(a.deadline(&LIMITS, t0).1, None);
+        drop(guard);
+        let idle = Instant::now();
+        let (at, why) = a.deadline(&LIMITS, idle);
+        assert!(why.is_none());
+        assert!(at > idle + Duration::from_secs(74) && at <= idle + LIMITS.keepalive);
+        let later = idle + Duration::from_secs(30);
+        a.on_read(b"GE", later);
+        assert_eq!(a.deadline(&LIMITS, later + Duration::from_secs(9)).1, None);
+        assert_eq!(
+            a.deadline(&LIMITS, later + LIMITS.header).1,
+            Some(Expired::Header)
+        );
+    }
+
+    #[test]
+    fn a_request_in_flight_is_only_cut_when_nothing_moves() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        a.on_read(b"GET /big HTTP/1.1\r\n\r\n", t0);
+        let _guard = a.request_started();
+        a.on_write(secs(t0, 50));
+        assert_eq!(a.deadline(&LIMITS, secs(t0, 100)), (secs(t0, 110), None));
+        assert_eq!(a.deadline(&LIMITS, secs(t0, 110)).1, Some(Expired::Stalled));
+    }
+
+    #[test]
+    fn http2_frames_between_streams_are_not_request_heads() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        a.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", secs(t0, 1));
+        a.on_read(b"\x00\x00\x08\x06", secs(t0, 20)); // a PING
+        assert_eq!(a.deadline(&LIMITS, secs(t0, 20)), (secs(t0, 76), None));
+    }
+}
