@@ -3,7 +3,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -388,5 +388,70 @@ async fn forwarded_headers_come_from_the_connection() {
             .await
             .text(),
         "1.2.3.4, 127.0.0.1"
+    );
+}
+
+/// A background refresh that fails keeps the stored copy in service and is retried with
+/// backoff (1 s, then 2 s, …): clients polling the stale entry do not turn into a stream of
+/// upstream attempts, and the new copy lands once the upstream recovers.
+#[tokio::test]
+async fn failed_refreshes_keep_the_copy_and_back_off() {
+    let attempts: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let seen = attempts.clone();
+    let origin = Origin::start(move |_req| {
+        let n = {
+            let mut seen = seen.lock().unwrap();
+            seen.push(std::time::Instant::now());
+            seen.len()
+        };
+        async move {
+            match n {
+                1 => reply(200, &[], "v1"),
+                2 | 3 => reply(500, &[], "down"),
+                _ => reply(200, &[], "v2"),
+            }
+        }
+    })
+    .await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.2"),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
+        ],
+    )
+    .await;
+    assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut polls = 0;
+    loop {
+        let got = get(proxy.addr, "/k", &[]).await;
+        polls += 1;
+        assert_eq!(got.status, 200, "a failed refresh never reaches clients");
+        if got.text() == "v2" {
+            break;
+        }
+        assert_eq!(got.text(), "v1");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let at = attempts.lock().unwrap().clone();
+    assert_eq!(
+        at.len(),
+        4,
+        "{polls} client polls caused no extra upstream attempts"
+    );
+    assert!(
+        at[2] - at[1] >= Duration::from_millis(950),
+        "{:?}",
+        at[2] - at[1]
+    );
+    assert!(
+        at[3] - at[2] >= Duration::from_millis(1950),
+        "{:?}",
+        at[3] - at[2]
     );
 }

@@ -47,7 +47,16 @@ pub struct CachedResponse {
     pub visited: AtomicBool,
     /// This entry's slot in its eviction queue (`u32::MAX` before it is queued).
     pub node: AtomicU32,
+    /// Background refreshes of this version that failed in a row, and the [`clock_ms`] time
+    /// before which no new one starts (backoff).
+    refresh_failures: AtomicU32,
+    refresh_not_before_ms: AtomicU64,
 }
+
+/// First wait after a failed background refresh; it doubles with each failure up to
+/// [`MAX_REFRESH_BACKOFF`].
+pub const MIN_REFRESH_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_REFRESH_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Everything needed to build a [`CachedResponse`] except the bookkeeping fields.
 pub struct NewEntry {
@@ -101,6 +110,8 @@ impl CachedResponse {
             last_access_ms: AtomicU64::new(last_access_ms),
             visited: AtomicBool::new(false),
             node: AtomicU32::new(u32::MAX),
+            refresh_failures: AtomicU32::new(0),
+            refresh_not_before_ms: AtomicU64::new(0),
         }
     }
 
@@ -149,6 +160,33 @@ impl CachedResponse {
         Duration::from_millis(clock_ms().saturating_sub(self.last_access_ms()))
     }
 
+    /// Whether a background refresh may start now, or the last one failed too recently.
+    pub fn may_start_refresh(&self) -> bool {
+        clock_ms() >= self.refresh_not_before_ms.load(Ordering::Relaxed)
+    }
+
+    /// How long until a refresh may start again (zero when it may now).
+    pub fn refresh_wait(&self) -> Duration {
+        let not_before = self.refresh_not_before_ms.load(Ordering::Relaxed);
+        Duration::from_millis(not_before.saturating_sub(clock_ms()))
+    }
+
+    /// The wait after the next failed refresh: 1 s, doubling per failure in a row, at most
+    /// 10 s.
+    pub fn refresh_backoff(&self) -> Duration {
+        let failures = self.refresh_failures.load(Ordering::Relaxed).min(16);
+        (MIN_REFRESH_BACKOFF * (1 << failures)).min(MAX_REFRESH_BACKOFF)
+    }
+
+    /// Records a failed background refresh: none starts again for the backoff.
+    pub fn refresh_failed(&self) -> Duration {
+        let backoff = self.refresh_backoff();
+        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        self.refresh_not_before_ms
+            .store(clock_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        backoff
+    }
+
     /// Whether a client asked for this entry within `window` of now.
     pub fn requested_within(&self, window: Duration) -> bool {
         clock_ms().saturating_sub(self.last_access_ms()) <= window.as_millis() as u64
@@ -185,4 +223,19 @@ pub(crate) fn test_entry(body: usize) -> std::sync::Arc<CachedResponse> {
         4,
         0,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_refreshes_back_off_exponentially_up_to_the_cap() {
+        let e = test_entry(1);
+        assert!(e.may_start_refresh());
+        let waits: Vec<u64> = (0..6).map(|_| e.refresh_failed().as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert!(!e.may_start_refresh());
+        assert!(e.refresh_wait() > Duration::from_secs(9));
+    }
 }

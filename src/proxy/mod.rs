@@ -57,9 +57,6 @@ struct Trace {
     admin: bool,
 }
 
-/// Longest pause between two refresh attempts of a hot entry whose refresh keeps failing.
-const MAX_REFRESH_RETRY: Duration = Duration::from_secs(10);
-
 impl Proxy {
     pub fn new(config: Config) -> Self {
         let upstream = Upstream::new(&config);
@@ -149,8 +146,12 @@ impl Proxy {
             }
             if !entry.is_fresh(now) && !client.no_cache && self.may_serve_stale(entry, &client, now)
             {
-                if let Some(key) = self.cache.store.key_arc(key) {
-                    drop(self.refresh(key, entry.clone()));
+                // While refreshes of this copy keep failing, clients do not start more of
+                // them than the backoff allows.
+                if entry.may_start_refresh() {
+                    if let Some(key) = self.cache.store.key_arc(key) {
+                        drop(self.refresh(key, entry.clone()));
+                    }
                 }
                 trace.cache = Some(CacheStatus::Stale);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
@@ -361,13 +362,14 @@ impl Proxy {
                     key,
                     headers,
                     last_access_ms: entry.last_access_ms(),
-                    base: Some(entry),
+                    base: Some(entry.clone()),
                 };
                 let proxy = self.clone();
                 tokio::spawn(async move {
                     let fetched = proxy.fetch_for_cache(fetch).await;
                     if let Fetched::Failed(e) = &fetched {
-                        tracing::warn!(error = %e, "background refresh failed; keeping the stored copy");
+                        let backoff = entry.refresh_failed();
+                        tracing::warn!(error = %e, retry_in_secs = backoff.as_secs(), "background refresh failed; keeping the stored copy");
                         proxy
                             .metrics
                             .refreshes_failed
@@ -539,11 +541,15 @@ impl Proxy {
         let stale_for = entry.stale_for(now);
         let hot = !window.is_zero() && entry.requested_within(window);
         if hot && !entry.lifetime.is_zero() && stale_for <= window {
-            drop(self.refresh(key.clone(), entry.clone()));
             // Look again later: if the refresh failed, this version is still here and the
-            // refresh is retried, backing off as it grows staler.
-            let retry = stale_for.clamp(Duration::from_secs(1), MAX_REFRESH_RETRY);
-            self.cache.expiry.schedule(now + retry, key, id);
+            // refresh is retried after the entry's backoff (1 s doubling to 10 s).
+            let again = if entry.may_start_refresh() {
+                drop(self.refresh(key.clone(), entry.clone()));
+                entry.refresh_backoff()
+            } else {
+                entry.refresh_wait().max(Duration::from_millis(10))
+            };
+            self.cache.expiry.schedule(now + again, key, id);
             return;
         }
         if entry.is_fresh(now) {
