@@ -19,17 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long-running; run with --ignored (see the module docs)"]
 async fn soak_mixed_traffic() {
@@ -145,11 +134,11 @@ async fn soak_mixed_traffic() {
     while Instant::now() < warmup {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    rss_after_warmup = rss_after_warmup.max(rss_kib());
+    rss_after_warmup = rss_after_warmup.max(rss_kib("self"));
     for w in workers {
         w.await.unwrap();
     }
-    let rss_end = rss_kib();
+    let rss_end = rss_kib("self");
     let total = requests.load(Ordering::Relaxed);
     let store = &proxy.proxy.cache.store;
     eprintln!(
