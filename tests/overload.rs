@@ -88,7 +88,7 @@ async fn client(id: usize, addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<T
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             // One request in ten is a miss for a key nobody else asks for.
-            let path = if n % 10 == 0 {
+            let path = if n.is_multiple_of(10) {
                 format!("/bytes?size=4096&cc=max-age%3D60&k={id}-{n}")
             } else {
                 "/bytes?size=1024&cc=max-age%3D60".to_owned()
@@ -120,7 +120,7 @@ async fn hostile(i: usize, addr: SocketAddr, stop: Arc<AtomicBool>) {
         else {
             continue;
         };
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let mut sink = [0u8; 64];
             let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut sink)).await;
         } else {
