@@ -71,6 +71,25 @@ async fn oversized_responses_stream_without_being_stored() {
 /// and this process's memory grows by far less than the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_upstream_body_streams_through_in_bounded_memory() {
+    stream_through(256 << 20).await;
+}
+
+/// The same with a 10 GiB body (`HUGE_BODY_BYTES` to change it). Too slow for every run:
+///
+/// ```sh
+/// cargo test --release --test memory -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "streams 10 GiB; run with --ignored"]
+async fn ten_gib_upstream_body_streams_through_in_bounded_memory() {
+    let size = std::env::var("HUGE_BODY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10u64 << 30);
+    stream_through(size).await;
+}
+
+async fn stream_through(size: u64) {
     use http_body_util::BodyExt;
     use std::io::BufRead;
 
@@ -102,25 +121,16 @@ async fn huge_upstream_body_streams_through_in_bounded_memory() {
         &[("CACHE_MAX_OBJECT_BYTES", "1MiB"), ("REQ_TIMEOUT", "60")],
     )
     .await;
-    let rss = || {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-    };
+    let rss = || rss_kib("self");
     let before = rss();
-    const SIZE: u64 = 256 << 20;
+    let started = std::time::Instant::now();
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(format!("/bytes?size={SIZE}&cc=max-age%3D600"))
+    let req = http::Request::get(format!("/bytes?size={size}&cc=max-age%3D600"))
         .header("host", "x")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -136,11 +146,20 @@ async fn huge_upstream_body_streams_through_in_bounded_memory() {
             }
         }
     }
-    assert_eq!(received, SIZE, "every byte arrived");
+    assert_eq!(received, size, "every byte arrived");
     assert!(proxy.proxy.cache.store.is_empty(), "not stored");
     let growth_mib = (peak.saturating_sub(before)) / 1024;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "streamed {} MiB in {secs:.1} s ({:.0} MiB/s); RSS {} -> peak {} MiB",
+        size >> 20,
+        (size >> 20) as f64 / secs,
+        before / 1024,
+        peak / 1024
+    );
     assert!(
         growth_mib < 64,
-        "RSS grew {growth_mib} MiB while streaming a 256 MiB body"
+        "RSS grew {growth_mib} MiB while streaming a {} MiB body",
+        size >> 20
     );
 }

@@ -19,7 +19,7 @@
 //!   and validators. The request body is ignored.
 //! - `/health-check` (any method): `200 ok`, or `503 unhealthy` while toggled off.
 //! - `POST|PUT /admin/health?ok=true|false`: sets the health toggle.
-//! - `GET|HEAD /bytes?size=N` (default 1024, capped at 1 GiB): N deterministic bytes,
+//! - `GET|HEAD /bytes?size=N` (default 1024, capped at 16 GiB): N deterministic bytes,
 //!   byte i = `(i*31+7) % 256`, `application/octet-stream`, streamed in 64 KiB chunks.
 //! - `/echo` (any method): JSON with `method`, `version`, `uri` (path+query), `host`,
 //!   `headers` (lower-case name -> value, repeats joined with `, `), `body_len` and
@@ -75,7 +75,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 const DEFAULT_ADDR: &str = "127.0.0.1:3006";
 const CHUNK: usize = 64 * 1024;
-const MAX_BYTES: u64 = 1 << 30;
+const MAX_BYTES: u64 = 16 << 30;
 const DEFAULT_BYTES: u64 = 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
