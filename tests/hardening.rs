@@ -499,3 +499,57 @@ async fn a_client_that_stops_reading_is_disconnected() {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
     assert!(got.len() < 32 << 20, "the body was cut off, not completed");
 }
+
+/// `Vary: *` (alone or in a list) is never stored: every request goes to the origin.
+#[tokio::test]
+async fn vary_star_is_never_stored() {
+    let origin = Origin::start(|req| async move {
+        let vary = if req.uri().path() == "/list" {
+            "accept, *"
+        } else {
+            "*"
+        };
+        reply(200, &[("cache-control", "max-age=60"), ("vary", vary)], "v")
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for path in ["/star", "/list"] {
+        for _ in 0..3 {
+            assert_ne!(get(proxy.addr, path, &[]).await.cache(), "HIT");
+        }
+        assert_eq!(origin.hits(path), 3, "{path} was stored");
+    }
+    assert!(proxy.proxy.cache.store.is_empty());
+}
+
+/// A response that varies on a header the first request lacked is stored for requests
+/// without it only: a request that has the header (even empty) is a different variant, and
+/// a request without it is served the stored one.
+#[tokio::test]
+async fn a_response_varying_on_an_absent_header_is_keyed_by_its_absence() {
+    let origin = Origin::start(|req| async move {
+        let lang = req
+            .headers()
+            .get("accept-language")
+            .map_or("none".to_string(), |v| {
+                format!("[{}]", v.to_str().unwrap_or("?"))
+            });
+        reply(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            lang,
+        )
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    assert_eq!(get(proxy.addr, "/v", &[]).await.text(), "none");
+    let with = get(proxy.addr, "/v", &[("accept-language", "de")]).await;
+    assert_eq!((with.cache(), with.text().as_str()), ("MISS", "[de]"));
+    let empty = get(proxy.addr, "/v", &[("accept-language", "")]).await;
+    assert_eq!((empty.cache(), empty.text().as_str()), ("MISS", "[]"));
+    let without = get(proxy.addr, "/v", &[]).await;
+    assert_eq!((without.cache(), without.text().as_str()), ("HIT", "none"));
+    let de = get(proxy.addr, "/v", &[("accept-language", "de")]).await;
+    assert_eq!((de.cache(), de.text().as_str()), ("HIT", "[de]"));
+    assert_eq!(origin.hits("/v"), 3);
+}
