@@ -8,17 +8,23 @@
 //! ([`TrackedIo`]) stamps every byte moved, a [`RequestGuard`] (held by the service future,
 //! then by the response body) counts requests in flight, and [`Activity::deadline`] says when
 //! the connection task should look again and whether the connection is over its time.
+//!
+//! At `MAX_CONNECTIONS`, the accept loop asks the [`Registry`] to close idle keep-alive
+//! connections (as nginx does with its "reusable" connections), so clients parked on idle
+//! connections cannot keep new ones waiting for a whole keep-alive timeout.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The deadlines a connection is held to.
@@ -42,6 +48,8 @@ pub enum Expired {
     Idle,
     /// A request in flight moved no bytes for too long (a client that stopped reading).
     Stalled,
+    /// Idle keep-alive, closed to make room at `MAX_CONNECTIONS`.
+    Reclaimed,
 }
 
 impl Expired {
@@ -50,6 +58,7 @@ impl Expired {
             Expired::Header => "header_timeout",
             Expired::Idle => "keepalive_timeout",
             Expired::Stalled => "stalled",
+            Expired::Reclaimed => "reclaimed",
         }
     }
 }
@@ -73,6 +82,8 @@ pub struct Activity {
     head_started: AtomicU64,
     /// First request not yet seen / HTTP/1 keep-alive / HTTP/2.
     phase: AtomicU8,
+    /// Woken when the connection should close if it is idle (see [`Registry`]).
+    pub reclaim: Notify,
 }
 
 impl Activity {
@@ -88,6 +99,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
             phase: AtomicU8::new(PHASE_FIRST),
+            reclaim: Notify::new(),
         })
     }
 
@@ -134,6 +146,13 @@ impl Activity {
         }
     }
 
+    /// Between requests on a kept-alive connection: nothing in flight, no head begun.
+    pub fn is_idle_keepalive(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.phase.load(Ordering::Relaxed) != PHASE_FIRST
+            && self.head_started.load(Ordering::Relaxed) == NONE
+    }
+
     /// When to look again, and whether the connection is already over its time at `now`.
     pub fn deadline(&self, limits: &Deadlines, now: Instant) -> (Instant, Option<Expired>) {
         let (at, why) = if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -152,6 +171,59 @@ impl Activity {
             }
         };
         (at, (now >= at).then_some(why))
+    }
+}
+
+/// The open connections, for closing idle ones under pressure.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+/// A connection's place in the [`Registry`], given up on drop.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.registry.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl Registry {
+    pub fn register(self: &Arc<Self>, activity: &Arc<Activity>) -> Registered {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, activity.clone());
+        }
+        Registered {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// Asks up to `max` idle keep-alive connections to close; returns how many were asked.
+    pub fn reclaim_idle(&self, max: usize) -> usize {
+        let Ok(open) = self.open.lock() else {
+            return 0;
+        };
+        let mut asked = 0;
+        for activity in open.values() {
+            if asked == max {
+                break;
+            }
+            if activity.is_idle_keepalive() {
+                activity.reclaim.notify_waiters();
+                asked += 1;
+            }
+        }
+        asked
     }
 }
 
@@ -329,6 +401,20 @@ mod tests {
         a.on_write(secs(t0, 50));
         assert_eq!(a.deadline(&LIMITS, secs(t0, 100)), (secs(t0, 110), None));
         assert_eq!(a.deadline(&LIMITS, secs(t0, 110)).1, Some(Expired::Stalled));
+    }
+
+    #[test]
+    fn only_idle_keepalive_connections_are_reclaimable() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        assert!(!a.is_idle_keepalive(), "first request not seen yet");
+        a.on_read(b"GET / HTTP/1.1\r\n\r\n", t0);
+        let guard = a.request_started();
+        assert!(!a.is_idle_keepalive(), "request in flight");
+        drop(guard);
+        assert!(a.is_idle_keepalive());
+        a.on_read(b"GET", t0);
+        assert!(!a.is_idle_keepalive(), "a head has begun");
     }
 
     #[test]

@@ -74,11 +74,16 @@ pub struct Metrics {
     pub open_connections: AtomicI64,
     pub connections_total: AtomicU64,
     /// Connections closed by their deadlines, by [`CONNECTION_TIMEOUT_LABELS`].
-    connection_timeouts: [AtomicU64; 3],
+    connection_timeouts: [AtomicU64; 4],
 }
 
 /// Labels of `connection_timeouts`, in index order (see [`crate::connection::Expired`]).
-pub const CONNECTION_TIMEOUT_LABELS: [&str; 3] = ["header_timeout", "keepalive_timeout", "stalled"];
+pub const CONNECTION_TIMEOUT_LABELS: [&str; 4] = [
+    "header_timeout",
+    "keepalive_timeout",
+    "stalled",
+    "reclaimed",
+];
 
 /// Labels of `requests`, in index order.
 pub const REQUEST_LABELS: [&str; 7] =
@@ -203,7 +208,7 @@ impl Metrics {
             out,
             "edgecache_connection_timeouts_total",
             "counter",
-            "Downstream connections closed for a slow head, idle keep-alive or a stalled transfer.",
+            "Downstream connections closed for a slow head, idle keep-alive, a stalled transfer, or idle at MAX_CONNECTIONS (reclaimed).",
         );
         for (i, reason) in CONNECTION_TIMEOUT_LABELS.iter().enumerate() {
             let v = self.connection_timeouts[i].load(Ordering::Relaxed);

@@ -12,11 +12,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
-use crate::connection::{Activity, Deadlines, Tracked, TrackedIo};
+use crate::connection::{Activity, Deadlines, Expired, Registry, Tracked, TrackedIo};
 use crate::proxy::Proxy;
+
+/// Idle keep-alive connections asked to close each time the accept loop finds every
+/// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
+const RECLAIM_BATCH: usize = 32;
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
@@ -43,18 +47,31 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             .max(proxy.config.upstream_timeout * 2),
     };
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let registry = Arc::new(Registry::default());
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
 
     loop {
         // At MAX_CONNECTIONS, stop accepting: new connections wait in the kernel's backlog
-        // and existing ones are unaffected.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
+        // while idle keep-alive connections are asked to make room; connections with a
+        // request under way are unaffected.
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => break,
+            Err(TryAcquireError::NoPermits) => {
+                let asked = registry.reclaim_idle(RECLAIM_BATCH);
+                tracing::debug!(
+                    asked,
+                    "at MAX_CONNECTIONS: closing idle keep-alive connections"
+                );
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = &mut shutdown => break,
+                }
+            }
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -80,6 +97,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let counted = proxy.clone();
         let proxy = proxy.clone();
         let activity = Activity::new();
+        let registered = registry.register(&activity);
         let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
         let requests = activity.clone();
         let service = service_fn(move |req| {
@@ -94,6 +112,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
+            let _registered = registered;
             tokio::pin!(conn);
             loop {
                 let (wake, _) = activity.deadline(&deadlines, Instant::now());
@@ -103,6 +122,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                             tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
                         }
                         break;
+                    }
+                    _ = activity.reclaim.notified() => {
+                        if activity.is_idle_keepalive() {
+                            tracing::debug!(peer = %peer, "idle connection closed at MAX_CONNECTIONS");
+                            counted.metrics.connection_timed_out(Expired::Reclaimed.as_str());
+                            break;
+                        }
                     }
                     _ = tokio::time::sleep_until(wake) => {
                         if let (_, Some(why)) = activity.deadline(&deadlines, Instant::now()) {

@@ -341,22 +341,32 @@ async fn dot_segments_are_neither_normalised_nor_shared() {
 }
 
 /// At MAX_CONNECTIONS, a new connection waits (in the listen backlog) while the open ones keep
-/// being served; it is served as soon as one closes.
+/// being served — one with a request under way, one that has not sent its request yet —
+/// and is served as soon as one closes.
 #[tokio::test]
 async fn max_connections_queues_new_connections_without_hurting_open_ones() {
-    let origin = plain_origin().await;
+    let origin = Origin::start(|req| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        reply(200, &[("cache-control", "no-store")], "ok")
+    })
+    .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("MAX_CONNECTIONS", "2")]).await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();
     let second = TcpStream::connect(proxy.addr).await.unwrap();
-    // Both admitted: the first one is served.
     first
-        .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = [0u8; 12];
-    first.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"HTTP/1.1 200");
-    // A third has to wait for a slot.
+    assert!(
+        eventually(Duration::from_secs(5), || origin
+            .started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    // A third has to wait for a slot: neither open connection is idle between requests.
     let third = tokio::spawn(raw(
         proxy.addr,
         b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -364,12 +374,51 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "served beyond MAX_CONNECTIONS");
+    assert!(
+        read_response(&mut first).await.starts_with("HTTP/1.1 200"),
+        "the open request is unharmed"
+    );
     drop(second);
     let resp = tokio::time::timeout(Duration::from_secs(5), third)
         .await
         .unwrap()
         .unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// At MAX_CONNECTIONS, connections idle between keep-alive requests give up their slots, so
+/// a new client is served long before the keep-alive timeout.
+#[tokio::test]
+async fn idle_keepalive_connections_make_room_at_max_connections() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[("MAX_CONNECTIONS", "2"), ("KEEPALIVE_TIMEOUT_SECS", "60")],
+    )
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        idle.push(s);
+    }
+    let resp = raw(
+        proxy.addr,
+        b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // Both idle connections were asked to close (the batch is larger than two).
+    assert!(
+        eventually(Duration::from_secs(5), || metrics_text(&proxy).contains(
+            "edgecache_connection_timeouts_total{reason=\"reclaimed\"} 2"
+        ))
+        .await
+    );
 }
 
 fn metrics_text(proxy: &ProxyHandle) -> String {
