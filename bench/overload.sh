@@ -116,7 +116,7 @@ phase "after" 64
     echo "and mock-origin; edgecache at its defaults (\`MAX_CONNECTIONS=10000\`), a cached 1 KiB object."
     echo "64 connections already saturate this machine; the overload phases open 10x and ~60x as many."
     echo
-    echo "| phase | connections | req/s | p50 ms | p99 ms | errors + non-2xx | RSS peak MiB | RSS after MiB |"
+    echo "| phase | connections | req/s | p50 ms | p99 ms | errors + non-2xx | RSS peak MiB | RSS at phase end MiB |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
 } | tee "$out"
