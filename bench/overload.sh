@@ -86,18 +86,12 @@ phase() { # name connections
         sleep 0.5
     done
     wait "$wrk_pid" || true
-    res=$(awk '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0;
-            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v + 0 }
-        $1 == "50%" { p50 = ms($2) }
-        $1 == "99%" { p99 = ms($2) }
-        /^Requests\/sec:/ { rps = $2 }
-        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-        /Non-2xx or 3xx responses:/ { err += $NF }
-        END { if (rps == "") exit 1; printf "%.0f %.2f %.1f %d\n", rps, p50, p99, err }' "$rundir/wrk.out") ||
+    res=$(awk -f "$here/wrk_summary.awk" "$rundir/wrk.out") ||
         { cat "$rundir/wrk.out" >&2; die "wrk failed"; }
     read -r rps p50 p99 err <<<"$res"
+    printf -v rps '%.0f' "$rps"
+    printf -v p50 '%.2f' "$p50"
+    printf -v p99 '%.1f' "$p99"
     kill -0 "$edge_pid" 2>/dev/null || { say "edgecache died during '$name'"; failed=1; }
     [ "$err" -eq 0 ] || failed=1
     rows+=("| $name | $c | $rps | $p50 | $p99 | $err | $peak | $(rss) |")

@@ -402,16 +402,7 @@ run_load() { # system size -> "rps p50_ms p99_ms errors"
     if [ -n "$wrk_bin" ]; then
         out=$(timeout $((duration + 60)) "$wrk_bin" -t2 -c"$CONNS" -d"${duration}s" --latency "$url" 2>&1) || true
         printf '== wrk %s size=%s\n%s\n' "$sys" "$size" "$out" >>"$raw"
-        awk '
-            function ms(v) {
-                if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0;
-                if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v + 0 }
-            $1 == "50%" { p50 = ms($2) }
-            $1 == "99%" { p99 = ms($2) }
-            /^Requests\/sec:/ { rps = $2 }
-            /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-            /Non-2xx or 3xx responses:/ { err += $NF }
-            END { if (rps == "") exit 1; printf "%s %s %s %d\n", rps, p50, p99, err }' <<<"$out" ||
+        awk -f "$here/wrk_summary.awk" <<<"$out" ||
             { say "wrk against $sys failed:"; printf '%s\n' "$out" >&2; echo "- - - 1"; }
     else
         out=$(timeout $((duration + 60)) "$herd_bin" --load --url "$url" --connections "$CONNS" --duration "$duration" 2>&1) || true
