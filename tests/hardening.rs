@@ -398,12 +398,7 @@ async fn idle_keepalive_connections_make_room_at_max_connections() {
     .await;
     let mut idle = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
-        idle.push(s);
+        idle.push(kept_alive(proxy.addr).await);
     }
     let resp = raw(
         proxy.addr,
@@ -425,6 +420,17 @@ fn metrics_text(proxy: &ProxyHandle) -> String {
     let mut out = String::new();
     proxy.proxy.metrics.render(&mut out);
     out
+}
+
+/// A connection that has been served one request (`GET /a`) and is now idle between
+/// keep-alive requests.
+async fn kept_alive(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s
 }
 
 /// Reads one response with a `content-length` body from a keep-alive connection.
@@ -461,11 +467,7 @@ async fn idle_keepalive_connections_get_their_own_timeout() {
         ],
     )
     .await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    let mut s = kept_alive(proxy.addr).await;
     // Idle for longer than the head timeout: still open, and serves a second request.
     let mut byte = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(700), s.read(&mut byte)).await;
@@ -501,11 +503,7 @@ async fn a_slow_head_after_keepalive_is_cut_off() {
         ],
     )
     .await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    let mut s = kept_alive(proxy.addr).await;
     s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nx-a: ")
         .await
         .unwrap();
