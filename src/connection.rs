@@ -9,6 +9,12 @@
 //! then by the response body) counts requests in flight, and [`Activity::deadline`] says when
 //! the connection task should look again and whether the connection is over its time.
 //!
+//! The I/O wrapper also watches HTTP/1 request heads for one thing hyper does not report:
+//! a head with both `Content-Length` and `Transfer-Encoding`. hyper drops the
+//! `Content-Length` and frames by `Transfer-Encoding` (RFC 9112 §6.1 allows that); edgecache
+//! answers such a request `400` and closes, as it does every other ambiguous framing
+//! ([`HeadScan`]).
+//!
 //! At `MAX_CONNECTIONS`, the accept loop asks the [`Registry`] to close idle keep-alive
 //! connections (as nginx does with its "reusable" connections), so clients parked on idle
 //! connections cannot keep new ones waiting for a whole keep-alive timeout.
@@ -74,6 +80,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 pub struct Activity {
     opened: Instant,
     in_flight: AtomicU32,
+    /// Requests handed to the service so far.
+    requests_started: AtomicU64,
     /// Last byte read or written.
     last_io: AtomicU64,
     /// When the connection last became idle (no request in flight).
@@ -84,6 +92,9 @@ pub struct Activity {
     phase: AtomicU8,
     /// Woken when the connection should close if it is idle (see [`Registry`]).
     pub reclaim: Notify,
+    /// Index (in arrival order) of a request head with both `Content-Length` and
+    /// `Transfer-Encoding`; `NONE` when there is none.
+    ambiguous_head: AtomicU64,
 }
 
 impl Activity {
@@ -95,11 +106,13 @@ impl Activity {
         Arc::new(Activity {
             opened,
             in_flight: AtomicU32::new(0),
+            requests_started: AtomicU64::new(0),
             last_io: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
             phase: AtomicU8::new(PHASE_FIRST),
             reclaim: Notify::new(),
+            ambiguous_head: AtomicU64::new(NONE),
         })
     }
 
@@ -133,10 +146,18 @@ impl Activity {
         self.last_io.store(self.ms(now), Ordering::Relaxed);
     }
 
+    /// Whether the head about to be handed to the service (call before
+    /// [`Activity::request_started`]) had both `Content-Length` and `Transfer-Encoding`.
+    pub fn next_head_is_ambiguous(&self) -> bool {
+        let next = self.requests_started.load(Ordering::Relaxed);
+        self.ambiguous_head.load(Ordering::Relaxed) == next
+    }
+
     /// A request head was handed to the service: the request is in flight until the guard
     /// (moved into the response body) is dropped.
     pub fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(NONE, Ordering::Relaxed);
         if self.phase.load(Ordering::Relaxed) == PHASE_FIRST {
             self.phase.store(PHASE_HTTP1, Ordering::Relaxed);
@@ -278,16 +299,115 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
     }
 }
 
-/// A client stream that stamps its [`Activity`] on every byte moved.
+/// Finds request heads that carry both `Content-Length` and `Transfer-Encoding`, fed the
+/// bytes of one head as they arrive (split anywhere). Only the start of each line is looked
+/// at; it stops at the blank line that ends the head.
+#[derive(Debug, Default)]
+pub struct HeadScan {
+    /// The first bytes of the current line (enough for the longest name and its colon).
+    line: [u8; 18],
+    line_len: u8,
+    /// Past the 18 bytes kept, or past the colon: the rest of the line is not looked at.
+    line_skip: bool,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+impl HeadScan {
+    /// Feeds head bytes; returns how many it took when the head ended within them.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' => {
+                    let line = &self.line[..self.line_len as usize];
+                    let blank = !self.line_skip && (line.is_empty() || line == b"\r");
+                    self.line_len = 0;
+                    self.line_skip = false;
+                    if blank {
+                        return Some(i + 1);
+                    }
+                }
+                _ if self.line_skip => {}
+                b':' => {
+                    let name = &self.line[..self.line_len as usize];
+                    self.content_length |= name.eq_ignore_ascii_case(b"content-length");
+                    self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+                    self.line_skip = true;
+                }
+                _ if (self.line_len as usize) < self.line.len() => {
+                    self.line[self.line_len as usize] = b;
+                    self.line_len += 1;
+                }
+                _ => self.line_skip = true,
+            }
+        }
+        None
+    }
+
+    /// Both `Content-Length` and `Transfer-Encoding` were in the head.
+    pub fn ambiguous(&self) -> bool {
+        self.content_length && self.transfer_encoding
+    }
+
+    /// The head announced a body: the bytes after it are not the next head.
+    pub fn has_body(&self) -> bool {
+        self.content_length || self.transfer_encoding
+    }
+}
+
+/// A client stream that stamps its [`Activity`] on every byte moved, and scans HTTP/1
+/// request heads with a [`HeadScan`]: pipelined bodiless requests head after head; after a
+/// head that announces a body, from the next request that starts once it is done (a head
+/// pipelined behind a body is left to hyper, which frames it safely anyway).
 #[derive(Debug)]
 pub struct TrackedIo<S> {
     inner: S,
     activity: Arc<Activity>,
+    scan: HeadScan,
+    /// Arrival index of the head being scanned.
+    head: u64,
+    /// Inside a request body: not scanning until that request is done.
+    in_body: bool,
 }
 
 impl<S> TrackedIo<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        TrackedIo { inner, activity }
+        TrackedIo {
+            inner,
+            activity,
+            scan: HeadScan::default(),
+            head: 0,
+            in_body: false,
+        }
+    }
+
+    fn scan_heads(&mut self, mut bytes: &[u8]) {
+        let a = &self.activity;
+        if a.phase.load(Ordering::Relaxed) == PHASE_HTTP2 {
+            return;
+        }
+        if self.in_body {
+            let started = a.requests_started.load(Ordering::Relaxed);
+            if started < self.head || a.in_flight.load(Ordering::Relaxed) > 0 {
+                return;
+            }
+            self.in_body = false;
+            self.head = started;
+            self.scan = HeadScan::default();
+        }
+        while let Some(used) = self.scan.feed(bytes) {
+            if self.scan.ambiguous() {
+                a.ambiguous_head.store(self.head, Ordering::Relaxed);
+            }
+            self.head += 1;
+            let body = self.scan.has_body();
+            self.scan = HeadScan::default();
+            if body {
+                self.in_body = true;
+                return;
+            }
+            bytes = &bytes[used..];
+        }
     }
 }
 
@@ -300,8 +420,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity
-                .on_read(&buf.filled()[before..], Instant::now());
+            let this = &mut *self;
+            let read = &buf.filled()[before..];
+            this.activity.on_read(read, Instant::now());
+            this.scan_heads(read);
         }
         polled
     }
@@ -401,6 +523,48 @@ mod tests {
         a.on_write(secs(t0, 50));
         assert_eq!(a.deadline(&LIMITS, secs(t0, 100)), (secs(t0, 110), None));
         assert_eq!(a.deadline(&LIMITS, secs(t0, 110)).1, Some(Expired::Stalled));
+    }
+
+    /// Feeds chunks until the head ends; whether it was ambiguous.
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut scan = HeadScan::default();
+        for c in chunks {
+            if scan.feed(c).is_some() {
+                return scan.ambiguous();
+            }
+        }
+        panic!("the head did not end");
+    }
+
+    #[test]
+    fn head_scan_finds_content_length_with_transfer_encoding() {
+        let head: &[u8] =
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(scan(&[head]));
+        // Split anywhere, down to one byte at a time.
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert!(scan(&bytes));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-ENCODING: chunked\r\ncontent-length:4\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn head_scan_ignores_what_is_not_a_field_name_of_this_head() {
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n"]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        // In a value, in a longer name, or after the head (the body, a pipelined request).
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nX-A: transfer-encoding: chunked\r\n",
+            b"Content-Length-X: 1\r\nContent-Length: 5\r\n\r\n",
+            b"Transfer-Encoding: chunked\r\n\r\n",
+        ]));
+        let mut head = HeadScan::default();
+        let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n";
+        assert_eq!(head.feed(two), Some(27));
+        assert!(!head.has_body());
     }
 
     #[test]

@@ -102,9 +102,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let requests = activity.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
+            let ambiguous = requests.next_head_is_ambiguous();
             let guard = requests.request_started();
             async move {
-                let resp = proxy.handle(req, peer).await;
+                let resp = if ambiguous {
+                    // RFC 9112 §6.1: Content-Length with Transfer-Encoding is how requests
+                    // are smuggled; refuse it rather than pick one.
+                    tracing::warn!(peer = %peer, "request with both Content-Length and Transfer-Encoding refused");
+                    let mut resp = crate::proxy::respond::plain(
+                        http::StatusCode::BAD_REQUEST,
+                        "Content-Length together with Transfer-Encoding is not accepted\n",
+                    );
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                    resp
+                } else {
+                    proxy.handle(req, peer).await
+                };
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
             }
         });
