@@ -106,18 +106,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             let guard = requests.request_started();
             async move {
                 let resp = if ambiguous {
-                    // RFC 9112 §6.1: Content-Length with Transfer-Encoding is how requests
-                    // are smuggled; refuse it rather than pick one.
-                    tracing::warn!(peer = %peer, "request with both Content-Length and Transfer-Encoding refused");
-                    let mut resp = crate::proxy::respond::plain(
-                        http::StatusCode::BAD_REQUEST,
-                        "Content-Length together with Transfer-Encoding is not accepted\n",
-                    );
-                    resp.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                    resp
+                    refuse_ambiguous_framing(peer)
                 } else {
                     proxy.handle(req, peer).await
                 };
@@ -129,32 +118,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         tokio::spawn(async move {
             let _permit = permit;
             let _registered = registered;
-            tokio::pin!(conn);
-            loop {
-                let (wake, _) = activity.deadline(&deadlines, Instant::now());
-                tokio::select! {
-                    ended = &mut conn => {
-                        if let Err(e) = ended {
-                            tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = activity.reclaim.notified() => {
-                        if activity.is_idle_keepalive() {
-                            tracing::debug!(peer = %peer, "idle connection closed at MAX_CONNECTIONS");
-                            counted.metrics.connection_timed_out(Expired::Reclaimed.as_str());
-                            break;
-                        }
-                    }
-                    _ = tokio::time::sleep_until(wake) => {
-                        if let (_, Some(why)) = activity.deadline(&deadlines, Instant::now()) {
-                            // Dropping the connection closes the socket.
-                            tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
-                            counted.metrics.connection_timed_out(why.as_str());
-                            break;
-                        }
-                    }
-                }
+            if let Some(why) = run_until_done_or_expired(conn, &activity, &deadlines, peer).await {
+                counted.metrics.connection_timed_out(why.as_str());
             }
             counted
                 .metrics
@@ -177,4 +142,57 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     for task in health_checks {
         task.abort();
     }
+}
+
+/// Drives one connection until it ends by itself, or until it is over one of its deadlines
+/// or asked to make room while idle — then drops it, which closes the socket.
+async fn run_until_done_or_expired<C, E>(
+    conn: C,
+    activity: &Activity,
+    deadlines: &Deadlines,
+    peer: std::net::SocketAddr,
+) -> Option<Expired>
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    loop {
+        let (wake, _) = activity.deadline(deadlines, Instant::now());
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                }
+                return None;
+            }
+            _ = activity.reclaim.notified() => {
+                if activity.is_idle_keepalive() {
+                    tracing::debug!(peer = %peer, "idle connection closed at MAX_CONNECTIONS");
+                    return Some(Expired::Reclaimed);
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if let (_, Some(why)) = activity.deadline(deadlines, Instant::now()) {
+                    tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
+                    return Some(why);
+                }
+            }
+        }
+    }
+}
+
+/// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112
+/// §6.1: how requests are smuggled): 400, and the connection closes after it.
+fn refuse_ambiguous_framing(peer: std::net::SocketAddr) -> http::Response<crate::body::ProxyBody> {
+    tracing::warn!(peer = %peer, "request with both Content-Length and Transfer-Encoding refused");
+    let mut resp = crate::proxy::respond::plain(
+        http::StatusCode::BAD_REQUEST,
+        "Content-Length together with Transfer-Encoding is not accepted\n",
+    );
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
