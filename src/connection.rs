@@ -20,18 +20,18 @@
 //! connections cannot keep new ones waiting for a whole keep-alive timeout.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// The deadlines a connection is held to.
 #[derive(Debug, Clone, Copy)]
@@ -82,16 +82,21 @@ pub struct Activity {
     in_flight: AtomicU32,
     /// Requests handed to the service so far.
     requests_started: AtomicU64,
-    /// Last byte read or written.
-    last_io: AtomicU64,
+    /// Reads and writes that moved bytes; compared at each check for stall detection (so
+    /// moving bytes never reads the clock).
+    io_events: AtomicU64,
+    /// `io_events` at the last check, and when that check saw it move.
+    progress_seen: AtomicU64,
+    progress_at: AtomicU64,
     /// When the connection last became idle (no request in flight).
     idle_since: AtomicU64,
     /// First byte of a request head that has not been handed to the service yet.
     head_started: AtomicU64,
     /// First request not yet seen / HTTP/1 keep-alive / HTTP/2.
     phase: AtomicU8,
-    /// Woken when the connection should close if it is idle (see [`Registry`]).
-    pub reclaim: Notify,
+    /// Set by the [`Registry`]: close if idle. The connection task is woken through `waker`.
+    reclaim: AtomicBool,
+    waker: Mutex<Option<Waker>>,
     /// Index (in arrival order) of a request head with both `Content-Length` and
     /// `Transfer-Encoding`; `NONE` when there is none.
     ambiguous_head: AtomicU64,
@@ -107,11 +112,14 @@ impl Activity {
             opened,
             in_flight: AtomicU32::new(0),
             requests_started: AtomicU64::new(0),
-            last_io: AtomicU64::new(0),
+            io_events: AtomicU64::new(0),
+            progress_seen: AtomicU64::new(0),
+            progress_at: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
             phase: AtomicU8::new(PHASE_FIRST),
-            reclaim: Notify::new(),
+            reclaim: AtomicBool::new(false),
+            waker: Mutex::new(None),
             ambiguous_head: AtomicU64::new(NONE),
         })
     }
@@ -124,26 +132,26 @@ impl Activity {
         self.opened + Duration::from_millis(ms)
     }
 
-    fn on_read(&self, first_bytes: &[u8], now: Instant) {
-        let now = self.ms(now);
-        self.last_io.store(now, Ordering::Relaxed);
-        if self.phase.load(Ordering::Relaxed) == PHASE_FIRST && first_bytes.starts_with(H2_PREFACE)
-        {
+    /// Bytes were read. `now` is called only when they begin a request head.
+    fn on_read(&self, first_bytes: &[u8], now: impl FnOnce() -> Instant) {
+        self.io_events.fetch_add(1, Ordering::Relaxed);
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase == PHASE_FIRST && first_bytes.starts_with(H2_PREFACE) {
             // HTTP/2 frames between streams (PING, SETTINGS) are not request heads.
             self.phase.store(PHASE_HTTP2, Ordering::Relaxed);
-            self.idle_since.store(now, Ordering::Relaxed);
+            self.idle_since.store(self.ms(now()), Ordering::Relaxed);
             return;
         }
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.phase.load(Ordering::Relaxed) != PHASE_HTTP2
+        if phase != PHASE_HTTP2
+            && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == NONE
         {
-            self.head_started.store(now, Ordering::Relaxed);
+            self.head_started.store(self.ms(now()), Ordering::Relaxed);
         }
     }
 
-    fn on_write(&self, now: Instant) {
-        self.last_io.store(self.ms(now), Ordering::Relaxed);
+    fn on_write(&self) {
+        self.io_events.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the head about to be handed to the service (call before
@@ -174,11 +182,17 @@ impl Activity {
             && self.head_started.load(Ordering::Relaxed) == NONE
     }
 
-    /// When to look again, and whether the connection is already over its time at `now`.
-    pub fn deadline(&self, limits: &Deadlines, now: Instant) -> (Instant, Option<Expired>) {
-        let (at, why) = if self.in_flight.load(Ordering::Relaxed) > 0 {
-            let last = self.last_io.load(Ordering::Relaxed);
-            (self.at(last) + limits.stall, Expired::Stalled)
+    /// The connection's current deadline and what passing it means. Reads no clock: cheap
+    /// enough to recompute whenever the connection task is polled.
+    pub fn deadline(&self, limits: &Deadlines) -> (Instant, Expired) {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            // Progress is only looked for when this deadline passes (`check`), so a stall
+            // is detected between one and two `stall` periods after the last byte.
+            let since = self
+                .progress_at
+                .load(Ordering::Relaxed)
+                .max(self.idle_since.load(Ordering::Relaxed));
+            (self.at(since) + limits.stall, Expired::Stalled)
         } else if self.phase.load(Ordering::Relaxed) == PHASE_FIRST {
             // nginx's rule: the first request head is timed from the connect.
             (self.opened + limits.header, Expired::Header)
@@ -190,8 +204,89 @@ impl Activity {
                 let idle = self.idle_since.load(Ordering::Relaxed);
                 (self.at(idle) + limits.keepalive, Expired::Idle)
             }
-        };
-        (at, (now >= at).then_some(why))
+        }
+    }
+
+    /// At or after the deadline: whether the connection is over its time. Bytes moved since
+    /// the last check count as progress and push a stall deadline on.
+    pub fn check(&self, limits: &Deadlines, now: Instant) -> Option<Expired> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            let events = self.io_events.load(Ordering::Relaxed);
+            if self.progress_seen.swap(events, Ordering::Relaxed) != events {
+                self.progress_at.store(self.ms(now), Ordering::Relaxed);
+                return None;
+            }
+        }
+        let (at, why) = self.deadline(limits);
+        (now >= at).then_some(why)
+    }
+}
+
+/// A connection future held to its [`Activity`]'s deadlines: resolves with the connection's
+/// own result, or with why it was cut off (dropping the connection closes the socket). The
+/// timer is re-armed whenever a poll finds the deadline moved.
+pub struct Watched<C> {
+    conn: Pin<Box<C>>,
+    sleep: Pin<Box<Sleep>>,
+    armed: Instant,
+    activity: Arc<Activity>,
+    limits: Deadlines,
+    waker_stored: bool,
+}
+
+impl<C> Watched<C> {
+    pub fn new(conn: C, activity: Arc<Activity>, limits: Deadlines) -> Self {
+        let (armed, _) = activity.deadline(&limits);
+        Watched {
+            conn: Box::pin(conn),
+            sleep: Box::pin(tokio::time::sleep_until(armed)),
+            armed,
+            activity,
+            limits,
+            waker_stored: false,
+        }
+    }
+}
+
+impl<C: Future> Future for Watched<C> {
+    type Output = Result<C::Output, Expired>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if !this.waker_stored {
+            // The task's waker is stable: store it once, for the registry to wake it.
+            if let Ok(mut w) = this.activity.waker.lock() {
+                *w = Some(cx.waker().clone());
+            }
+            this.waker_stored = true;
+        }
+        if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if this.activity.reclaim.swap(false, Ordering::Relaxed) && this.activity.is_idle_keepalive()
+        {
+            return Poll::Ready(Err(Expired::Reclaimed));
+        }
+        loop {
+            let (at, _) = this.activity.deadline(&this.limits);
+            if at != this.armed {
+                this.sleep.as_mut().reset(at);
+                this.armed = at;
+            }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some(why) = this.activity.check(&this.limits, Instant::now()) {
+                return Poll::Ready(Err(why));
+            }
+            // Progress pushed the deadline on: loop to re-arm.
+            let (at, _) = this.activity.deadline(&this.limits);
+            if at <= this.armed {
+                // Cannot happen (check said not expired), but never spin.
+                this.armed = Instant::now() + Duration::from_millis(10);
+                this.sleep.as_mut().reset(this.armed);
+            }
+        }
     }
 }
 
@@ -240,7 +335,12 @@ impl Registry {
                 break;
             }
             if activity.is_idle_keepalive() {
-                activity.reclaim.notify_waiters();
+                activity.reclaim.store(true, Ordering::Relaxed);
+                if let Ok(waker) = activity.waker.lock() {
+                    if let Some(w) = waker.as_ref() {
+                        w.wake_by_ref();
+                    }
+                }
                 asked += 1;
             }
         }
@@ -422,7 +522,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             let this = &mut *self;
             let read = &buf.filled()[before..];
-            this.activity.on_read(read, Instant::now());
+            this.activity.on_read(read, Instant::now);
             this.scan_heads(read);
         }
         polled
@@ -437,7 +537,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write(Instant::now());
+            self.activity.on_write();
         }
         polled
     }
@@ -449,7 +549,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write(Instant::now());
+            self.activity.on_write();
         }
         polled
     }
@@ -485,31 +585,34 @@ mod tests {
     fn first_request_head_is_timed_from_the_connect() {
         let t0 = Instant::now();
         let a = Activity::opened_at(t0);
-        assert_eq!(a.deadline(&LIMITS, secs(t0, 9)), (secs(t0, 10), None));
-        a.on_read(b"GET / HTTP/1.1\r\n", secs(t0, 5));
+        assert_eq!(a.deadline(&LIMITS), (secs(t0, 10), Expired::Header));
+        assert_eq!(a.check(&LIMITS, secs(t0, 9)), None);
+        a.on_read(b"GET / HTTP/1.1\r\n", || secs(t0, 5));
         assert_eq!(
-            a.deadline(&LIMITS, secs(t0, 10)),
-            (secs(t0, 10), Some(Expired::Header))
+            a.deadline(&LIMITS).0,
+            secs(t0, 10),
+            "not from the first byte"
         );
+        assert_eq!(a.check(&LIMITS, secs(t0, 10)), Some(Expired::Header));
     }
 
     #[test]
     fn keepalive_idle_then_a_new_head_gets_the_header_timeout() {
         let t0 = Instant::now();
         let a = Activity::opened_at(t0);
-        a.on_read(b"GET / HTTP/1.1\r\n\r\n", t0);
+        a.on_read(b"GET / HTTP/1.1\r\n\r\n", || t0);
         let guard = a.request_started();
-        assert_eq!(a.deadline(&LIMITS, t0).1, None);
+        assert_eq!(a.check(&LIMITS, t0), None);
         drop(guard);
         let idle = Instant::now();
-        let (at, why) = a.deadline(&LIMITS, idle);
-        assert!(why.is_none());
+        let (at, why) = a.deadline(&LIMITS);
+        assert_eq!(why, Expired::Idle);
         assert!(at > idle + Duration::from_secs(74) && at <= idle + LIMITS.keepalive);
         let later = idle + Duration::from_secs(30);
-        a.on_read(b"GE", later);
-        assert_eq!(a.deadline(&LIMITS, later + Duration::from_secs(9)).1, None);
+        a.on_read(b"GE", || later);
+        assert_eq!(a.check(&LIMITS, later + Duration::from_secs(9)), None);
         assert_eq!(
-            a.deadline(&LIMITS, later + LIMITS.header).1,
+            a.check(&LIMITS, later + LIMITS.header),
             Some(Expired::Header)
         );
     }
@@ -518,11 +621,15 @@ mod tests {
     fn a_request_in_flight_is_only_cut_when_nothing_moves() {
         let t0 = Instant::now();
         let a = Activity::opened_at(t0);
-        a.on_read(b"GET /big HTTP/1.1\r\n\r\n", t0);
+        a.on_read(b"GET /big HTTP/1.1\r\n\r\n", || t0);
         let _guard = a.request_started();
-        a.on_write(secs(t0, 50));
-        assert_eq!(a.deadline(&LIMITS, secs(t0, 100)), (secs(t0, 110), None));
-        assert_eq!(a.deadline(&LIMITS, secs(t0, 110)).1, Some(Expired::Stalled));
+        assert_eq!(a.deadline(&LIMITS), (secs(t0, 60), Expired::Stalled));
+        // Bytes moved since the last look: progress, the deadline moves on.
+        a.on_write();
+        assert_eq!(a.check(&LIMITS, secs(t0, 60)), None);
+        assert_eq!(a.deadline(&LIMITS).0, secs(t0, 120));
+        // Nothing moved since: stalled.
+        assert_eq!(a.check(&LIMITS, secs(t0, 120)), Some(Expired::Stalled));
     }
 
     /// Feeds chunks until the head ends; whether it was ambiguous.
@@ -572,12 +679,12 @@ mod tests {
         let t0 = Instant::now();
         let a = Activity::opened_at(t0);
         assert!(!a.is_idle_keepalive(), "first request not seen yet");
-        a.on_read(b"GET / HTTP/1.1\r\n\r\n", t0);
+        a.on_read(b"GET / HTTP/1.1\r\n\r\n", || t0);
         let guard = a.request_started();
         assert!(!a.is_idle_keepalive(), "request in flight");
         drop(guard);
         assert!(a.is_idle_keepalive());
-        a.on_read(b"GET", t0);
+        a.on_read(b"GET", || t0);
         assert!(!a.is_idle_keepalive(), "a head has begun");
     }
 
@@ -585,8 +692,9 @@ mod tests {
     fn http2_frames_between_streams_are_not_request_heads() {
         let t0 = Instant::now();
         let a = Activity::opened_at(t0);
-        a.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", secs(t0, 1));
-        a.on_read(b"\x00\x00\x08\x06", secs(t0, 20)); // a PING
-        assert_eq!(a.deadline(&LIMITS, secs(t0, 20)), (secs(t0, 76), None));
+        a.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", || secs(t0, 1));
+        a.on_read(b"\x00\x00\x08\x06", || secs(t0, 20)); // a PING
+        assert_eq!(a.deadline(&LIMITS), (secs(t0, 76), Expired::Idle));
+        assert_eq!(a.check(&LIMITS, secs(t0, 20)), None);
     }
 }

@@ -13,9 +13,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
-use tokio::time::Instant;
 
-use crate::connection::{Activity, Deadlines, Expired, Registry, Tracked, TrackedIo};
+use crate::connection::{Activity, Deadlines, Registry, Tracked, TrackedIo, Watched};
 use crate::proxy::Proxy;
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
@@ -118,8 +117,15 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         tokio::spawn(async move {
             let _permit = permit;
             let _registered = registered;
-            if let Some(why) = run_until_done_or_expired(conn, &activity, &deadlines, peer).await {
-                counted.metrics.connection_timed_out(why.as_str());
+            match Watched::new(conn, activity, deadlines).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                }
+                Err(why) => {
+                    tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
+                    counted.metrics.connection_timed_out(why.as_str());
+                }
             }
             counted
                 .metrics
@@ -141,44 +147,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     expiry.abort();
     for task in health_checks {
         task.abort();
-    }
-}
-
-/// Drives one connection until it ends by itself, or until it is over one of its deadlines
-/// or asked to make room while idle — then drops it, which closes the socket.
-async fn run_until_done_or_expired<C, E>(
-    conn: C,
-    activity: &Activity,
-    deadlines: &Deadlines,
-    peer: std::net::SocketAddr,
-) -> Option<Expired>
-where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(conn);
-    loop {
-        let (wake, _) = activity.deadline(deadlines, Instant::now());
-        tokio::select! {
-            ended = &mut conn => {
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
-                }
-                return None;
-            }
-            _ = activity.reclaim.notified() => {
-                if activity.is_idle_keepalive() {
-                    tracing::debug!(peer = %peer, "idle connection closed at MAX_CONNECTIONS");
-                    return Some(Expired::Reclaimed);
-                }
-            }
-            _ = tokio::time::sleep_until(wake) => {
-                if let (_, Some(why)) = activity.deadline(deadlines, Instant::now()) {
-                    tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
-                    return Some(why);
-                }
-            }
-        }
     }
 }
 

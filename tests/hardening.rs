@@ -498,8 +498,8 @@ async fn idle_keepalive_connections_get_their_own_timeout() {
     );
 }
 
-/// On a keep-alive connection, a later request head that trickles in is cut off by the head
-/// timeout, not given the (longer) keep-alive timeout.
+/// On a keep-alive connection that has been idle a while, a request head that trickles in is
+/// cut off by the head timeout, not given what is left of the (longer) keep-alive timeout.
 #[tokio::test]
 async fn a_slow_head_after_keepalive_is_cut_off() {
     let origin = plain_origin().await;
@@ -512,6 +512,9 @@ async fn a_slow_head_after_keepalive_is_cut_off() {
     )
     .await;
     let mut s = kept_alive(proxy.addr).await;
+    // Idle for a while first (longer than the head timeout, far shorter than the
+    // keep-alive one): the head timer must start when the head does.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nx-a: ")
         .await
         .unwrap();
