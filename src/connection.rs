@@ -415,8 +415,17 @@ pub struct HeadScan {
 
 impl HeadScan {
     /// Feeds head bytes; returns how many it took when the head ended within them.
+    ///
+    /// Only lines that start with `c`/`t` are looked at, and only up to their colon; the
+    /// rest of every line is skipped with a SIMD newline search.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
-        for (i, &b) in bytes.iter().enumerate() {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.line_skip {
+                i += memchr::memchr(b'\n', &bytes[i..])?;
+            }
+            let b = bytes[i];
+            i += 1;
             match b {
                 b'\n' => {
                     let line = &self.line[..self.line_len as usize];
@@ -424,14 +433,16 @@ impl HeadScan {
                     self.line_len = 0;
                     self.line_skip = false;
                     if blank {
-                        return Some(i + 1);
+                        return Some(i);
                     }
                 }
-                _ if self.line_skip => {}
                 b':' => {
                     let name = &self.line[..self.line_len as usize];
                     self.content_length |= name.eq_ignore_ascii_case(b"content-length");
                     self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+                    self.line_skip = true;
+                }
+                _ if self.line_len == 0 && !matches!(b, b'c' | b'C' | b't' | b'T' | b'\r') => {
                     self.line_skip = true;
                 }
                 _ if (self.line_len as usize) < self.line.len() => {
