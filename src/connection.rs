@@ -5,9 +5,11 @@
 //! hyper's own `header_read_timeout` also runs while a keep-alive connection waits for its
 //! next request, which would make the idle timeout equal to the head timeout. So the server
 //! turns it off and each connection carries an [`Activity`] record instead: the I/O wrapper
-//! ([`TrackedIo`]) stamps every byte moved, a [`RequestGuard`] (held by the service future,
-//! then by the response body) counts requests in flight, and [`Activity::deadline`] says when
-//! the connection task should look again and whether the connection is over its time.
+//! ([`TrackedIo`]) counts reads and writes and notes when a request head begins, a
+//! [`RequestGuard`] (held by the service future, then by the response body) counts requests
+//! in flight, [`Activity::deadline`] says when to look again, [`Activity::check`] whether the
+//! connection is over its time, and [`Watched`] drives the connection future with a timer
+//! it re-arms whenever a poll finds the deadline moved.
 //!
 //! The I/O wrapper also watches HTTP/1 request heads for one thing hyper does not report:
 //! a head with both `Content-Length` and `Transfer-Encoding`. hyper drops the
