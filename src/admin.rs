@@ -84,8 +84,8 @@ const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at most; older windows are pruned first.
 const THROTTLE_TRACKED: usize = 10_000;
 
-/// Slows down key guessing: after [`THROTTLE_ATTEMPTS`] wrong keys from one address within
-/// [`THROTTLE_WINDOW`], that address gets 429 without its key being checked until the window
+/// Slows down key guessing: after `THROTTLE_ATTEMPTS` wrong keys from one address within
+/// `THROTTLE_WINDOW`, that address gets 429 without its key being checked until the window
 /// ends.
 #[derive(Default)]
 pub struct Throttle {

@@ -91,7 +91,7 @@ const UNKEYED_OVERRIDES: [HeaderName; 10] = [
     HeaderName::from_static("x-method-override"),
 ];
 
-/// Removes [`UNKEYED_OVERRIDES`], and `Forwarded` unless the peer is a trusted proxy.
+/// Removes `UNKEYED_OVERRIDES`, and `Forwarded` unless the peer is a trusted proxy.
 pub fn strip_unkeyed_overrides(headers: &mut HeaderMap, peer_trusted: bool) {
     for name in &UNKEYED_OVERRIDES {
         headers.remove(name);
