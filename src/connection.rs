@@ -92,8 +92,11 @@ pub struct Activity {
     progress_at: AtomicU64,
     /// When the connection last became idle (no request in flight).
     idle_since: AtomicU64,
-    /// First byte of a request head that has not been handed to the service yet.
+    /// When a request head was first seen incomplete (at the end of a read, or when the
+    /// request before it ended); `NONE` otherwise. A head that arrives whole never sets it.
     head_started: AtomicU64,
+    /// The HTTP/1 head scan stopped inside a head.
+    partial_head: AtomicBool,
     /// First request not yet seen / HTTP/1 keep-alive / HTTP/2.
     phase: AtomicU8,
     /// Set by the [`Registry`]: close if idle. The connection task is woken through `waker`.
@@ -119,6 +122,7 @@ impl Activity {
             progress_at: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
+            partial_head: AtomicBool::new(false),
             phase: AtomicU8::new(PHASE_FIRST),
             reclaim: AtomicBool::new(false),
             waker: Mutex::new(None),
@@ -134,17 +138,23 @@ impl Activity {
         self.opened + Duration::from_millis(ms)
     }
 
-    /// Bytes were read. `now` is called only when they begin a request head.
+    /// Bytes were read. `now` is called only when they start an HTTP/2 connection.
     fn on_read(&self, first_bytes: &[u8], now: impl FnOnce() -> Instant) {
         self.io_events.fetch_add(1, Ordering::Relaxed);
-        let phase = self.phase.load(Ordering::Relaxed);
-        if phase == PHASE_FIRST && first_bytes.starts_with(H2_PREFACE) {
+        if self.phase.load(Ordering::Relaxed) == PHASE_FIRST && first_bytes.starts_with(H2_PREFACE)
+        {
             // HTTP/2 frames between streams (PING, SETTINGS) are not request heads.
             self.phase.store(PHASE_HTTP2, Ordering::Relaxed);
             self.idle_since.store(self.ms(now()), Ordering::Relaxed);
-            return;
         }
-        if phase != PHASE_HTTP2
+    }
+
+    /// A read ended inside an HTTP/1 request head (`partial`), or a head was completed.
+    /// Only an incomplete head with no request in flight starts the head timer, so the usual
+    /// head that arrives in one read costs no clock read and moves no timer.
+    fn on_head_scanned(&self, partial: bool, now: impl FnOnce() -> Instant) {
+        self.partial_head.store(partial, Ordering::Relaxed);
+        if partial
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == NONE
         {
@@ -225,8 +235,9 @@ impl Activity {
 }
 
 /// A connection future held to its [`Activity`]'s deadlines: resolves with the connection's
-/// own result, or with why it was cut off (dropping the connection closes the socket). The
-/// timer is re-armed whenever a poll finds the deadline moved.
+/// own result, or with why it was cut off (dropping the connection closes the socket). A
+/// poll that finds the deadline moved earlier re-arms the timer; one that moved later is
+/// re-armed when the timer fires.
 pub struct Watched<C> {
     conn: Pin<Box<C>>,
     sleep: Pin<Box<Sleep>>,
@@ -269,25 +280,25 @@ impl<C: Future> Future for Watched<C> {
         {
             return Poll::Ready(Err(Expired::Reclaimed));
         }
+        // The timer is only moved earlier here (a head that began after a long idle); a
+        // deadline that moved later is picked up when the timer fires, so steady traffic
+        // does not touch the timer wheel on every request.
+        let (at, _) = this.activity.deadline(&this.limits);
+        if at < this.armed {
+            this.sleep.as_mut().reset(at);
+            this.armed = at;
+        }
         loop {
-            let (at, _) = this.activity.deadline(&this.limits);
-            if at != this.armed {
-                this.sleep.as_mut().reset(at);
-                this.armed = at;
-            }
             if this.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             if let Some(why) = this.activity.check(&this.limits, Instant::now()) {
                 return Poll::Ready(Err(why));
             }
-            // Progress pushed the deadline on: loop to re-arm.
+            // Not over its time: the deadline moved on. Re-arm for it (never in the past).
             let (at, _) = this.activity.deadline(&this.limits);
-            if at <= this.armed {
-                // Cannot happen (check said not expired), but never spin.
-                this.armed = Instant::now() + Duration::from_millis(10);
-                this.sleep.as_mut().reset(this.armed);
-            }
+            this.armed = at.max(Instant::now() + Duration::from_millis(10));
+            this.sleep.as_mut().reset(this.armed);
         }
     }
 }
@@ -359,8 +370,15 @@ pub struct RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let a = &self.activity;
-        a.idle_since.store(a.ms(Instant::now()), Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = a.ms(Instant::now());
+        a.idle_since.store(now, Ordering::Relaxed);
+        // A head pipelined behind this request arrived incomplete: time it from now.
+        if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1
+            && a.partial_head.load(Ordering::Relaxed)
+            && a.head_started.load(Ordering::Relaxed) == NONE
+        {
+            a.head_started.store(now, Ordering::Relaxed);
+        }
     }
 }
 
@@ -406,6 +424,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 /// at; it stops at the blank line that ends the head.
 #[derive(Debug, Default)]
 pub struct HeadScan {
+    /// Some bytes of this head have been fed.
+    begun: bool,
     /// The first bytes of the current line (enough for the longest name and its colon).
     line: [u8; 18],
     line_len: u8,
@@ -421,6 +441,7 @@ impl HeadScan {
     /// Only lines that start with `c`/`t` are looked at, and only up to their colon; the
     /// rest of every line is skipped with a SIMD newline search.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        self.begun |= !bytes.is_empty();
         let mut i = 0;
         while i < bytes.len() {
             if self.line_skip {
@@ -455,6 +476,11 @@ impl HeadScan {
             }
         }
         None
+    }
+
+    /// Bytes of a head have been fed and its end not seen yet.
+    pub fn in_head(&self) -> bool {
+        self.begun
     }
 
     /// Both `Content-Length` and `Transfer-Encoding` were in the head.
@@ -517,10 +543,12 @@ impl<S> TrackedIo<S> {
             self.scan = HeadScan::default();
             if body {
                 self.in_body = true;
+                a.on_head_scanned(false, Instant::now);
                 return;
             }
             bytes = &bytes[used..];
         }
+        a.on_head_scanned(self.scan.in_head(), Instant::now);
     }
 }
 
@@ -622,12 +650,36 @@ mod tests {
         assert_eq!(why, Expired::Idle);
         assert!(at > idle + Duration::from_secs(74) && at <= idle + LIMITS.keepalive);
         let later = idle + Duration::from_secs(30);
-        a.on_read(b"GE", || later);
+        a.on_head_scanned(true, || later);
         assert_eq!(a.check(&LIMITS, later + Duration::from_secs(9)), None);
         assert_eq!(
             a.check(&LIMITS, later + LIMITS.header),
             Some(Expired::Header)
         );
+    }
+
+    #[test]
+    fn a_head_that_arrives_whole_does_not_start_the_head_timer() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        drop(a.request_started());
+        let (idle_deadline, why) = a.deadline(&LIMITS);
+        assert_eq!(why, Expired::Idle);
+        a.on_head_scanned(false, || panic!("no clock read for a whole head"));
+        assert_eq!(a.deadline(&LIMITS), (idle_deadline, Expired::Idle));
+    }
+
+    #[test]
+    fn a_partial_head_pipelined_behind_a_request_is_timed_from_its_end() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0);
+        let guard = a.request_started();
+        a.on_head_scanned(true, || t0); // in flight: not timed yet
+        assert_eq!(a.deadline(&LIMITS).1, Expired::Stalled);
+        drop(guard);
+        let (at, why) = a.deadline(&LIMITS);
+        assert_eq!(why, Expired::Header);
+        assert!(at <= Instant::now() + LIMITS.header);
     }
 
     #[test]
@@ -697,7 +749,7 @@ mod tests {
         assert!(!a.is_idle_keepalive(), "request in flight");
         drop(guard);
         assert!(a.is_idle_keepalive());
-        a.on_read(b"GET", || t0);
+        a.on_head_scanned(true, || t0);
         assert!(!a.is_idle_keepalive(), "a head has begun");
     }
 
