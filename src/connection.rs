@@ -61,6 +61,14 @@ pub enum Expired {
 }
 
 impl Expired {
+    /// Every reason, in discriminant order (the metrics index by it).
+    pub const ALL: [Expired; 4] = [
+        Expired::Header,
+        Expired::Idle,
+        Expired::Stalled,
+        Expired::Reclaimed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Expired::Header => "header_timeout",

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::connection::Expired;
+
 /// Latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -73,17 +75,9 @@ pub struct Metrics {
     admin: [AtomicU64; 7],
     pub open_connections: AtomicI64,
     pub connections_total: AtomicU64,
-    /// Connections closed by their deadlines, by [`CONNECTION_TIMEOUT_LABELS`].
-    connection_timeouts: [AtomicU64; 4],
+    /// Connections closed by their deadlines, indexed by [`Expired`].
+    connection_timeouts: [AtomicU64; Expired::ALL.len()],
 }
-
-/// Labels of `connection_timeouts`, in index order (see [`crate::connection::Expired`]).
-pub const CONNECTION_TIMEOUT_LABELS: [&str; 4] = [
-    "header_timeout",
-    "keepalive_timeout",
-    "stalled",
-    "reclaimed",
-];
 
 /// Labels of `requests`, in index order.
 pub const REQUEST_LABELS: [&str; 7] =
@@ -108,10 +102,8 @@ impl Metrics {
     }
 
     /// Counts a connection closed by its deadlines.
-    pub fn connection_timed_out(&self, reason: &str) {
-        if let Some(i) = CONNECTION_TIMEOUT_LABELS.iter().position(|l| *l == reason) {
-            self.connection_timeouts[i].fetch_add(1, Ordering::Relaxed);
-        }
+    pub fn connection_timed_out(&self, why: Expired) {
+        self.connection_timeouts[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn evicted(&self, reason: Eviction, n: usize) {
@@ -210,8 +202,9 @@ impl Metrics {
             "counter",
             "Downstream connections closed for a slow head, idle keep-alive, a stalled transfer, or idle at MAX_CONNECTIONS (reclaimed).",
         );
-        for (i, reason) in CONNECTION_TIMEOUT_LABELS.iter().enumerate() {
-            let v = self.connection_timeouts[i].load(Ordering::Relaxed);
+        for why in Expired::ALL {
+            let reason = why.as_str();
+            let v = self.connection_timeouts[why as usize].load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
                 "edgecache_connection_timeouts_total{{reason=\"{reason}\"}} {v}"

@@ -124,7 +124,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 }
                 Err(why) => {
                     tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
-                    counted.metrics.connection_timed_out(why.as_str());
+                    counted.metrics.connection_timed_out(why);
                 }
             }
             counted
