@@ -12,11 +12,14 @@
 //! | anything else        | refresh if requested within `DEFAULT_REFRESH_WINDOW_SECS`, else drop |
 //!
 //! `Clear-Cache-Scope: prefix` applies the action to every key starting with the path+query,
-//! `Clear-Cache-Scope: all` to every key. The answer is a small JSON object.
+//! `Clear-Cache-Scope: all` to every key. Entries are keyed by host too (see
+//! [`crate::cache::key`]), but the upstream calls under its own address, so an admin request
+//! reaches its path under **every** host; `Clear-Cache-Host: example.com` narrows it to one.
+//! The answer is a small JSON object.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +29,13 @@ use sha2::{Digest, Sha256};
 
 use crate::body::ProxyBody;
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::primary_key;
+use crate::cache::key::{origin_host, path_and_query, split_key};
 use crate::cache::FetchOutcome;
 use crate::config::AdminKey;
 use crate::metrics::Eviction;
-use crate::proxy::headers::{CLEAR_CACHE, CLEAR_CACHE_KEY, CLEAR_CACHE_SCOPE};
+use crate::proxy::headers::{
+    Downstream, CLEAR_CACHE, CLEAR_CACHE_HOST, CLEAR_CACHE_KEY, CLEAR_CACHE_SCOPE,
+};
 use crate::proxy::respond;
 use crate::proxy::Proxy;
 
@@ -81,15 +86,29 @@ impl Scope {
 /// Failed key attempts allowed per client address within [`THROTTLE_WINDOW`].
 const THROTTLE_ATTEMPTS: u32 = 5;
 const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked at most; older windows are pruned first.
+/// Addresses tracked at most: expired windows are pruned first, then the oldest window goes,
+/// so a flood of addresses cannot grow the table (IPv6 clients count per /64, the smallest
+/// network one client usually holds).
 const THROTTLE_TRACKED: usize = 10_000;
 
-/// Slows down key guessing: after `THROTTLE_ATTEMPTS` wrong keys from one address within
+/// Slows down key guessing: after `THROTTLE_ATTEMPTS` wrong keys from one client address
+/// (derived from `X-Forwarded-For` behind a trusted proxy, see [`Downstream`]) within
 /// `THROTTLE_WINDOW`, that address gets 429 without its key being checked until the window
 /// ends.
 #[derive(Default)]
 pub struct Throttle {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// The unit one client is counted by: its IPv4 address, or its IPv6 /64.
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
 }
 
 impl Throttle {
@@ -100,25 +119,41 @@ impl Throttle {
     /// Seconds until `ip` may try again, if it is throttled now.
     fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         let map = self.lock();
-        let (count, since) = map.get(&ip)?;
+        let (count, since) = map.get(&throttle_key(ip))?;
         let left = THROTTLE_WINDOW
-            .checked_sub(now.duration_since(*since))
+            .checked_sub(now.saturating_duration_since(*since))
             .filter(|left| !left.is_zero())?;
         (*count >= THROTTLE_ATTEMPTS).then(|| left.as_secs().max(1))
     }
 
     /// Records a wrong key; returns true when this attempt starts the throttling.
     fn failed(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = throttle_key(ip);
         let mut map = self.lock();
-        if map.len() >= THROTTLE_TRACKED {
-            map.retain(|_, (_, since)| now.duration_since(*since) < THROTTLE_WINDOW);
+        if map.len() >= THROTTLE_TRACKED && !map.contains_key(&ip) {
+            map.retain(|_, (_, since)| now.saturating_duration_since(*since) < THROTTLE_WINDOW);
+            if map.len() >= THROTTLE_TRACKED {
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    map.remove(&oldest);
+                }
+            }
         }
         let slot = map.entry(ip).or_insert((0, now));
-        if now.duration_since(slot.1) >= THROTTLE_WINDOW {
+        if now.saturating_duration_since(slot.1) >= THROTTLE_WINDOW {
             *slot = (0, now);
         }
         slot.0 += 1;
         slot.0 == THROTTLE_ATTEMPTS
+    }
+
+    /// Addresses tracked now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -136,15 +171,42 @@ pub fn key_matches(configured: &AdminKey, presented: Option<&HeaderValue>) -> bo
         == 0
 }
 
+/// Which origins an admin request reaches: all, or those whose host is `Clear-Cache-Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFilter(Option<String>);
+
+impl HostFilter {
+    /// From `Clear-Cache-Host` (absent or empty: every host). Compared as origins are keyed:
+    /// lower case, without a default port.
+    pub fn parse(v: Option<&HeaderValue>) -> HostFilter {
+        let host = v
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.strip_suffix(":80")
+                    .or_else(|| v.strip_suffix(":443"))
+                    .map_or(v.clone(), str::to_owned)
+            });
+        HostFilter(host)
+    }
+
+    /// Whether an origin (`scheme://host`) is reached.
+    pub fn matches_origin(&self, origin: &str) -> bool {
+        self.0.as_deref().is_none_or(|h| origin_host(origin) == h)
+    }
+}
+
 /// Handles an admin request (one that carries `Clear-Cache`).
 pub async fn handle(
     proxy: &Arc<Proxy>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    down: &Downstream,
 ) -> Response<ProxyBody> {
-    let path = primary_key(req.uri()).to_owned();
+    let path = path_and_query(req.uri()).to_owned();
+    let client = down.client;
     let Some(configured) = &proxy.config.admin_key else {
-        tracing::warn!(%path, peer = %peer.ip(), "admin request refused: CLEAR_CACHE_KEY is not set");
+        tracing::warn!(%path, %client, "admin request refused: CLEAR_CACHE_KEY is not set");
         proxy.metrics.admin("disabled");
         return respond::json(
             StatusCode::FORBIDDEN,
@@ -152,7 +214,7 @@ pub async fn handle(
         );
     };
     let now = Instant::now();
-    if let Some(retry_after) = proxy.admin_throttle.blocked(peer.ip(), now) {
+    if let Some(retry_after) = proxy.admin_throttle.blocked(client, now) {
         proxy.metrics.admin("throttled");
         let mut resp = respond::json(
             StatusCode::TOO_MANY_REQUESTS,
@@ -163,10 +225,10 @@ pub async fn handle(
         return resp;
     }
     if !key_matches(configured, req.headers().get(CLEAR_CACHE_KEY)) {
-        if proxy.admin_throttle.failed(peer.ip(), now) {
-            tracing::warn!(peer = %peer.ip(), "admin key guessing: throttling this address for {}s", THROTTLE_WINDOW.as_secs());
+        if proxy.admin_throttle.failed(client, now) {
+            tracing::warn!(%client, "admin key guessing: throttling this address for {}s", THROTTLE_WINDOW.as_secs());
         }
-        tracing::warn!(%path, peer = %peer.ip(), "admin request with a missing or wrong Clear-Cache-Key");
+        tracing::warn!(%path, %client, "admin request with a missing or wrong Clear-Cache-Key");
         proxy.metrics.admin("unauthorized");
         return respond::json(
             StatusCode::UNAUTHORIZED,
@@ -183,56 +245,58 @@ pub async fn handle(
             r#"{"error":"Clear-Cache-Scope must be exact, prefix or all"}"#.into(),
         );
     };
+    let hosts = HostFilter::parse(req.headers().get(CLEAR_CACHE_HOST));
     let (action, resp) = match scope {
-        Scope::Exact => exact(proxy, &path, mode).await,
-        Scope::Prefix => many(proxy, &path, mode),
-        Scope::All => many(proxy, "", mode),
+        Scope::Exact => exact(proxy, &path, &hosts, mode).await,
+        Scope::Prefix => many(proxy, &path, &hosts, mode),
+        Scope::All => many(proxy, "", &hosts, mode),
     };
     proxy.metrics.admin(action);
-    tracing::info!(%path, ?mode, ?scope, action, status = resp.status().as_u16(), "admin request");
+    tracing::info!(%path, ?mode, ?scope, host = hosts.0.as_deref().unwrap_or("*"), action, status = resp.status().as_u16(), "admin request");
     resp
 }
 
-/// One key: clear or refresh each stored variant, waiting for refreshes to land.
-async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> (&'static str, Response<ProxyBody>) {
-    let variants = proxy.cache.store.variants(path);
-    let Some(key) = proxy
+/// One path (under every host the filter lets through): clear or refresh each stored
+/// variant, waiting for refreshes to land.
+async fn exact(
+    proxy: &Arc<Proxy>,
+    path: &str,
+    hosts: &HostFilter,
+    mode: Mode,
+) -> (&'static str, Response<ProxyBody>) {
+    let keys = proxy
         .cache
         .store
-        .key_arc(path)
-        .filter(|_| !variants.is_empty())
-    else {
+        .keys_for_path(path, |o| hosts.matches_origin(o));
+    let mut cleared = 0;
+    let mut waiters = Vec::new();
+    for key in &keys {
+        for entry in proxy.cache.store.variants(key) {
+            if wants_refresh(proxy, &entry, mode) {
+                waiters.push((key.clone(), proxy.refresh(key.clone(), entry)));
+            } else if proxy.cache.store.remove_version(key, entry.id) {
+                cleared += 1;
+            }
+        }
+    }
+    proxy.metrics.evicted(Eviction::Admin, cleared);
+    if waiters.is_empty() {
+        let action = if cleared > 0 { "cleared" } else { "not_cached" };
         return (
-            "not_cached",
-            respond::json(StatusCode::OK, report(path, "not_cached", 0)),
-        );
-    };
-    let refresh: Vec<Arc<CachedResponse>> = variants
-        .into_iter()
-        .filter(|e| wants_refresh(proxy, e, mode))
-        .collect();
-    if refresh.is_empty() {
-        let n = proxy.cache.store.remove(path);
-        proxy.metrics.evicted(Eviction::Admin, n);
-        return (
-            "cleared",
-            respond::json(StatusCode::OK, report(path, "cleared", n)),
+            action,
+            respond::json(StatusCode::OK, report(path, action, cleared)),
         );
     }
-    let waiters: Vec<_> = refresh
-        .iter()
-        .map(|e| proxy.refresh(key.clone(), e.clone()))
-        .collect();
     let mut refreshed = 0;
     let mut failure = None;
-    for w in waiters {
+    for (key, w) in waiters {
         match w.wait().await {
             Some(FetchOutcome::Stored(_)) => refreshed += 1,
             Some(FetchOutcome::NotShared) => {
                 // The upstream no longer lets it be shared: the old copy must go too.
                 proxy
                     .metrics
-                    .evicted(Eviction::Admin, proxy.cache.store.remove(path));
+                    .evicted(Eviction::Admin, proxy.cache.store.remove(&key));
                 refreshed += 1;
             }
             Some(FetchOutcome::Failed(e)) => failure = Some(e),
@@ -258,12 +322,21 @@ async fn exact(proxy: &Arc<Proxy>, path: &str, mode: Mode) -> (&'static str, Res
 }
 
 /// Many keys (prefix or all): clears happen now, refreshes start in the background.
-fn many(proxy: &Arc<Proxy>, prefix: &str, mode: Mode) -> (&'static str, Response<ProxyBody>) {
+fn many(
+    proxy: &Arc<Proxy>,
+    prefix: &str,
+    hosts: &HostFilter,
+    mode: Mode,
+) -> (&'static str, Response<ProxyBody>) {
     let (mut cleared, mut refreshing) = (0, 0);
+    let selected = |key: &str| {
+        let (origin, path) = split_key(key);
+        path.starts_with(prefix) && hosts.matches_origin(origin)
+    };
     if mode == Mode::Clear {
-        cleared = proxy.cache.store.remove_prefix(prefix);
+        cleared = proxy.cache.store.remove_matching(selected);
     } else {
-        for (key, variants) in proxy.cache.store.with_prefix(prefix) {
+        for (key, variants) in proxy.cache.store.matching(selected) {
             for entry in variants {
                 if wants_refresh(proxy, &entry, mode) {
                     drop(proxy.refresh(key.clone(), entry));
@@ -354,6 +427,40 @@ mod tests {
         assert_eq!(t.blocked(ip, t0), Some(60));
         assert_eq!(t.blocked(other, t0), None, "per address");
         assert_eq!(t.blocked(ip, t0 + THROTTLE_WINDOW), None, "the window ends");
+    }
+
+    #[test]
+    fn throttle_memory_is_bounded_and_ipv6_counts_per_64() {
+        let t = Throttle::default();
+        let t0 = Instant::now();
+        // One /64: every address in it shares one slot.
+        for i in 0..THROTTLE_ATTEMPTS {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            t.failed(ip, t0);
+        }
+        assert_eq!(t.len(), 1);
+        assert!(t
+            .blocked("2001:db8:1:2:ffff::1".parse().unwrap(), t0)
+            .is_some());
+        // A flood of distinct /64s within one window never grows the table past its bound.
+        for i in 0..(THROTTLE_TRACKED as u32 + 500) {
+            let ip: IpAddr = format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff)
+                .parse()
+                .unwrap();
+            t.failed(ip, t0 + Duration::from_millis(u64::from(i)));
+        }
+        assert!(t.len() <= THROTTLE_TRACKED, "{}", t.len());
+    }
+
+    #[test]
+    fn host_filter() {
+        let any = HostFilter::parse(None);
+        assert!(any.matches_origin("http://a") && any.matches_origin("https://"));
+        let one = HostFilter::parse(Some(&HeaderValue::from_static(" Example.COM:80 ")));
+        assert!(one.matches_origin("http://example.com"));
+        assert!(one.matches_origin("https://example.com"));
+        assert!(!one.matches_origin("http://example.com:8080"));
+        assert!(!one.matches_origin("http://evil.example"));
     }
 
     #[test]

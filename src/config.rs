@@ -57,6 +57,12 @@ pub struct Config {
     pub limits: Limits,
     /// Which request `Cache-Control` directives are obeyed (`CLIENT_CACHE_CONTROL`).
     pub client_cache_control: ClientCacheControl,
+    /// Hosts this proxy answers for (`ALLOWED_HOSTS`); empty: any. Requests for other hosts
+    /// get 421 before any lookup. `.example.com` / `*.example.com` cover subdomains.
+    pub allowed_hosts: Vec<String>,
+    /// Background refreshes (expiry, stale serving, admin) running at once at most
+    /// (`REFRESH_CONCURRENCY`).
+    pub refresh_concurrency: usize,
 }
 
 /// Limits that protect the proxy from hostile or broken clients.
@@ -414,7 +420,33 @@ impl Config {
                 ))
             }
         };
+        let allowed_hosts = match var("ALLOWED_HOSTS") {
+            None => Vec::new(),
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    let name = h.trim_start_matches("*.").trim_start_matches('.');
+                    let valid = !name.is_empty()
+                        && name.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
+                        });
+                    if valid {
+                        Ok(h.to_ascii_lowercase())
+                    } else {
+                        Err(bad(
+                            "ALLOWED_HOSTS",
+                            format!("`{h}` is not a host name (list names like example.com, .example.com)"),
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let refresh_concurrency = count("REFRESH_CONCURRENCY", 16)? as usize;
         Ok(Config {
+            allowed_hosts,
+            refresh_concurrency,
             limits,
             backends,
             pool,

@@ -65,7 +65,7 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
                 .proxy
                 .cache
                 .store
-                .get("/k", &Default::default())
+                .get(&proxy.key("/k"), &Default::default())
                 .is_some_and(|e| e.body != "v1")
         })
         .await
@@ -161,7 +161,7 @@ async fn explicit_freshness_wins_and_age_is_reported() {
         .proxy
         .cache
         .store
-        .get("/a", &Default::default())
+        .get(&proxy.key("/a"), &Default::default())
         .unwrap();
     assert_eq!(entry.lifetime, Duration::from_secs(600));
     let hit = get(proxy.addr, "/a", &[]).await;
@@ -278,7 +278,7 @@ async fn server_error_never_replaces_a_stored_response() {
         .proxy
         .cache
         .store
-        .get("/p", &Default::default())
+        .get(&strict.key("/p"), &Default::default())
         .unwrap();
     assert_eq!(kept.body, "good");
 

@@ -50,7 +50,7 @@ async fn leader_disconnect_does_not_fail_followers() {
 
     let mut leader = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     leader
-        .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(format!("GET /slow HTTP/1.1\r\nhost: {}\r\n\r\n", proxy.addr).as_bytes())
         .await
         .unwrap();
     assert!(

@@ -82,7 +82,7 @@ async fn large_post_is_streamed_not_cached_and_invalidates() {
     tokio::spawn(conn);
     let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
     let req = Request::post("/doc")
-        .header("host", "x")
+        .header("host", proxy.addr.to_string())
         .body(body)
         .unwrap();
     let response = tokio::spawn(async move { sender.send_request(req).await });

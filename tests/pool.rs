@@ -138,7 +138,7 @@ async fn all_backends_down_is_503_or_stale() {
             .proxy
             .cache
             .store
-            .get("/s", &Default::default())
+            .get(&proxy.key("/s"), &Default::default())
             .is_some_and(|e| !e.is_fresh(Instant::now()))
     });
     assert!(stale_now.await);

@@ -142,6 +142,17 @@ impl Sieve {
         self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Entries queued in all shards.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        (0..self.shards.len())
+            .map(|i| {
+                let q = self.lock(i);
+                q.nodes.iter().filter(|n| n.item.is_some()).count()
+            })
+            .sum()
+    }
+
     /// Adds a newly stored entry at the head of its shard's queue.
     pub fn insert(&self, key: Arc<str>, entry: &Arc<CachedResponse>) {
         let shard = self.shard_of(&key);

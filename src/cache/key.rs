@@ -1,13 +1,139 @@
-//! Cache keys. The primary key is the request target's path **and query** (the proxy this
-//! replaces keyed by path only, so `/x?a=1` and `/x?a=2` collided). GET and HEAD share it.
-//! The secondary key is the request's values of the headers the stored response's `Vary`
-//! names (RFC 9111 §4.1), held by [`VaryKey`].
+//! Cache keys. The primary key is the request's effective URI: the normalised origin the
+//! upstream is told about (`scheme://host[:port]`, see [`request_origin`]) followed by the
+//! target's path **and query** (the proxy this replaces keyed by path only, so `/x?a=1` and
+//! `/x?a=2` collided, and `Host: evil.example` could decide what everyone got under `/x`).
+//! GET and HEAD share it. The secondary key is the request's values of the headers the
+//! stored response's `Vary` names (RFC 9111 §4.1), held by [`VaryKey`].
 
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
-/// The primary cache key of a request target: `path?query` exactly as received.
-pub fn primary_key(uri: &Uri) -> &str {
+/// The path and query of a request target, as received (`/` when absent).
+pub fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/")
+}
+
+/// The primary cache key: `origin` (from [`request_origin`]) followed by the path and query.
+pub fn primary_key(origin: &str, uri: &Uri) -> String {
+    let pq = path_and_query(uri);
+    let mut key = String::with_capacity(origin.len() + pq.len());
+    key.push_str(origin);
+    key.push_str(pq);
+    key
+}
+
+/// Splits a primary key into its origin (`scheme://host`) and its path and query.
+pub fn split_key(key: &str) -> (&str, &str) {
+    let after_scheme = key.find("://").map_or(0, |i| i + 3);
+    match key[after_scheme..].find(['/', '*']) {
+        Some(i) => key.split_at(after_scheme + i),
+        None => (key, ""),
+    }
+}
+
+/// The host part of an origin (`https://example.com:8443` → `example.com:8443`).
+pub fn origin_host(origin: &str) -> &str {
+    origin.split_once("://").map_or(origin, |(_, h)| h)
+}
+
+/// Why a request's host or scheme was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadOrigin {
+    /// The host (from the target, `Host` or a trusted `X-Forwarded-Host`) is not a valid
+    /// `host[:port]`.
+    Host,
+    /// A trusted `X-Forwarded-Proto` that is neither `http` nor `https`.
+    Scheme,
+}
+
+/// The origin a request addresses, normalised (`scheme://host[:port]`: lower case, the
+/// scheme's default port dropped, no user info), exactly as it is keyed and as it is told to
+/// the upstream in `X-Forwarded-Host` / `X-Forwarded-Proto`.
+///
+/// From a trusted proxy (`peer_trusted`), its `X-Forwarded-Proto` / `X-Forwarded-Host` (the
+/// first member of a list) are used; otherwise the scheme is `http` and the host is the
+/// absolute-form target's authority or the `Host` header (RFC 9112 §3.2.2). A request with no
+/// host at all (HTTP/1.0) has an empty host.
+pub fn request_origin(
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer_trusted: bool,
+) -> Result<String, BadOrigin> {
+    let forwarded = |name: &str| {
+        headers
+            .get(name)
+            .filter(|_| peer_trusted)
+            .map(|v| first_member(v.as_bytes()))
+            .filter(|v| !v.is_empty())
+    };
+    let https = match forwarded("x-forwarded-proto") {
+        None => false,
+        Some(p) if p.eq_ignore_ascii_case(b"http") => false,
+        Some(p) if p.eq_ignore_ascii_case(b"https") => true,
+        Some(_) => return Err(BadOrigin::Scheme),
+    };
+    let host: &[u8] = match forwarded("x-forwarded-host") {
+        Some(h) => h,
+        None => match uri.authority() {
+            Some(a) => a.as_str().as_bytes(),
+            None => headers
+                .get(http::header::HOST)
+                .map_or(&b""[..], |h| trim(h.as_bytes())),
+        },
+    };
+    let mut origin = String::with_capacity(8 + host.len());
+    origin.push_str(if https { "https://" } else { "http://" });
+    if host.is_empty() {
+        return Ok(origin);
+    }
+    let authority = Authority::try_from(host).map_err(|_| BadOrigin::Host)?;
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(BadOrigin::Host);
+    }
+    for c in authority.host().chars() {
+        origin.push(c.to_ascii_lowercase());
+    }
+    let port = match authority.as_str()[authority.host().len()..].strip_prefix(':') {
+        Some(p) if !p.is_empty() => Some(p.parse::<u16>().map_err(|_| BadOrigin::Host)?),
+        _ => None,
+    };
+    match port {
+        Some(80) if !https => {}
+        Some(443) if https => {}
+        Some(port) => {
+            origin.push(':');
+            origin.push_str(&port.to_string());
+        }
+        None => {}
+    }
+    Ok(origin)
+}
+
+/// Whether `host` (an origin's host, possibly with a port) is matched by one of `allowed`:
+/// exact names, or `.example.com` / `*.example.com` for the domain and all its subdomains.
+/// Ports are ignored, as Django's `ALLOWED_HOSTS` does.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => host.split(':').next().unwrap_or(host),
+    };
+    let name = name.trim_end_matches('.');
+    allowed.iter().any(|a| {
+        let a = a.trim_end_matches('.');
+        match a.strip_prefix("*.").or_else(|| a.strip_prefix('.')) {
+            Some(domain) => {
+                name.eq_ignore_ascii_case(domain)
+                    || name.len() > domain.len() + 1
+                        && name.as_bytes()[name.len() - domain.len() - 1] == b'.'
+                        && name[name.len() - domain.len()..].eq_ignore_ascii_case(domain)
+            }
+            None => name.eq_ignore_ascii_case(a.trim_start_matches('[').trim_end_matches(']')),
+        }
+    })
+}
+
+fn first_member(v: &[u8]) -> &[u8] {
+    trim(v.split(|&b| b == b',').next().unwrap_or(v))
 }
 
 /// The request header values a stored variant was selected by.
@@ -140,8 +266,86 @@ mod tests {
     fn query_is_part_of_the_key() {
         let a: Uri = "/x?a=1".parse().unwrap();
         let b: Uri = "/x?a=2".parse().unwrap();
-        assert_ne!(primary_key(&a), primary_key(&b));
-        assert_eq!(primary_key(&"http://h/x?a=1".parse().unwrap()), "/x?a=1");
+        assert_ne!(primary_key("http://h", &a), primary_key("http://h", &b));
+        assert_eq!(primary_key("http://h", &a), "http://h/x?a=1");
+        assert_eq!(split_key("http://h/x?a=1"), ("http://h", "/x?a=1"));
+        assert_eq!(split_key("https:///x"), ("https://", "/x"));
+        assert_eq!(split_key("http://[::1]:8080/"), ("http://[::1]:8080", "/"));
+        assert_eq!(origin_host("https://h:1"), "h:1");
+    }
+
+    fn origin(target: &str, pairs: &[(&str, &str)], trusted: bool) -> Result<String, BadOrigin> {
+        request_origin(&target.parse().unwrap(), &h(pairs), trusted)
+    }
+
+    #[test]
+    fn origins_are_normalised_and_only_trusted_peers_forward_them() {
+        let ok = |o: &str| Ok(o.to_string());
+        assert_eq!(
+            origin("/x", &[("host", "Example.COM:80")], false),
+            ok("http://example.com")
+        );
+        assert_eq!(
+            origin("/x", &[("host", "example.com:8080")], false),
+            ok("http://example.com:8080")
+        );
+        assert_eq!(
+            origin("http://A.example/x", &[("host", "b")], false),
+            ok("http://a.example")
+        );
+        assert_eq!(origin("/x", &[], false), ok("http://"));
+        // An untrusted peer's X-Forwarded-* are not believed.
+        let fwd = [
+            ("host", "real"),
+            ("x-forwarded-host", "evil"),
+            ("x-forwarded-proto", "https"),
+        ];
+        assert_eq!(origin("/x", &fwd, false), ok("http://real"));
+        assert_eq!(origin("/x", &fwd, true), ok("https://evil"));
+        let list = [
+            ("x-forwarded-host", " a.example:443 , b"),
+            ("x-forwarded-proto", "HTTPS"),
+        ];
+        assert_eq!(origin("/x", &list, true), ok("https://a.example"));
+        assert_eq!(
+            origin("/x", &[("host", "[::1]:8000")], false),
+            ok("http://[::1]:8000")
+        );
+        for bad in ["a b", "user@host", "a/b", "h:99999", ":80"] {
+            assert_eq!(
+                origin("/x", &[("host", bad)], false),
+                Err(BadOrigin::Host),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            origin("/x", &[("x-forwarded-proto", "gopher")], true),
+            Err(BadOrigin::Scheme)
+        );
+    }
+
+    #[test]
+    fn allowed_hosts() {
+        let allowed = [
+            "example.com".to_string(),
+            ".example.org".into(),
+            "*.test".into(),
+        ];
+        for (host, ok) in [
+            ("example.com", true),
+            ("EXAMPLE.com:8080", true),
+            ("www.example.com", false),
+            ("example.org", true),
+            ("a.b.example.org", true),
+            ("badexample.org", false),
+            ("x.test", true),
+            ("test", true),
+            ("evil.example", false),
+            ("", false),
+        ] {
+            assert_eq!(host_allowed(host, &allowed), ok, "{host}");
+        }
+        assert!(host_allowed("[::1]:80", &["[::1]".to_string()]));
     }
 
     #[test]

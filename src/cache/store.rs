@@ -1,5 +1,7 @@
-//! The in-memory store: a sharded [`DashMap`] from primary key to the stored variants of that
-//! URL, bounded by `CACHE_MAX_BYTES` through [`Sieve`] eviction. Readers take one map-shard
+//! The in-memory store: a sharded [`DashMap`] from primary key (origin + path + query, see
+//! [`super::key`]) to the stored variants of that URL, bounded by `CACHE_MAX_BYTES` through
+//! [`Sieve`] eviction. It also counts keys per origin, so an admin request for a path reaches
+//! that path under every host without scanning the map. Readers take one map-shard
 //! read lock for a lookup and leave with an `Arc`, so nothing is held across `.await`, a hit
 //! never copies a body, and a hit never touches the eviction queues (it sets one bit).
 
@@ -11,6 +13,7 @@ use http::{HeaderMap, HeaderName};
 
 use super::entry::CachedResponse;
 use super::eviction::Sieve;
+use super::key::split_key;
 
 /// Most variants kept per URL; a `Vary` on a high-cardinality header cannot grow a key
 /// without bound (the oldest variant goes first).
@@ -19,6 +22,8 @@ const MAX_VARIANTS: usize = 16;
 /// Stored responses by primary key, with size accounting and a byte budget.
 pub struct Store {
     map: DashMap<Arc<str>, Vec<Arc<CachedResponse>>>,
+    /// Stored keys per origin (`scheme://host`); an origin leaves when its last key does.
+    origins: DashMap<Box<str>, usize>,
     sieve: Sieve,
     max_bytes: usize,
     bytes: AtomicUsize,
@@ -30,6 +35,7 @@ impl Store {
     pub fn new(max_bytes: usize) -> Self {
         Store {
             map: DashMap::new(),
+            origins: DashMap::new(),
             sieve: Sieve::default(),
             max_bytes,
             bytes: AtomicUsize::new(0),
@@ -74,9 +80,16 @@ impl Store {
         if entry.size > self.max_bytes {
             return 0;
         }
-        let mut removed = Vec::new();
         {
-            let mut variants = self.map.entry(key.clone()).or_default();
+            // Everything that must agree with the map (byte and entry counts, the eviction
+            // queue, the origin index) is updated under the key's map guard, so a concurrent
+            // removal of the same key sees it all or nothing.
+            let mut slot = self.map.entry(key.clone()).or_default();
+            let variants = slot.value_mut();
+            if variants.is_empty() {
+                *self.origins.entry(split_key(&key).0.into()).or_default() += 1;
+            }
+            let mut removed = Vec::new();
             variants.retain(|old| {
                 let keep = old.vary.same_names(&entry.vary) && old.vary != entry.vary;
                 if !keep {
@@ -88,11 +101,11 @@ impl Store {
                 removed.push(variants.remove(0));
             }
             variants.push(entry.clone());
+            self.bytes.fetch_add(entry.size, Ordering::Relaxed);
+            self.entries.fetch_add(1, Ordering::Relaxed);
+            self.sieve.insert(key.clone(), &entry);
+            self.forget(&key, &removed);
         }
-        self.bytes.fetch_add(entry.size, Ordering::Relaxed);
-        self.entries.fetch_add(1, Ordering::Relaxed);
-        self.sieve.insert(key.clone(), &entry);
-        self.forget(&key, &removed);
 
         let mut evicted = 0;
         while self.bytes() > self.max_bytes {
@@ -108,12 +121,16 @@ impl Store {
 
     /// Removes version `id` of `key` if it is still stored. Returns whether it was.
     pub fn remove_version(&self, key: &str, id: u64) -> bool {
-        let mut found = None;
         let now_empty = match self.map.get_mut(key) {
             None => return false,
             Some(mut variants) => {
-                if let Some(pos) = variants.iter().position(|e| e.id == id) {
-                    found = Some(variants.remove(pos));
+                let Some(pos) = variants.iter().position(|e| e.id == id) else {
+                    return false;
+                };
+                let gone = variants.remove(pos);
+                self.forget(key, std::slice::from_ref(&gone));
+                if variants.is_empty() {
+                    self.forget_origin(key);
                 }
                 variants.is_empty()
             }
@@ -121,13 +138,7 @@ impl Store {
         if now_empty {
             self.map.remove_if(key, |_, v| v.is_empty());
         }
-        match found {
-            Some(e) => {
-                self.forget(key, std::slice::from_ref(&e));
-                true
-            }
-            None => false,
-        }
+        true
     }
 
     /// Removes every variant of `key`; returns how many there were.
@@ -135,39 +146,66 @@ impl Store {
         match self.map.remove(key) {
             Some((key, variants)) => {
                 self.forget(&key, &variants);
+                if !variants.is_empty() {
+                    self.forget_origin(&key);
+                }
                 variants.len()
             }
             None => 0,
         }
     }
 
-    /// Removes every key starting with `prefix` (all keys for `""`); returns how many
-    /// variants went.
-    pub fn remove_prefix(&self, prefix: &str) -> usize {
-        let mut removed = Vec::new();
+    /// Removes every key for which `pred` is true; returns how many variants went.
+    pub fn remove_matching(&self, pred: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
         self.map.retain(|k, variants| {
-            if k.starts_with(prefix) {
-                removed.push((k.clone(), std::mem::take(variants)));
+            if pred(k) {
+                self.forget(k, variants);
+                if !variants.is_empty() {
+                    self.forget_origin(k);
+                }
+                removed += variants.len();
                 false
             } else {
                 true
             }
         });
         removed
-            .iter()
-            .map(|(k, v)| {
-                self.forget(k, v);
-                v.len()
-            })
-            .sum()
     }
 
-    /// Keys starting with `prefix` and their variants (a snapshot).
-    pub fn with_prefix(&self, prefix: &str) -> Vec<(Arc<str>, Vec<Arc<CachedResponse>>)> {
+    /// Keys for which `pred` is true and their variants (a snapshot).
+    pub fn matching(
+        &self,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<(Arc<str>, Vec<Arc<CachedResponse>>)> {
         self.map
             .iter()
-            .filter(|e| e.key().starts_with(prefix))
+            .filter(|e| pred(e.key()))
             .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    /// The stored keys for `path_and_query` under every origin for which `origin` is true.
+    pub fn keys_for_path(
+        &self,
+        path_and_query: &str,
+        origin: impl Fn(&str) -> bool,
+    ) -> Vec<Arc<str>> {
+        let origins: Vec<Box<str>> = self
+            .origins
+            .iter()
+            .filter(|o| origin(o.key()))
+            .map(|o| o.key().clone())
+            .collect();
+        let mut key = String::new();
+        origins
+            .iter()
+            .filter_map(|o| {
+                key.clear();
+                key.push_str(o);
+                key.push_str(path_and_query);
+                self.key_arc(&key)
+            })
             .collect()
     }
 
@@ -195,13 +233,50 @@ impl Store {
         self.max_bytes
     }
 
-    /// Accounting and eviction-queue bookkeeping for entries that left the map.
+    /// Accounting and eviction-queue bookkeeping for variants that left the map (`gone` is
+    /// everything `key` held when the key itself left).
     fn forget(&self, key: &str, gone: &[Arc<CachedResponse>]) {
         for e in gone {
             self.sieve.remove(key, e);
             self.bytes.fetch_sub(e.size, Ordering::Relaxed);
             self.entries.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The origin index counts keys with at least one variant: called when `key`'s last
+    /// variant went, under its map guard.
+    fn forget_origin(&self, key: &str) {
+        let origin = split_key(key).0;
+        if let Some(mut n) = self.origins.get_mut(origin) {
+            *n = n.saturating_sub(1);
+        }
+        self.origins.remove_if(origin, |_, n| *n == 0);
+    }
+
+    /// Checks that the counters agree with the map (tests only).
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let (mut entries, mut bytes) = (0, 0);
+        let mut origins = std::collections::HashMap::<String, usize>::new();
+        for e in self.map.iter() {
+            assert!(
+                !e.value().is_empty(),
+                "empty variant list left for {}",
+                e.key()
+            );
+            entries += e.value().len();
+            bytes += e.value().iter().map(|v| v.size).sum::<usize>();
+            *origins.entry(split_key(e.key()).0.to_owned()).or_default() += 1;
+        }
+        assert_eq!(self.len(), entries, "entry count");
+        assert_eq!(self.bytes(), bytes, "byte count");
+        assert_eq!(self.sieve.queued(), entries, "eviction queue length");
+        let indexed: std::collections::HashMap<String, usize> = self
+            .origins
+            .iter()
+            .map(|o| (o.key().to_string(), *o.value()))
+            .collect();
+        assert_eq!(indexed, origins, "origin index");
     }
 }
 
@@ -225,7 +300,8 @@ mod tests {
         assert_eq!(store.len(), 10);
         assert_eq!(evicted, 90);
         assert_eq!(store.bytes(), one * 10);
-        assert_eq!(store.remove_prefix(""), 10);
+        assert_eq!(store.remove_matching(|_| true), 10);
+        store.check_invariants();
         assert_eq!((store.len(), store.bytes()), (0, 0));
     }
 
@@ -250,6 +326,65 @@ mod tests {
             }
         }
         assert_eq!(store.len(), 400);
+    }
+
+    /// Many threads insert, replace and remove the same few keys at once: afterwards the
+    /// byte and entry counts, the eviction queue and the origin index agree with the map.
+    #[test]
+    fn concurrent_inserts_and_removals_keep_the_accounting_exact() {
+        let one = entry(100).size;
+        let store = Arc::new(Store::new(one * 6));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..3000usize {
+                        let key = format!("http://h{}/k{}", (i + t) % 3, i % 4);
+                        match (i + t) % 5 {
+                            0 => {
+                                store.remove(&key);
+                            }
+                            1 => {
+                                if let Some(e) = store.get(&key, &HeaderMap::new()) {
+                                    store.remove_version(&key, e.id);
+                                }
+                            }
+                            2 if i % 50 == 0 => {
+                                store.remove_matching(|k| k.ends_with("/k1"));
+                            }
+                            _ => {
+                                store.insert(Arc::from(key.as_str()), entry(100), &|_| false);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        store.check_invariants();
+        assert!(store.bytes() <= store.max_bytes());
+        store.remove_matching(|_| true);
+        store.check_invariants();
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_path_is_found_under_every_origin() {
+        let store = Store::new(1 << 20);
+        for k in ["http://a/x", "https://a/x", "http://b:8080/x", "http://a/y"] {
+            store.insert(Arc::from(k), entry(10), &|_| false);
+        }
+        let mut keys: Vec<String> = store
+            .keys_for_path("/x", |_| true)
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["http://a/x", "http://b:8080/x", "https://a/x"]);
+        assert_eq!(store.keys_for_path("/x", |o| o.ends_with("//a")).len(), 2);
+        store.check_invariants();
     }
 
     #[test]

@@ -17,14 +17,14 @@ use super::Proxy;
 use crate::body::ProxyBody;
 use crate::cache::conditional::etag_for_body;
 use crate::cache::entry::{CachedResponse, NewEntry};
-use crate::cache::key::VaryKey;
+use crate::cache::key::{split_key, VaryKey};
 use crate::cache::policy::{self, CacheControl};
 use crate::cache::FetchOutcome;
 use crate::error::{chain, UpstreamError};
 
 /// A fetch to fill (or revalidate) one cache entry.
 pub(crate) struct FetchRequest {
-    /// Primary key: the downstream path and query.
+    /// Primary key: the origin and the downstream path and query.
     pub key: Arc<str>,
     /// Headers for the upstream: already rewritten (hop-by-hop removed, X-Forwarded-* set,
     /// client preconditions and Range removed).
@@ -77,9 +77,9 @@ impl Proxy {
             }
         }
 
-        let sent = self
-            .upstream
-            .send_idempotent(&Method::GET, &req.key, &headers, deadline);
+        let sent =
+            self.upstream
+                .send_idempotent(&Method::GET, split_key(&req.key).1, &headers, deadline);
         let resp = match sent.await {
             Ok(resp) => resp,
             Err(e) => return Fetched::Failed(e),

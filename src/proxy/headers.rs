@@ -30,6 +30,7 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub const CLEAR_CACHE: HeaderName = HeaderName::from_static("clear-cache");
 pub const CLEAR_CACHE_KEY: HeaderName = HeaderName::from_static("clear-cache-key");
 pub const CLEAR_CACHE_SCOPE: HeaderName = HeaderName::from_static("clear-cache-scope");
+pub const CLEAR_CACHE_HOST: HeaderName = HeaderName::from_static("clear-cache-host");
 
 /// Removes hop-by-hop fields, including those named by `Connection`, and `Upgrade` (we do
 /// not tunnel protocol upgrades).
@@ -47,15 +48,75 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Rewrites `X-Forwarded-For/-Proto/-Host` for the upstream. From a trusted peer the chain
-/// is extended; from anyone else client-supplied values are replaced, so a client cannot
-/// forge its address.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: &[IpNet]) {
-    let peer_trusted = trusted.iter().any(|net| net.contains(peer));
-    strip_unkeyed_overrides(headers, peer_trusted);
-    let peer_str = peer.to_string();
+/// Who sent a request: the TCP peer, whether it is a trusted proxy (`TRUSTED_PROXIES`), and
+/// the client address derived from both once per request, for the admin throttle and the
+/// access log.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    pub client: IpAddr,
+}
+
+impl Downstream {
+    /// From a trusted peer, the client is the rightmost `X-Forwarded-For` entry that is not
+    /// itself a trusted proxy (as nginx's `real_ip_recursive`); from anyone else it is the
+    /// peer. An entry that is not an address stops the walk at the proxy that added it.
+    pub fn new(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Self {
+        let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+        let peer_trusted = is_trusted(peer);
+        let mut client = peer;
+        if peer_trusted {
+            let entries = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .rev()
+                .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
+            for entry in entries {
+                let entry = entry.trim();
+                if entry.is_empty() {
+                    continue;
+                }
+                match parse_forwarded_ip(entry) {
+                    Some(ip) => {
+                        client = ip;
+                        if !is_trusted(ip) {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        Downstream {
+            peer,
+            peer_trusted,
+            client,
+        }
+    }
+}
+
+/// An `X-Forwarded-For` member: an address, possibly `[v6]`, `v4:port` or `[v6]:port`.
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Rewrites `X-Forwarded-For/-Proto/-Host` for the upstream. From a trusted peer the
+/// `X-Forwarded-For` chain is extended; from anyone else client-supplied values are replaced,
+/// so a client cannot forge its address. `X-Forwarded-Proto` / `-Host` always say `origin`,
+/// the normalised origin the response is keyed by ([`crate::cache::key::request_origin`]), so
+/// nothing the upstream reads about the host is outside the key.
+pub fn set_forwarded(headers: &mut HeaderMap, down: &Downstream, origin: &str) {
+    strip_unkeyed_overrides(headers);
+    let peer_str = down.peer.to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if peer_trusted && !prior.trim().is_empty() => {
+        Some(prior) if down.peer_trusted && !prior.trim().is_empty() => {
             format!("{}, {peer_str}", prior.trim())
         }
         _ => peer_str,
@@ -63,15 +124,22 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: &[IpNet]) {
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    if !peer_trusted || !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    if !peer_trusted || !headers.contains_key(X_FORWARDED_HOST) {
-        match headers.get(header::HOST).cloned() {
-            Some(host) => headers.insert(X_FORWARDED_HOST, host),
-            None => headers.remove(X_FORWARDED_HOST),
-        };
-    }
+    set_forwarded_origin(headers, origin);
+}
+
+/// Sets `X-Forwarded-Proto` and `X-Forwarded-Host` from a normalised origin
+/// (`scheme://host`); without a host, `X-Forwarded-Host` is removed.
+pub fn set_forwarded_origin(headers: &mut HeaderMap, origin: &str) {
+    let (scheme, host) = origin.split_once("://").unwrap_or(("http", origin));
+    let proto = if scheme == "https" { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match HeaderValue::from_str(host)
+        .ok()
+        .filter(|_| !host.is_empty())
+    {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
 }
 
 /// Request headers that make many origins and frameworks serve a *different* resource (or
@@ -91,14 +159,13 @@ const UNKEYED_OVERRIDES: [HeaderName; 10] = [
     HeaderName::from_static("x-method-override"),
 ];
 
-/// Removes `UNKEYED_OVERRIDES`, and `Forwarded` unless the peer is a trusted proxy.
-pub fn strip_unkeyed_overrides(headers: &mut HeaderMap, peer_trusted: bool) {
+/// Removes `UNKEYED_OVERRIDES` and `Forwarded` (whose `host=` / `proto=` would be unkeyed
+/// too: edgecache sends `X-Forwarded-*` from the keyed origin instead).
+pub fn strip_unkeyed_overrides(headers: &mut HeaderMap) {
     for name in &UNKEYED_OVERRIDES {
         headers.remove(name);
     }
-    if !peer_trusted {
-        headers.remove(header::FORWARDED);
-    }
+    headers.remove(header::FORWARDED);
 }
 
 /// Headers a client sends that must not reach the upstream on a fetch meant to fill the
@@ -147,16 +214,24 @@ mod tests {
         assert!(h.contains_key(header::ETAG));
     }
 
+    fn down(peer: &str, h: &HeaderMap) -> Downstream {
+        Downstream::new(peer.parse().unwrap(), h, &trusted())
+    }
+
     #[test]
     fn untrusted_peer_cannot_forge_forwarded_for() {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        set_forwarded(&mut h, "203.0.113.9".parse().unwrap(), &trusted());
+        h.insert(header::FORWARDED, HeaderValue::from_static("host=evil"));
+        let d = down("203.0.113.9", &h);
+        assert_eq!(d.client, "203.0.113.9".parse::<IpAddr>().unwrap());
+        set_forwarded(&mut h, &d, "http://example.com");
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.9");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "example.com");
+        assert!(!h.contains_key(header::FORWARDED));
     }
 
     #[test]
@@ -164,8 +239,50 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), &trusted());
+        let d = down("127.0.0.1", &h);
+        set_forwarded(&mut h, &d, "https://a.example");
         assert_eq!(h[X_FORWARDED_FOR], "1.2.3.4, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_FORWARDED_HOST], "a.example");
+    }
+
+    #[test]
+    fn client_address_is_the_rightmost_untrusted_forwarded_entry() {
+        let xff = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(X_FORWARDED_FOR, HeaderValue::from_static(v));
+            h
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Behind nginx: the client nginx saw.
+        assert_eq!(
+            down("127.0.0.1", &xff("203.0.113.7")).client,
+            ip("203.0.113.7")
+        );
+        // A client-forged entry on the left is not believed: the rightmost untrusted wins.
+        assert_eq!(
+            down("127.0.0.1", &xff("6.6.6.6, 203.0.113.7")).client,
+            ip("203.0.113.7")
+        );
+        // Trusted hops are skipped; ports and brackets are understood.
+        assert_eq!(
+            down("::1", &xff("198.51.100.1:5000, 127.0.0.1")).client,
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            down("127.0.0.1", &xff("[2001:db8::1]:443")).client,
+            ip("2001:db8::1")
+        );
+        // Garbage stops the walk at the proxy that passed it on.
+        assert_eq!(
+            down("127.0.0.1", &xff("203.0.113.7, junk")).client,
+            ip("127.0.0.1")
+        );
+        // An untrusted peer is the client, whatever it says.
+        assert_eq!(
+            down("203.0.113.9", &xff("1.2.3.4")).client,
+            ip("203.0.113.9")
+        );
+        assert_eq!(down("127.0.0.1", &HeaderMap::new()).client, ip("127.0.0.1"));
     }
 }

@@ -27,14 +27,20 @@ use tokio::sync::oneshot;
 use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::entry::{clock_ms, CachedResponse};
-use crate::cache::key::{primary_key, push_flight_suffix};
+use crate::cache::key::{
+    host_allowed, origin_host, path_and_query, primary_key, push_flight_suffix, request_origin,
+    split_key, BadOrigin,
+};
 use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
 use crate::config::{ClientCacheControl, Config};
 use crate::metrics::{Eviction, Metrics};
 use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
-use headers::{set_forwarded, strip_client_conditionals, strip_hop_by_hop, CLEAR_CACHE};
+use headers::{
+    set_forwarded, set_forwarded_origin, strip_client_conditionals, strip_hop_by_hop, Downstream,
+    CLEAR_CACHE,
+};
 use respond::CacheStatus;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -46,6 +52,9 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Wrong admin keys per client address.
     pub admin_throttle: crate::admin::Throttle,
+    /// Background refreshes (expiry, stale serving, admin) share these `REFRESH_CONCURRENCY`
+    /// slots, so a refresh of many keys never becomes a herd of its own.
+    refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Facts about one request gathered for its access-log line.
@@ -62,11 +71,12 @@ impl Proxy {
         let upstream = Upstream::new(&config);
         let max_bytes = config.max_bytes;
         Proxy {
-            config,
             cache: Cache::new(max_bytes),
             upstream,
             metrics: Metrics::default(),
             admin_throttle: Default::default(),
+            refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
+            config,
         }
     }
 
@@ -82,7 +92,8 @@ impl Proxy {
         let logged = tracing::enabled!(target: "edgecache::access", tracing::Level::INFO)
             .then(|| (req.method().clone(), req.uri().clone()));
         let mut trace = Trace::default();
-        let resp = self.route(req, peer, &mut trace).await;
+        let down = Downstream::new(peer.ip(), req.headers(), &self.config.trusted_proxies);
+        let resp = self.route(req, &down, &mut trace).await;
         self.metrics.request(match (trace.cache, trace.admin) {
             (_, true) => 5,
             (Some(status), _) => status as usize,
@@ -98,6 +109,7 @@ impl Proxy {
                 coalesced = trace.coalesced,
                 upstream_ms = trace.upstream_ms,
                 total_ms = started.elapsed().as_millis() as u64,
+                client = %down.client,
                 peer = %peer.ip(),
             );
         }
@@ -107,21 +119,39 @@ impl Proxy {
     async fn route(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         if req.headers().contains_key(CLEAR_CACHE) {
             trace.admin = true;
-            return crate::admin::handle(self, req, peer).await;
+            return crate::admin::handle(self, req, down).await;
+        }
+        let origin = match request_origin(req.uri(), req.headers(), down.peer_trusted) {
+            Ok(origin) => origin,
+            Err(BadOrigin::Host) => {
+                return respond::plain(StatusCode::BAD_REQUEST, "invalid Host\n");
+            }
+            Err(BadOrigin::Scheme) => {
+                return respond::plain(StatusCode::BAD_REQUEST, "invalid X-Forwarded-Proto\n");
+            }
+        };
+        if !self.config.allowed_hosts.is_empty()
+            && !host_allowed(origin_host(&origin), &self.config.allowed_hosts)
+        {
+            // RFC 9110 §15.5.20: not a host this proxy answers for; nothing is looked up.
+            return respond::plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this host is not served here (ALLOWED_HOSTS)\n",
+            );
         }
         match *req.method() {
-            Method::GET | Method::HEAD => self.lookup(req, peer, trace).await,
+            Method::GET | Method::HEAD => self.lookup(req, down, origin, trace).await,
             Method::CONNECT => {
                 respond::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
             }
             _ => {
                 trace.cache = Some(CacheStatus::Bypass);
-                self.pass(req, peer, trace).await
+                self.pass(req, down, &origin, trace).await
             }
         }
     }
@@ -130,14 +160,15 @@ impl Proxy {
     async fn lookup(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
+        origin: String,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let head = req.method() == Method::HEAD;
-        let key = primary_key(req.uri());
+        let key = primary_key(&origin, req.uri());
         let now = Instant::now();
         let client = self.client_directives(req.headers());
-        let base = self.cache.store.get(key, req.headers());
+        let base = self.cache.store.get(&key, req.headers());
         if let Some(entry) = &base {
             entry.touch();
             if entry.is_fresh(now) && client_accepts_fresh(&client, entry, now) {
@@ -149,7 +180,7 @@ impl Proxy {
                 // While refreshes of this copy keep failing, clients do not start more of
                 // them than the backoff allows.
                 if entry.may_start_refresh() {
-                    if let Some(key) = self.cache.store.key_arc(key) {
+                    if let Some(key) = self.cache.store.key_arc(&key) {
                         drop(self.refresh(key, entry.clone()));
                     }
                 }
@@ -169,7 +200,9 @@ impl Proxy {
         };
         trace.cache = Some(status);
         let started = Instant::now();
-        let resp = self.fetch_coalesced(req, peer, base, status, trace).await;
+        let resp = self
+            .fetch_coalesced(req, down, &origin, key, base, status, trace)
+            .await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         resp
     }
@@ -205,25 +238,27 @@ impl Proxy {
     }
 
     /// Fetches a missing or stale entry once for all concurrent requesters.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_coalesced(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
+        origin: &str,
+        key: String,
         base: Option<Arc<CachedResponse>>,
         status: CacheStatus,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let head = req.method() == Method::HEAD;
         let (parts, _body) = req.into_parts();
-        let key_str = primary_key(&parts.uri);
         let key: Arc<str> = self
             .cache
             .store
-            .key_arc(key_str)
-            .unwrap_or_else(|| Arc::from(key_str));
+            .key_arc(&key)
+            .unwrap_or_else(|| Arc::from(key));
         let fetch = FetchRequest {
             key: key.clone(),
-            headers: self.upstream_headers(&parts.headers, peer, true),
+            headers: self.upstream_headers(&parts.headers, down, origin, true),
             base: base.clone(),
             last_access_ms: clock_ms(),
         };
@@ -350,7 +385,9 @@ impl Proxy {
         key: Arc<str>,
         entry: Arc<CachedResponse>,
     ) -> Waiter<FetchOutcome> {
-        let headers = entry.vary.request_headers();
+        let mut headers = entry.vary.request_headers();
+        // Refreshes carry no client's headers, but the origin they are keyed by.
+        set_forwarded_origin(&mut headers, split_key(&key).0);
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
@@ -366,6 +403,8 @@ impl Proxy {
                 };
                 let proxy = self.clone();
                 tokio::spawn(async move {
+                    // The semaphore is never closed; without a slot the refresh runs anyway.
+                    let _slot = proxy.refresh_slots.clone().acquire_owned().await;
                     let fetched = proxy.fetch_for_cache(fetch).await;
                     if let Fetched::Failed(e) = &fetched {
                         let backoff = entry.refresh_failed();
@@ -389,19 +428,14 @@ impl Proxy {
     async fn pass(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        down: &Downstream,
+        origin: &str,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
-        let key = primary_key(&parts.uri).to_owned();
-        let headers = self.upstream_headers(&parts.headers, peer, false);
+        let path = path_and_query(&parts.uri);
+        let headers = self.upstream_headers(&parts.headers, down, origin, false);
         let method = parts.method.clone();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         let fault = Arc::new(AtomicU8::new(0));
         let remaining = match self.config.limits.max_request_body {
             None => u64::MAX,
@@ -428,7 +462,7 @@ impl Proxy {
         let deadline = self.upstream.deadline();
         let sent = self
             .upstream
-            .send_once(&method, &key, headers, body, deadline);
+            .send_once(&method, path, headers, body, deadline);
         let result = sent.await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         match result {
@@ -450,7 +484,7 @@ impl Proxy {
                 let (mut parts, body) = resp.into_parts();
                 if !method.is_safe() && (parts.status.is_success() || parts.status.is_redirection())
                 {
-                    self.invalidate(&key, &parts.headers, host.as_ref());
+                    self.invalidate(origin, path, &parts.headers);
                 }
                 strip_hop_by_hop(&mut parts.headers);
                 respond::passed(
@@ -464,8 +498,11 @@ impl Proxy {
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
     /// same-origin URIs in the response's `Location` and `Content-Location`.
-    fn invalidate(&self, key: &str, resp: &HeaderMap, host: Option<&HeaderValue>) {
-        let mut removed = self.cache.store.remove(key);
+    fn invalidate(&self, origin: &str, path: &str, resp: &HeaderMap) {
+        let mut key = String::with_capacity(origin.len() + path.len());
+        key.push_str(origin);
+        key.push_str(path);
+        let mut removed = self.cache.store.remove(&key);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -475,11 +512,12 @@ impl Proxy {
             };
             let same_origin = match uri.authority() {
                 None => true,
-                Some(auth) => host
-                    .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes())),
+                Some(auth) => auth.as_str().eq_ignore_ascii_case(origin_host(origin)),
             };
             if same_origin && uri.path().starts_with('/') {
-                removed += self.cache.store.remove(primary_key(&uri));
+                key.truncate(origin.len());
+                key.push_str(path_and_query(&uri));
+                removed += self.cache.store.remove(&key);
             }
         }
         self.metrics.evicted(Eviction::Invalidated, removed);
@@ -489,13 +527,14 @@ impl Proxy {
     fn upstream_headers(
         &self,
         downstream: &HeaderMap,
-        peer: SocketAddr,
+        down: &Downstream,
+        origin: &str,
         for_cache: bool,
     ) -> HeaderMap {
         let mut h = downstream.clone();
         strip_hop_by_hop(&mut h);
         h.remove(header::EXPECT);
-        set_forwarded(&mut h, peer.ip(), &self.config.trusted_proxies);
+        set_forwarded(&mut h, down, origin);
         if for_cache {
             strip_client_conditionals(&mut h);
         }

@@ -149,6 +149,11 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// The cache key of `path` as requested by [`send`] (which sends `Host: <proxy addr>`).
+    pub fn key(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
     /// Starts edgecache in front of `upstream` with `env` on top of the test defaults.
     pub async fn start(upstream: &str, env: &[(&str, &str)]) -> ProxyHandle {
         let mut vars: HashMap<String, String> = HashMap::from([
@@ -227,10 +232,10 @@ pub async fn send(
         .await
         .unwrap();
     tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
+    let mut req = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", addr.to_string());
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
