@@ -752,6 +752,20 @@ mod tests {
         }
     }
 
+    /// The README's settings table states each duration's range as the code does.
+    #[test]
+    fn readme_documents_every_duration_range() {
+        let readme = include_str!("../README.md");
+        for (name, min, max) in DURATIONS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("{name} is not in the README's settings table"));
+            let range = format!("Range `{min}`–`{max}`");
+            assert!(row.contains(&range), "{name}: README should say {range}");
+        }
+    }
+
     /// Counts and byte sizes have ranges too.
     #[test]
     fn counts_and_sizes_have_ranges() {

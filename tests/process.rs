@@ -154,6 +154,26 @@ fn upstream_credentials_are_refused_without_printing_them() {
     }
 }
 
+/// A `.env` line that cannot be parsed stops the daemon with one line that names the
+/// setting but does not quote the file: after an unclosed quote, the rest of the file (secrets
+/// included) would otherwise be printed.
+#[test]
+fn an_unparseable_dotenv_line_is_not_printed() {
+    let dir = TempDir::new("dotenv-bad");
+    fs::write(
+        dir.path.join(".env"),
+        "LISTEN_ADDR=127.0.0.1:0\n\
+         CLEAR_CACHE_KEY='s3cret\n\
+         UPSTREAM_URL=http://user:pa55@127.0.0.1:9\n",
+    )
+    .unwrap();
+    let line = assert_refused(&dir, &[], "CLEAR_CACHE_KEY");
+    assert!(line.contains(".env"), "{line}");
+    for secret in ["s3cret", "pa55"] {
+        assert!(!line.contains(secret), "a secret was printed: {line}");
+    }
+}
+
 /// With every duration, count and size at the top of its range, the daemon starts and serves
 /// (none of the deadlines it computes overflows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
