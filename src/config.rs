@@ -5,9 +5,15 @@
 //! `CLEAR_CACHE_KEY`), so an old `.env` keeps working. Parsing is pure: it takes a lookup
 //! function, never reads the process environment itself, and reports the first bad variable
 //! as a [`ConfigError`] that names it.
+//!
+//! Every numeric setting has a range, stated once where it is read (the `seconds`, `count` and
+//! `byte_size` helpers of [`Config::from_lookup`]) and documented in the README's settings
+//! table. The ranges keep every duration small enough that adding it (or twice it) to an
+//! `Instant` cannot overflow: timeouts are at most a day, cache lifetimes at most a year.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use http::Uri;
@@ -40,7 +46,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Peers whose `X-Forwarded-*` headers are believed (`TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<IpNet>,
-    /// Responses with larger bodies are streamed and never stored (`CACHE_MAX_OBJECT_BYTES`).
+    /// Responses with larger bodies are streamed and never stored (`CACHE_MAX_OBJECT_BYTES`);
+    /// at most `max_bytes`.
     pub max_object_bytes: usize,
     /// The store's accounted size (bodies, headers, keys, per-entry overhead) never exceeds
     /// this (`CACHE_MAX_BYTES`).
@@ -223,13 +230,18 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// One line: control characters in the problem (a value echoed in it) are escaped.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration: {}: {}",
-            self.variable, self.problem
-        )
+        write!(f, "invalid configuration: {}: ", self.variable)?;
+        for c in self.problem.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -270,20 +282,21 @@ impl Config {
                     .into(),
             )),
         };
-        let seconds = |name: &'static str, default: f64| -> Result<Duration, ConfigError> {
+        // Seconds (decimals allowed) within `range`, else an error naming the variable.
+        let seconds = |name: &'static str,
+                       default: f64,
+                       range: RangeInclusive<f64>|
+         -> Result<Duration, ConfigError> {
             match var(name) {
                 None => Ok(Duration::from_secs_f64(default)),
-                Some(v) => parse_seconds(&v).map_err(|p| bad(name, p)),
+                Some(v) => parse_seconds(&v, &range).map_err(|p| bad(name, p)),
             }
         };
-        let default_ttl =
-            Some(seconds("DEFAULT_CACHE_EXPIRY_TIME_SECS", 2.0)?).filter(|d| !d.is_zero());
-        let refresh_window = seconds("DEFAULT_REFRESH_WINDOW_SECS", 60.0)?;
-        let upstream_timeout = seconds("REQ_TIMEOUT", 10.0)?;
-        if upstream_timeout.is_zero() {
-            return Err(bad("REQ_TIMEOUT", "must be greater than 0".into()));
-        }
-        let shutdown_grace = seconds("SHUTDOWN_GRACE_SECS", 30.0)?;
+        let default_ttl = Some(seconds("DEFAULT_CACHE_EXPIRY_TIME_SECS", 2.0, 0.0..=YEAR)?)
+            .filter(|d| !d.is_zero());
+        let refresh_window = seconds("DEFAULT_REFRESH_WINDOW_SECS", 60.0, 0.0..=YEAR)?;
+        let upstream_timeout = seconds("REQ_TIMEOUT", 10.0, MILLISECOND..=DAY)?;
+        let shutdown_grace = seconds("SHUTDOWN_GRACE_SECS", 30.0, 0.0..=DAY)?;
         let admin_key = var("CLEAR_CACHE_KEY").map(AdminKey);
         let log_format = match var("LOG_FORMAT")
             .as_deref()
@@ -312,26 +325,46 @@ impl Config {
                 .collect::<Result<_, _>>()
                 .map_err(|p| bad("TRUSTED_PROXIES", p))?,
         };
-        let max_bytes = match var("CACHE_MAX_BYTES") {
-            None => 256 << 20,
-            Some(v) => match parse_bytes(&v) {
-                Ok(0) => return Err(bad("CACHE_MAX_BYTES", "must be greater than 0".into())),
-                Ok(n) => n,
-                Err(p) => return Err(bad("CACHE_MAX_BYTES", p)),
-            },
+        // A byte size (`8MiB`) within `range`, else an error naming the variable.
+        let byte_size = |name: &'static str,
+                         default: usize,
+                         range: RangeInclusive<u64>|
+         -> Result<usize, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => parse_bytes_in(&v, &range).map_err(|p| bad(name, p)),
+            }
         };
-        let max_object_bytes = match var("CACHE_MAX_OBJECT_BYTES") {
-            None => 8 << 20,
-            Some(v) => parse_bytes(&v).map_err(|p| bad("CACHE_MAX_OBJECT_BYTES", p))?,
-        };
-        let count = |name: &'static str, default: u32| -> Result<u32, ConfigError> {
+        let max_bytes = byte_size("CACHE_MAX_BYTES", 256 << 20, 64 * KIB..=TIB)?;
+        // Unset, it is 8 MiB or the whole store if that is smaller; set, it must fit the store.
+        let max_object_bytes =
+            byte_size("CACHE_MAX_OBJECT_BYTES", (8 << 20).min(max_bytes), 0..=TIB)?;
+        if max_object_bytes > max_bytes {
+            return Err(bad(
+                "CACHE_MAX_OBJECT_BYTES",
+                format!(
+                    "`{}` is more than CACHE_MAX_BYTES ({}): no object that large could be stored",
+                    show_bytes(max_object_bytes as u64),
+                    show_bytes(max_bytes as u64)
+                ),
+            ));
+        }
+        // A whole number within `range`, else an error naming the variable.
+        let count = |name: &'static str,
+                     default: u32,
+                     range: RangeInclusive<u32>|
+         -> Result<u32, ConfigError> {
             match var(name) {
                 None => Ok(default),
                 Some(v) => match v.parse::<u32>() {
-                    Ok(n) if n > 0 => Ok(n),
+                    Ok(n) if range.contains(&n) => Ok(n),
                     _ => Err(bad(
                         name,
-                        format!("`{v}` is not a whole number greater than 0"),
+                        format!(
+                            "`{v}` is not a whole number from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
                     )),
                 },
             }
@@ -346,25 +379,16 @@ impl Config {
         }
         let pool = PoolConfig {
             health_path,
-            health_interval: seconds("HEALTH_CHECK_INTERVAL_SECS", 10.0)?,
-            health_timeout: seconds("HEALTH_CHECK_TIMEOUT_SECS", 2.0)?,
-            failure_threshold: count("HEALTH_CHECK_FAILURE_THRESHOLD", 3)?,
-            recovery_threshold: count("HEALTH_CHECK_RECOVERY_THRESHOLD", 2)?,
-            breaker_threshold: count("BREAKER_FAILURE_THRESHOLD", 5)?,
-            breaker_cooldown: seconds("BREAKER_COOLDOWN_SECS", 10.0)?,
-            connect_timeout: seconds("CONNECT_TIMEOUT_SECS", 5.0)?,
-            max_idle_per_host: count("UPSTREAM_MAX_IDLE_PER_HOST", 64)? as usize,
-            idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 60.0)?,
+            health_interval: seconds("HEALTH_CHECK_INTERVAL_SECS", 10.0, 0.0..=DAY)?,
+            health_timeout: seconds("HEALTH_CHECK_TIMEOUT_SECS", 2.0, MILLISECOND..=DAY)?,
+            failure_threshold: count("HEALTH_CHECK_FAILURE_THRESHOLD", 3, 1..=1000)?,
+            recovery_threshold: count("HEALTH_CHECK_RECOVERY_THRESHOLD", 2, 1..=1000)?,
+            breaker_threshold: count("BREAKER_FAILURE_THRESHOLD", 5, 1..=1_000_000)?,
+            breaker_cooldown: seconds("BREAKER_COOLDOWN_SECS", 10.0, 0.0..=DAY)?,
+            connect_timeout: seconds("CONNECT_TIMEOUT_SECS", 5.0, MILLISECOND..=DAY)?,
+            max_idle_per_host: count("UPSTREAM_MAX_IDLE_PER_HOST", 64, 1..=100_000)? as usize,
+            idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 60.0, 0.0..=DAY)?,
         };
-        if pool.health_timeout.is_zero() {
-            return Err(bad(
-                "HEALTH_CHECK_TIMEOUT_SECS",
-                "must be greater than 0".into(),
-            ));
-        }
-        if pool.connect_timeout.is_zero() {
-            return Err(bad("CONNECT_TIMEOUT_SECS", "must be greater than 0".into()));
-        }
         let admin_listen_addr = match var("ADMIN_LISTEN_ADDR") {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9000))),
             Some(v) if v.eq_ignore_ascii_case("off") => None,
@@ -375,37 +399,17 @@ impl Config {
                 )
             })?),
         };
-        let byte_size = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
-            match var(name) {
-                None => Ok(default),
-                Some(v) => parse_bytes(&v).map_err(|p| bad(name, p)),
-            }
-        };
         let limits = Limits {
-            header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", 10.0)?,
-            keepalive_timeout: seconds("KEEPALIVE_TIMEOUT_SECS", 75.0)?,
-            max_header_bytes: byte_size("MAX_HEADER_BYTES", 64 << 10)?,
-            max_connections: count("MAX_CONNECTIONS", 10_000)? as usize,
-            max_request_body: Some(byte_size("MAX_REQUEST_BODY_BYTES", 0)? as u64)
+            header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", 10.0, MILLISECOND..=DAY)?,
+            keepalive_timeout: seconds("KEEPALIVE_TIMEOUT_SECS", 75.0, MILLISECOND..=DAY)?,
+            // hyper refuses a read buffer below 8 KiB.
+            max_header_bytes: byte_size("MAX_HEADER_BYTES", 64 << 10, 8 * KIB..=MIB)?,
+            max_connections: count("MAX_CONNECTIONS", 10_000, 1..=1_000_000)? as usize,
+            max_request_body: Some(byte_size("MAX_REQUEST_BODY_BYTES", 0, 0..=TIB)? as u64)
                 .filter(|n| *n > 0),
         };
-        if limits.header_read_timeout.is_zero() {
-            return Err(bad(
-                "HEADER_READ_TIMEOUT_SECS",
-                "must be greater than 0".into(),
-            ));
-        }
-        if limits.keepalive_timeout.is_zero() {
-            return Err(bad(
-                "KEEPALIVE_TIMEOUT_SECS",
-                "must be greater than 0".into(),
-            ));
-        }
-        if limits.max_header_bytes < 8192 {
-            return Err(bad("MAX_HEADER_BYTES", "must be at least 8KiB".into()));
-        }
-        let stale_retention = seconds("STALE_RETENTION_SECS", 0.0)?;
-        let stale_if_error = seconds("STALE_IF_ERROR_SECS", 0.0)?;
+        let stale_retention = seconds("STALE_RETENTION_SECS", 0.0, 0.0..=YEAR)?;
+        let stale_if_error = seconds("STALE_IF_ERROR_SECS", 0.0, 0.0..=YEAR)?;
         let client_cache_control = match var("CLIENT_CACHE_CONTROL")
             .as_deref()
             .map(str::to_ascii_lowercase)
@@ -473,8 +477,9 @@ impl Config {
 /// `http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080`.
 fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
     let mut backends = Vec::new();
-    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let mut words = entry.split_whitespace();
+    for raw_entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let entry = redact_userinfo(raw_entry);
+        let mut words = raw_entry.split_whitespace();
         let url = words.next().unwrap_or_default();
         let (url, mut http2) = parse_upstream(url)?;
         let mut weight = 1;
@@ -487,7 +492,8 @@ fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
                 None if option == "h2" => http2 = true,
                 _ => {
                     return Err(format!(
-                        "`{entry}`: unknown option `{option}` (use weight=N or h2)"
+                        "`{entry}`: unknown option `{}` (use weight=N or h2)",
+                        redact_userinfo(option)
                     ))
                 }
             }
@@ -500,9 +506,12 @@ fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
     Ok(backends)
 }
 
-/// Parses one base URL; `h2c://` means HTTP/2 with prior knowledge.
-fn parse_upstream(v: &str) -> Result<(UpstreamUrl, bool), String> {
-    let uri: Uri = v.parse().map_err(|_| format!("`{v}` is not a URL"))?;
+/// Parses one base URL; `h2c://` means HTTP/2 with prior knowledge. Credentials
+/// (`user:password@`) are refused, and error messages show the URL without them: the
+/// authority is printed at startup, in `/status` and in metric labels, and sent as `Host`.
+fn parse_upstream(raw: &str) -> Result<(UpstreamUrl, bool), String> {
+    let v = redact_userinfo(raw);
+    let uri: Uri = raw.parse().map_err(|_| format!("`{v}` is not a URL"))?;
     let http2 = match uri.scheme_str() {
         Some("http") => false,
         Some("h2c") => true,
@@ -513,6 +522,11 @@ fn parse_upstream(v: &str) -> Result<(UpstreamUrl, bool), String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("`{v}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "`{v}` contains credentials (user:password@), which are not supported"
+        ));
+    }
     if uri.query().is_some() {
         return Err(format!("`{v}` must not have a query string"));
     }
@@ -526,18 +540,69 @@ fn parse_upstream(v: &str) -> Result<(UpstreamUrl, bool), String> {
     ))
 }
 
-/// Parses non-negative seconds, decimals allowed (`2`, `0.5`).
-fn parse_seconds(v: &str) -> Result<Duration, String> {
-    let secs: f64 = v
-        .parse()
-        .map_err(|_| format!("`{v}` is not a number of seconds"))?;
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{v}` must be a non-negative number of seconds"));
+/// `v` with everything between the scheme and the last `@` replaced, so that an error message
+/// never shows a password, even one in a string that is not a valid URL.
+fn redact_userinfo(v: &str) -> String {
+    match v.rfind('@') {
+        Some(at) => {
+            let start = v.find("://").map(|i| i + 3).filter(|&s| s <= at);
+            let start = start.unwrap_or(0);
+            format!("{}<redacted>{}", &v[..start], &v[at..])
+        }
+        None => v.to_owned(),
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{v}` is out of range"))
 }
 
-/// Parses a byte size: `1048576`, `512KiB`, `8MiB`, `2GiB` (also `KB`/`MB`/`GB`, `k`/`m`/`g`).
+/// The smallest timeout, in seconds: the connection timers count whole milliseconds.
+const MILLISECOND: f64 = 0.001;
+/// The longest timeout, grace period or interval, in seconds.
+const DAY: f64 = 86_400.0;
+/// The longest cache lifetime setting (TTL, refresh window, stale allowances), in seconds.
+const YEAR: f64 = 365.0 * DAY;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const TIB: u64 = 1 << 40;
+
+/// Parses seconds, decimals allowed (`2`, `0.5`), within `range`. `NaN`, `inf` and negative
+/// numbers are outside every range.
+fn parse_seconds(v: &str, range: &RangeInclusive<f64>) -> Result<Duration, String> {
+    let allowed = format!("{} to {} seconds", range.start(), range.end());
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number of seconds ({allowed})"))?;
+    if !range.contains(&secs) {
+        return Err(format!("`{v}` is out of range ({allowed})"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{v}` is out of range ({allowed})"))
+}
+
+/// [`parse_bytes`] within `range`.
+fn parse_bytes_in(v: &str, range: &RangeInclusive<u64>) -> Result<usize, String> {
+    let allowed = format!(
+        "{} to {}",
+        show_bytes(*range.start()),
+        show_bytes(*range.end())
+    );
+    match parse_bytes(v) {
+        Ok(n) if range.contains(&(n as u64)) => Ok(n),
+        Ok(_) => Err(format!("`{v}` is out of range ({allowed})")),
+        Err(p) => Err(format!("{p} ({allowed})")),
+    }
+}
+
+/// `n` bytes in the largest unit that divides it exactly (`8KiB`, `1TiB`, `1000`).
+fn show_bytes(n: u64) -> String {
+    for (unit, size) in [("TiB", TIB), ("GiB", 1 << 30), ("MiB", MIB), ("KiB", KIB)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    n.to_string()
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `8MiB`, `2GiB`, `1TiB` (also `KB`/`MB`/`GB`/`TB`,
+/// `k`/`m`/`g`/`t`: all powers of 1024).
 pub fn parse_bytes(v: &str) -> Result<usize, String> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
@@ -550,9 +615,10 @@ pub fn parse_bytes(v: &str) -> Result<usize, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
         _ => {
             return Err(format!(
-                "`{v}` has an unknown unit (use B, KiB, MiB or GiB)"
+                "`{v}` has an unknown unit (use B, KiB, MiB, GiB or TiB)"
             ))
         }
     };
@@ -661,6 +727,224 @@ mod tests {
             cfg(&[("UPSTREAM_URL", "https://x")]).unwrap_err().variable,
             "UPSTREAM_URL"
         );
+    }
+
+    /// Every duration setting with its range (seconds): the README documents the same.
+    const DURATIONS: [(&str, f64, f64); 13] = [
+        ("DEFAULT_CACHE_EXPIRY_TIME_SECS", 0.0, YEAR),
+        ("DEFAULT_REFRESH_WINDOW_SECS", 0.0, YEAR),
+        ("REQ_TIMEOUT", 0.001, DAY),
+        ("SHUTDOWN_GRACE_SECS", 0.0, DAY),
+        ("HEALTH_CHECK_INTERVAL_SECS", 0.0, DAY),
+        ("HEALTH_CHECK_TIMEOUT_SECS", 0.001, DAY),
+        ("BREAKER_COOLDOWN_SECS", 0.0, DAY),
+        ("CONNECT_TIMEOUT_SECS", 0.001, DAY),
+        ("UPSTREAM_IDLE_TIMEOUT_SECS", 0.0, DAY),
+        ("HEADER_READ_TIMEOUT_SECS", 0.001, DAY),
+        ("KEEPALIVE_TIMEOUT_SECS", 0.001, DAY),
+        ("STALE_RETENTION_SECS", 0.0, YEAR),
+        ("STALE_IF_ERROR_SECS", 0.0, YEAR),
+    ];
+
+    /// Both ends of every duration's range are accepted; just outside them, absurd values,
+    /// non-finite and negative numbers are refused with an error naming the variable.
+    #[test]
+    fn every_duration_has_a_range() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        for (name, min, max) in DURATIONS {
+            for ok in [min, max] {
+                let v = ok.to_string();
+                assert!(
+                    cfg(&[up, (name, &v)]).is_ok(),
+                    "{name}={v} should be accepted"
+                );
+            }
+            let below = if min > 0.0 {
+                "0".to_owned()
+            } else {
+                "-0.001".to_owned()
+            };
+            let above = (max + 1.0).to_string();
+            for v in [
+                below.as_str(),
+                above.as_str(),
+                "1e19",
+                "1e300",
+                "18446744073709551616",
+                "inf",
+                "-inf",
+                "NaN",
+                "-1",
+                "10s",
+            ] {
+                let err = cfg(&[up, (name, v)]).unwrap_err();
+                assert_eq!(err.variable, name, "{name}={v}: {err}");
+                assert!(err.problem.contains(&max.to_string()), "{name}={v}: {err}");
+            }
+        }
+    }
+
+    /// The README's settings table states each duration's range as the code does.
+    #[test]
+    fn readme_documents_every_duration_range() {
+        let readme = include_str!("../README.md");
+        for (name, min, max) in DURATIONS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("{name} is not in the README's settings table"));
+            let range = format!("Range `{min}`–`{max}`");
+            assert!(row.contains(&range), "{name}: README should say {range}");
+        }
+    }
+
+    /// Counts and byte sizes have ranges too.
+    #[test]
+    fn counts_and_sizes_have_ranges() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        for (name, ok, refused) in [
+            (
+                "HEALTH_CHECK_FAILURE_THRESHOLD",
+                ["1", "1000"],
+                ["0", "1001"],
+            ),
+            (
+                "HEALTH_CHECK_RECOVERY_THRESHOLD",
+                ["1", "1000"],
+                ["0", "1001"],
+            ),
+            (
+                "BREAKER_FAILURE_THRESHOLD",
+                ["1", "1000000"],
+                ["0", "1000001"],
+            ),
+            (
+                "UPSTREAM_MAX_IDLE_PER_HOST",
+                ["1", "100000"],
+                ["0", "100001"],
+            ),
+            ("MAX_CONNECTIONS", ["1", "1000000"], ["0", "1e19"]),
+            ("CACHE_MAX_BYTES", ["64KiB", "1TiB"], ["65535", "1025GiB"]),
+            ("MAX_HEADER_BYTES", ["8KiB", "1MiB"], ["8191", "1025KiB"]),
+            ("MAX_REQUEST_BODY_BYTES", ["0", "1TiB"], ["1025GiB", "-1"]),
+            (
+                "CACHE_MAX_OBJECT_BYTES",
+                ["0", "256MiB"],
+                ["99999999999999999999", "1e19"],
+            ),
+        ] {
+            for v in ok {
+                assert!(
+                    cfg(&[up, (name, v)]).is_ok(),
+                    "{name}={v} should be accepted"
+                );
+            }
+            for v in refused {
+                assert_eq!(
+                    cfg(&[up, (name, v)]).unwrap_err().variable,
+                    name,
+                    "{name}={v}"
+                );
+            }
+        }
+    }
+
+    /// `CACHE_MAX_OBJECT_BYTES` may not exceed `CACHE_MAX_BYTES`; unset, it shrinks to fit.
+    #[test]
+    fn object_size_limit_must_fit_the_store() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let err = cfg(&[
+            up,
+            ("CACHE_MAX_BYTES", "1MiB"),
+            ("CACHE_MAX_OBJECT_BYTES", "2MiB"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "CACHE_MAX_OBJECT_BYTES", "{err}");
+        assert!(err.problem.contains("CACHE_MAX_BYTES (1MiB)"), "{err}");
+        let same = cfg(&[
+            up,
+            ("CACHE_MAX_BYTES", "1MiB"),
+            ("CACHE_MAX_OBJECT_BYTES", "1MiB"),
+        ])
+        .unwrap();
+        assert_eq!(same.max_object_bytes, 1 << 20);
+        let small = cfg(&[up, ("CACHE_MAX_BYTES", "64KiB")]).unwrap();
+        assert_eq!(small.max_object_bytes, 64 << 10);
+        let default = cfg(&[up]).unwrap();
+        assert_eq!(
+            (default.max_bytes, default.max_object_bytes),
+            (256 << 20, 8 << 20)
+        );
+    }
+
+    /// `user:password@` in an upstream URL is refused, and no error message shows the
+    /// password, whatever else is wrong with the value.
+    #[test]
+    fn upstream_credentials_are_refused_and_never_echoed() {
+        for (name, v) in [
+            ("UPSTREAM_URL", "http://user:s3cret@127.0.0.1:1"),
+            ("UPSTREAM_URL", "http://s3cret@127.0.0.1:1/api"),
+            ("UPSTREAM_URL", "h2c://user:s3cret@127.0.0.1:1"),
+            ("UPSTREAM_URL", "http://user:s3cret@127.0.0.1:1/?q=1"),
+            ("UPSTREAM_URL", "ftp://user:s3cret@127.0.0.1:1"),
+            ("UPSTREAM_URL", "http://user:s3cr et@127.0.0.1:1"),
+            ("UPSTREAM_URL", "user:s3cret@127.0.0.1:1"),
+            (
+                "UPSTREAM_URLS",
+                "http://a:1, http://user:s3cret@b:2 weight=2",
+            ),
+            ("UPSTREAM_URLS", "http://user:s3cret@b:2 weight=0"),
+            ("UPSTREAM_URLS", "http://b:2 user:s3cret@"),
+        ] {
+            let err = cfg(&[(name, v)]).unwrap_err();
+            assert_eq!(err.variable, name, "{v}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{v}: {err}");
+        }
+        let err = cfg(&[("UPSTREAM_URL", "http://user:s3cret@127.0.0.1:1")]).unwrap_err();
+        assert!(err.problem.contains("credentials"), "{err}");
+        assert!(err.problem.contains("<redacted>@127.0.0.1:1"), "{err}");
+    }
+
+    /// The error is one line even when the value echoed in it is not.
+    #[test]
+    fn error_message_is_one_line() {
+        let err = cfg(&[("UPSTREAM_URL", "http://a:1"), ("REQ_TIMEOUT", "1\n2")]).unwrap_err();
+        assert_eq!(err.to_string().lines().count(), 1, "{err}");
+        assert!(err.to_string().contains("REQ_TIMEOUT"), "{err}");
+    }
+
+    /// At the top of every range, the sums the daemon forms (a deadline from now, twice
+    /// `REQ_TIMEOUT`, an expiry plus every stale allowance) stay far from overflowing.
+    #[test]
+    fn largest_settings_cannot_overflow_a_deadline() {
+        let mut pairs: Vec<(&str, String)> = DURATIONS
+            .iter()
+            .map(|(name, _, max)| (*name, max.to_string()))
+            .collect();
+        pairs.push(("UPSTREAM_URL", "http://127.0.0.1:1".into()));
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let c = cfg(&pairs).unwrap();
+        let longest = [
+            c.limits.header_read_timeout,
+            c.limits.keepalive_timeout,
+            c.upstream_timeout * 2,
+            c.shutdown_grace,
+            c.pool.breaker_cooldown,
+            c.pool.health_interval,
+            c.pool.health_timeout,
+            c.pool.connect_timeout,
+            c.pool.idle_timeout,
+            c.default_ttl.unwrap_or_default()
+                + c.refresh_window
+                + c.stale_retention
+                + c.stale_if_error
+                // The largest delta-seconds a response may carry (`stale-while-revalidate`).
+                + Duration::from_secs(1 << 31),
+        ];
+        let now = std::time::Instant::now();
+        for d in longest {
+            assert!(now.checked_add(d * 1000).is_some(), "{d:?}");
+        }
     }
 
     #[test]

@@ -17,7 +17,10 @@ fn main() -> ExitCode {
         Ok(_) => {}
         Err(e) if e.not_found() => {}
         Err(e) => {
-            eprintln!("edgecache: invalid configuration: .env: {e}");
+            eprintln!(
+                "edgecache: invalid configuration: .env: {}",
+                dotenv_problem(&e)
+            );
             return ExitCode::from(2);
         }
     }
@@ -76,6 +79,30 @@ fn main() -> ExitCode {
         edgecache::run(listener, ops, config, shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// What is wrong with `.env`, in one line that never quotes the file: dotenvy's own message
+/// for a line it cannot parse includes the line, and the rest of the file after an unclosed
+/// quote, secrets and all.
+fn dotenv_problem(e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(line, _) => {
+            let name = line
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_start_matches("export ").trim())
+                .filter(|k| !k.is_empty())
+                .filter(|k| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            match name {
+                Some(name) => format!(
+                    "cannot parse the line setting {name} (unclosed quote? the value is not shown)"
+                ),
+                None => "cannot parse a line (a value with spaces needs quotes; the line is not \
+                         shown)"
+                    .into(),
+            }
+        }
+        other => other.to_string().replace(['\n', '\r'], " "),
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once. The signal handlers

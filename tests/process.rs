@@ -13,10 +13,43 @@ use common::process::*;
 use common::{eventually, get};
 use tokio::io::AsyncWriteExt;
 
+/// Runs `edgecache` with `env` and asserts it stops before serving: exit code 2 and exactly one
+/// stderr line that names `variable`, never a panic. Returns that line.
+fn assert_refused(dir: &TempDir, env: &[(&str, &str)], variable: &str) -> String {
+    let mut cmd = edgecache_cmd(&dir.path, env);
+    let out = dir.path.join("stderr.txt");
+    cmd.stdout(Stdio::null())
+        .stderr(fs::File::create(&out).unwrap());
+    let mut child = Guard::spawn("edgecache", cmd);
+    let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
+        panic!("{env:?}: edgecache still running after {DEADLINE:?}; expected exit 2")
+    });
+    let stderr = fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{env:?}: {status}; stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{env:?}: panic:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{env:?}: want one stderr line, got:\n{stderr}"
+    );
+    assert!(
+        lines[0].contains(variable),
+        "{env:?}: the message should name {variable}: {}",
+        lines[0]
+    );
+    stderr
+}
+
 /// A bad setting stops the daemon before it serves anything: exit code 2 and exactly one
 /// stderr line that names the offending variable, never a panic. Covers a missing
-/// `UPSTREAM_URL`, unparseable `REQ_TIMEOUT`, `LOG_FORMAT` and `LISTEN_ADDR`, and a
-/// `LISTEN_ADDR` that cannot be bound because the port is taken.
+/// `UPSTREAM_URL`, unparseable `REQ_TIMEOUT`, `LOG_FORMAT` and `LISTEN_ADDR`, a `LISTEN_ADDR`
+/// that cannot be bound because the port is taken, counts and sizes out of range, and
+/// `CACHE_MAX_OBJECT_BYTES` above `CACHE_MAX_BYTES`.
 #[test]
 fn bad_config_exits_2_with_one_line_naming_the_variable() {
     let dir = TempDir::new("badcfg");
@@ -26,7 +59,7 @@ fn bad_config_exits_2_with_one_line_naming_the_variable() {
     // LISTEN_ADDR is loopback/ephemeral in every case, so a daemon that wrongly starts
     // serving binds nothing public.
     let listen = ("LISTEN_ADDR", "127.0.0.1:0");
-    let cases: [(&str, Vec<(&str, &str)>); 5] = [
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         ("UPSTREAM_URL", vec![listen]),
         (
             "REQ_TIMEOUT",
@@ -38,36 +71,151 @@ fn bad_config_exits_2_with_one_line_naming_the_variable() {
             "LISTEN_ADDR",
             vec![upstream, ("LISTEN_ADDR", taken_addr.as_str())],
         ),
+        (
+            "MAX_CONNECTIONS",
+            vec![listen, upstream, ("MAX_CONNECTIONS", "0")],
+        ),
+        (
+            "CACHE_MAX_BYTES",
+            vec![listen, upstream, ("CACHE_MAX_BYTES", "2048GiB")],
+        ),
+        (
+            "CACHE_MAX_OBJECT_BYTES",
+            vec![
+                listen,
+                upstream,
+                ("CACHE_MAX_BYTES", "1MiB"),
+                ("CACHE_MAX_OBJECT_BYTES", "2MiB"),
+            ],
+        ),
     ];
     for (variable, env) in cases {
-        let mut cmd = edgecache_cmd(&dir.path, &env);
-        let out = dir.path.join("stderr.txt");
-        cmd.stdout(Stdio::null())
-            .stderr(fs::File::create(&out).unwrap());
-        let mut child = Guard::spawn("edgecache", cmd);
-        let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
-            panic!("{env:?}: edgecache still running after {DEADLINE:?}; expected exit 2")
-        });
-        let stderr = fs::read_to_string(&out).unwrap();
-        assert_eq!(
-            status.code(),
-            Some(2),
-            "{env:?}: {status}; stderr:\n{stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{env:?}: panic:\n{stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{env:?}: want one stderr line, got:\n{stderr}"
-        );
-        assert!(
-            lines[0].contains(variable),
-            "{env:?}: the message should name {variable}: {}",
-            lines[0]
-        );
+        assert_refused(&dir, &env, variable);
     }
     drop(taken);
+}
+
+/// Every duration setting, with the value that used to panic (`1e19` overflowed an
+/// `Instant`), a negative, an infinite and a NaN value: exit 2 and one line naming it.
+/// The list is checked against `.env.example`, so a new duration setting must join it.
+#[test]
+fn absurd_durations_exit_2_with_one_line_naming_the_variable() {
+    const DURATIONS: [&str; 13] = [
+        "DEFAULT_CACHE_EXPIRY_TIME_SECS",
+        "DEFAULT_REFRESH_WINDOW_SECS",
+        "REQ_TIMEOUT",
+        "SHUTDOWN_GRACE_SECS",
+        "STALE_RETENTION_SECS",
+        "STALE_IF_ERROR_SECS",
+        "CONNECT_TIMEOUT_SECS",
+        "HEALTH_CHECK_INTERVAL_SECS",
+        "HEALTH_CHECK_TIMEOUT_SECS",
+        "BREAKER_COOLDOWN_SECS",
+        "UPSTREAM_IDLE_TIMEOUT_SECS",
+        "HEADER_READ_TIMEOUT_SECS",
+        "KEEPALIVE_TIMEOUT_SECS",
+    ];
+    for name in include_str!("../.env.example")
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .filter(|k| k.ends_with("_SECS") || *k == "REQ_TIMEOUT")
+    {
+        assert!(DURATIONS.contains(&name), "{name} is not tested here");
+    }
+    let dir = TempDir::new("absurd");
+    for name in DURATIONS {
+        for value in ["1e19", "-1", "inf", "NaN"] {
+            let env = [
+                ("LISTEN_ADDR", "127.0.0.1:0"),
+                ("UPSTREAM_URL", "http://127.0.0.1:9"),
+                (name, value),
+            ];
+            assert_refused(&dir, &env, name);
+        }
+    }
+}
+
+/// An upstream URL with `user:password@` is refused, and the password is not printed.
+#[test]
+fn upstream_credentials_are_refused_without_printing_them() {
+    let dir = TempDir::new("creds");
+    let listen = ("LISTEN_ADDR", "127.0.0.1:0");
+    for (variable, url) in [
+        ("UPSTREAM_URL", "http://user:s3cret@127.0.0.1:9"),
+        (
+            "UPSTREAM_URLS",
+            "http://127.0.0.1:9, http://user:s3cret@127.0.0.1:10 weight=2",
+        ),
+    ] {
+        let line = assert_refused(&dir, &[listen, (variable, url)], variable);
+        assert!(!line.contains("s3cret"), "the password was printed: {line}");
+        assert!(line.contains("credentials"), "{line}");
+    }
+}
+
+/// A `.env` line that cannot be parsed stops the daemon with one line that names the
+/// setting but does not quote the file: after an unclosed quote, the rest of the file (secrets
+/// included) would otherwise be printed.
+#[test]
+fn an_unparseable_dotenv_line_is_not_printed() {
+    let dir = TempDir::new("dotenv-bad");
+    fs::write(
+        dir.path.join(".env"),
+        "LISTEN_ADDR=127.0.0.1:0\n\
+         CLEAR_CACHE_KEY='s3cret\n\
+         UPSTREAM_URL=http://user:pa55@127.0.0.1:9\n",
+    )
+    .unwrap();
+    let line = assert_refused(&dir, &[], "CLEAR_CACHE_KEY");
+    assert!(line.contains(".env"), "{line}");
+    for secret in ["s3cret", "pa55"] {
+        assert!(!line.contains(secret), "a secret was printed: {line}");
+    }
+}
+
+/// With every duration, count and size at the top of its range, the daemon starts and serves
+/// (none of the deadlines it computes overflows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn largest_settings_start_and_serve() {
+    let origin = MockOrigin::start();
+    let dir = TempDir::new("largest");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = addr.to_string();
+    let (day, year) = ("86400", "31536000");
+    let env = [
+        ("UPSTREAM_URL", origin.url.as_str()),
+        ("LISTEN_ADDR", listen.as_str()),
+        ("DEFAULT_CACHE_EXPIRY_TIME_SECS", year),
+        ("DEFAULT_REFRESH_WINDOW_SECS", year),
+        ("STALE_RETENTION_SECS", year),
+        ("STALE_IF_ERROR_SECS", year),
+        ("REQ_TIMEOUT", day),
+        ("SHUTDOWN_GRACE_SECS", day),
+        ("CONNECT_TIMEOUT_SECS", day),
+        ("HEALTH_CHECK_INTERVAL_SECS", day),
+        ("HEALTH_CHECK_TIMEOUT_SECS", day),
+        ("BREAKER_COOLDOWN_SECS", day),
+        ("UPSTREAM_IDLE_TIMEOUT_SECS", day),
+        ("HEADER_READ_TIMEOUT_SECS", day),
+        ("KEEPALIVE_TIMEOUT_SECS", day),
+        ("HEALTH_CHECK_FAILURE_THRESHOLD", "1000"),
+        ("HEALTH_CHECK_RECOVERY_THRESHOLD", "1000"),
+        ("BREAKER_FAILURE_THRESHOLD", "1000000"),
+        ("UPSTREAM_MAX_IDLE_PER_HOST", "100000"),
+        ("MAX_CONNECTIONS", "1000000"),
+        ("CACHE_MAX_BYTES", "1TiB"),
+        ("CACHE_MAX_OBJECT_BYTES", "1TiB"),
+        ("MAX_HEADER_BYTES", "1MiB"),
+        ("MAX_REQUEST_BODY_BYTES", "1TiB"),
+    ];
+    let proxy = Edgecache::start(&dir, &env, addr).await;
+    for cache in ["MISS", "HIT"] {
+        let got = get(addr, "/data?id=largest", &[]).await;
+        assert_eq!(got.status, 200, "{got:?}; stderr:\n{}", proxy.stderr());
+        assert_eq!(got.cache(), cache, "{got:?}");
+    }
+    assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
 }
 
 /// `.env` in the working directory is read, and a real environment variable wins over it:
