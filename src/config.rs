@@ -447,7 +447,7 @@ impl Config {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        let refresh_concurrency = count("REFRESH_CONCURRENCY", 16)? as usize;
+        let refresh_concurrency = count("REFRESH_CONCURRENCY", 16, 1..=10_000)? as usize;
         Ok(Config {
             allowed_hosts,
             refresh_concurrency,
