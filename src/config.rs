@@ -146,7 +146,16 @@ pub struct PoolConfig {
     pub breaker_cooldown: Duration,
     pub connect_timeout: Duration,
     pub max_idle_per_host: usize,
+    /// Idle keep-alive connections to a backend are retired after this
+    /// (`UPSTREAM_IDLE_TIMEOUT_SECS`, default 4: below the 5 s after which Node, Apache and
+    /// uvicorn close them). A backend's `Keep-Alive: timeout=N` lowers it for that backend.
     pub idle_timeout: Duration,
+    /// Extra tries of an idempotent request that failed before any response byte
+    /// (`UPSTREAM_RETRIES`, default 1; 0 disables).
+    pub retries: u32,
+    /// Below this percentage of backends up by health checks, all of them take traffic
+    /// (`HEALTH_PANIC_THRESHOLD`, default 50; 0 disables).
+    pub panic_threshold: u8,
 }
 
 /// The parsed upstream base URL.
@@ -387,7 +396,20 @@ impl Config {
             breaker_cooldown: seconds("BREAKER_COOLDOWN_SECS", 10.0, 0.0..=DAY)?,
             connect_timeout: seconds("CONNECT_TIMEOUT_SECS", 5.0, MILLISECOND..=DAY)?,
             max_idle_per_host: count("UPSTREAM_MAX_IDLE_PER_HOST", 64, 1..=100_000)? as usize,
-            idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 60.0, 0.0..=DAY)?,
+            idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 4.0, 0.0..=DAY)?,
+            retries: count("UPSTREAM_RETRIES", 1, 0..=10)?,
+            panic_threshold: match var("HEALTH_PANIC_THRESHOLD") {
+                None => 50,
+                Some(v) => match v.trim_end_matches('%').trim().parse::<u8>() {
+                    Ok(n) if n <= 100 => n,
+                    _ => {
+                        return Err(bad(
+                            "HEALTH_PANIC_THRESHOLD",
+                            format!("`{v}` is not a percentage from 0 to 100"),
+                        ))
+                    }
+                },
+            },
         };
         let admin_listen_addr = match var("ADMIN_LISTEN_ADDR") {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9000))),
@@ -716,6 +738,10 @@ mod tests {
             ("HEALTH_CHECK_FAILURE_THRESHOLD", "0"),
             ("CONNECT_TIMEOUT_SECS", "0"),
             ("ADMIN_LISTEN_ADDR", "nine-thousand"),
+            ("UPSTREAM_RETRIES", "-1"),
+            ("UPSTREAM_RETRIES", "11"),
+            ("HEALTH_PANIC_THRESHOLD", "101"),
+            ("HEALTH_PANIC_THRESHOLD", "half"),
         ] {
             assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");
         }
@@ -990,6 +1016,20 @@ mod tests {
             c.admin_listen_addr,
             Some(SocketAddr::from(([127, 0, 0, 1], 9000)))
         );
+    }
+
+    #[test]
+    fn pool_retry_idle_and_panic_defaults() {
+        let c = cfg(&[("UPSTREAM_URL", "http://127.0.0.1:1")]).unwrap();
+        assert_eq!(c.pool.idle_timeout, Duration::from_secs(4));
+        assert_eq!((c.pool.retries, c.pool.panic_threshold), (1, 50));
+        let c = cfg(&[
+            ("UPSTREAM_URL", "http://127.0.0.1:1"),
+            ("UPSTREAM_RETRIES", "0"),
+            ("HEALTH_PANIC_THRESHOLD", "30%"),
+        ])
+        .unwrap();
+        assert_eq!((c.pool.retries, c.pool.panic_threshold), (0, 30));
     }
 
     #[test]

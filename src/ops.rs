@@ -87,11 +87,12 @@ pub fn metrics_text(proxy: &Proxy) -> String {
     out
 }
 
-/// `{"backends":[…],"cache":{"entries":N,"bytes":N,"in_flight":N}}`
+/// `{"backends":[…],"panic_mode":false,"cache":{"entries":N,"bytes":N,"in_flight":N}}`
 pub fn status_json(proxy: &Proxy) -> String {
     format!(
-        r#"{{"backends":{},"cache":{{"entries":{},"bytes":{},"in_flight":{}}}}}"#,
+        r#"{{"backends":{},"panic_mode":{},"cache":{{"entries":{},"bytes":{},"in_flight":{}}}}}"#,
         proxy.upstream.status_json(),
+        proxy.upstream.panic_mode(),
         proxy.cache.store.len(),
         proxy.cache.store.bytes(),
         proxy.cache.flights.len(),

@@ -1,6 +1,7 @@
-//! The upstream pool: weighted balancing, active health checks, the circuit breaker,
-//! failover of idempotent requests, errors when no backend is left, connection reuse and
-//! HTTP/2 backends — all against real backends on loopback.
+//! The upstream pool: weighted balancing, active health checks (and their wrong-path and
+//! panic-mode safeguards), the circuit breaker (closed by probes, trial slot given back),
+//! failover and retries of idempotent requests, errors when no backend is left, connection
+//! reuse, `Keep-Alive: timeout` and HTTP/2 backends — all against real backends on loopback.
 
 mod common;
 
@@ -281,4 +282,452 @@ async fn http2_backend() {
     let got = get(proxy.addr, "/h2", &[]).await;
     assert_eq!((got.status, got.text().as_str()), (200, "over h2"));
     assert_eq!(versions.load(Ordering::SeqCst), 1);
+}
+
+/// A hand-written HTTP/1.1 origin, for what a hyper server will not do on request: close a
+/// kept-alive connection on a request without answering it. `answer(n)` says whether the
+/// `n`th request (from 0) on a connection gets `200 <name>`; otherwise, or once the origin is
+/// killed, the connection is closed as soon as the request has arrived.
+struct RawOrigin {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    /// Requests received, by method.
+    methods: Arc<std::sync::Mutex<Vec<String>>>,
+    dead: Arc<AtomicBool>,
+    accept: tokio::task::AbortHandle,
+}
+
+impl RawOrigin {
+    async fn start(
+        name: &'static str,
+        answer: impl Fn(usize) -> bool + Send + Sync + 'static,
+    ) -> RawOrigin {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let methods: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let answer = Arc::new(answer);
+        let (c, m, d) = (connections.clone(), methods.clone(), dead.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (methods, dead, answer) = (m.clone(), d.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0.. {
+                        // Read one request head and its Content-Length body.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + length {
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        }
+                        let method = head.split(' ').next().unwrap_or("").to_uppercase();
+                        buf.drain(..head_end + length);
+                        methods.lock().unwrap().push(method.clone());
+                        if dead.load(Ordering::SeqCst) || !answer(n) {
+                            return; // closes the connection without a response
+                        }
+                        let body = if method == "HEAD" { "" } else { name };
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncache-control: no-store\r\n\r\n{body}",
+                            name.len()
+                        );
+                        if stream.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawOrigin {
+            addr,
+            connections,
+            methods,
+            dead,
+            accept: accept.abort_handle(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self, method: &str) -> usize {
+        self.methods
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
+
+    /// The process is gone: nothing accepts, and the connections it kept alive close on the
+    /// next request without an answer.
+    fn kill(&self) {
+        self.accept.abort();
+        self.dead.store(true, Ordering::SeqCst);
+    }
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Item 3: an origin that closes every reused connection on its second request without
+/// answering. With one backend, every GET (and bodiless HEAD/DELETE pass-through) still
+/// succeeds: the failure happened before any response byte, so it is retried on a fresh
+/// connection, and counted. A request with a body is not retried once sent.
+#[tokio::test]
+async fn reused_connection_closed_by_the_origin_is_retried_on_a_fresh_one() {
+    let origin = RawOrigin::start("fresh", |n| n == 0).await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for i in 0..20 {
+        let got = get(proxy.addr, &format!("/g?{i}"), &[]).await;
+        assert_eq!((got.status, got.text().as_str()), (200, "fresh"), "GET {i}");
+    }
+    assert!(origin.connections.load(Ordering::SeqCst) > 10);
+    for (i, method) in ["HEAD", "DELETE", "GET", "DELETE"].iter().enumerate() {
+        let got = send(
+            method,
+            proxy.addr,
+            &format!("/m?{i}"),
+            &[],
+            Default::default(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "{method}");
+    }
+    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let retries = metric(
+        &metrics,
+        &format!(
+            "edgecache_upstream_retries_total{{backend=\"{}\"}}",
+            origin.addr
+        ),
+    );
+    assert!(retries >= 10.0, "retries counted: {retries}");
+
+    // A body that was sent is never sent twice: the POST on a reused connection fails.
+    assert_eq!(get(proxy.addr, "/warm", &[]).await.status, 200);
+    let posted = send("POST", proxy.addr, "/p", &[], "data".into()).await;
+    assert_eq!(posted.status, 502);
+    assert_eq!(origin.requests("POST"), 1, "the POST was not retried");
+}
+
+/// Item 3: a backend killed while the proxy holds kept-alive connections to it, another one
+/// healthy: no client sees an error (requests that hit a dead connection go to the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_backend_with_kept_alive_connections_fails_over() {
+    let a = RawOrigin::start("a", |_| true).await;
+    let b = RawOrigin::start("b", |_| true).await;
+    let proxy = ProxyHandle::start(
+        "http://unused:1",
+        &[("UPSTREAM_URLS", &format!("{}, {}", a.url(), b.url()))],
+    )
+    .await;
+    let wave = |tag: &'static str| {
+        let addr = proxy.addr;
+        (0..8)
+            .map(|t| {
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for i in 0..15 {
+                        let got = get(addr, &format!("/{tag}?{t}-{i}"), &[]).await;
+                        out.push((got.status, got.text()));
+                    }
+                    out
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    for task in wave("warm") {
+        assert!(task.await.unwrap().iter().all(|(s, _)| *s == 200));
+    }
+    assert!(b.requests("GET") > 0 && b.connections.load(Ordering::SeqCst) > 1);
+    b.kill();
+    for task in wave("after") {
+        for (status, body) in task.await.unwrap() {
+            assert_eq!((status, body.as_str()), (200, "a"));
+        }
+    }
+}
+
+/// Item 3: an origin that says `Keep-Alive: timeout=1` has its idle connections retired
+/// after 0.5 s, before it would close them, instead of after UPSTREAM_IDLE_TIMEOUT_SECS.
+#[tokio::test]
+async fn keep_alive_timeout_of_the_origin_retires_idle_connections_early() {
+    let origin = Origin::start(|_req| async {
+        reply(
+            200,
+            &[("cache-control", "no-store"), ("keep-alive", "timeout=1")],
+            "ka",
+        )
+    })
+    .await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    assert_eq!(get(proxy.addr, "/ka?1", &[]).await.status, 200);
+    let status = || edgecache::ops::status_json(&proxy.proxy);
+    assert!(
+        status().contains(r#""idle_timeout_ms":500"#),
+        "{}",
+        status()
+    );
+    // The lowering rebuilt the pool (the first connection went with the old one).
+    assert_eq!(get(proxy.addr, "/ka?2", &[]).await.status, 200);
+    let conns = || origin.connections.load(Ordering::SeqCst);
+    let after_rebuild = conns();
+    assert_eq!(get(proxy.addr, "/ka?3", &[]).await.status, 200);
+    assert_eq!(conns(), after_rebuild, "reused at once");
+    // Idle time is what is under test here: longer than the 0.5 s retirement, shorter than
+    // the origin's 1 s and the 4 s default.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(get(proxy.addr, "/ka?4", &[]).await.status, 200);
+    assert_eq!(
+        conns(),
+        after_rebuild + 1,
+        "the idle connection was retired, a new one made"
+    );
+}
+
+/// A backend answering its live traffic, and `code` on the check path.
+async fn checked(name: &'static str, code: u16, live: Arc<AtomicUsize>) -> Origin {
+    Origin::start(move |req| {
+        let probe = req.uri().path() == "/health-check";
+        if !probe {
+            live.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            if probe {
+                reply(code, &[], "")
+            } else {
+                reply(200, &[("cache-control", "no-store")], name)
+            }
+        }
+    })
+    .await
+}
+
+/// Item 4: backends without a `/health-check` route (404) are not taken out by the default
+/// health checks.
+#[tokio::test]
+async fn backends_without_the_check_route_stay_in() {
+    let (a, b) = (
+        checked("a", 404, Arc::default()).await,
+        checked("b", 405, Arc::default()).await,
+    );
+    let proxy = ProxyHandle::start(
+        "http://unused:1",
+        &[
+            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
+            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
+            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
+        ],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || a.hits("/health-check") >= 4
+            && b.hits("/health-check") >= 4)
+        .await
+    );
+    let status = edgecache::ops::status_json(&proxy.proxy);
+    assert_eq!(status.matches(r#""state":"up""#).count(), 2, "{status}");
+    assert!(status.contains(r#""panic_mode":false"#), "{status}");
+    for i in 0..10 {
+        assert_eq!(get(proxy.addr, &format!("/n?{i}"), &[]).await.status, 200);
+    }
+}
+
+/// Item 4: when fewer than HEALTH_PANIC_THRESHOLD of the backends pass their checks, all of
+/// them take traffic (panic mode, shown on /status) instead of every request getting 503.
+#[tokio::test]
+async fn panic_mode_when_too_few_backends_pass_their_checks() {
+    let (live_a, live_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, b) = (
+        checked("a", 500, live_a.clone()).await,
+        checked("b", 500, live_b.clone()).await,
+    );
+    let proxy = ProxyHandle::start(
+        "http://unused:1",
+        &[
+            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
+            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
+            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
+        ],
+    )
+    .await;
+    let status = || edgecache::ops::status_json(&proxy.proxy);
+    assert!(
+        eventually(Duration::from_secs(5), || status()
+            .contains(r#""panic_mode":true"#))
+        .await,
+        "{}",
+        status()
+    );
+    assert_eq!(status().matches(r#""state":"down""#).count(), 2);
+    for i in 0..10 {
+        assert_eq!(get(proxy.addr, &format!("/p?{i}"), &[]).await.status, 200);
+    }
+    assert!(live_a.load(Ordering::SeqCst) > 0 && live_b.load(Ordering::SeqCst) > 0);
+    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    assert_eq!(metric(&metrics, "edgecache_upstream_panic_mode"), 1.0);
+}
+
+/// Item 4: a breaker opened by live failures is closed by HEALTH_CHECK_RECOVERY_THRESHOLD
+/// passing probes, long before its cool-down ends.
+#[tokio::test]
+async fn passing_probes_close_an_open_breaker() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let live = Arc::new(AtomicUsize::new(0));
+    let (f, l) = (failing.clone(), live.clone());
+    let flaky = Origin::start(move |req| {
+        let probe = req.uri().path() == "/health-check";
+        let status = if probe || !f.load(Ordering::SeqCst) {
+            200
+        } else {
+            500
+        };
+        if !probe {
+            l.fetch_add(1, Ordering::SeqCst);
+        }
+        async move { reply(status, &[("cache-control", "no-store")], "flaky") }
+    })
+    .await;
+    let steady = named("steady").await;
+    let proxy = ProxyHandle::start(
+        "http://unused:1",
+        &[
+            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
+            ("BREAKER_FAILURE_THRESHOLD", "1"),
+            ("BREAKER_COOLDOWN_SECS", "600"),
+            ("HEALTH_CHECK_INTERVAL_SECS", "0.05"),
+            ("HEALTH_CHECK_RECOVERY_THRESHOLD", "2"),
+        ],
+    )
+    .await;
+    let status = || edgecache::ops::status_json(&proxy.proxy);
+    for i in 0..4 {
+        get(proxy.addr, &format!("/o?{i}"), &[]).await;
+    }
+    assert!(status().contains("breaker_open"), "{}", status());
+    failing.store(false, Ordering::SeqCst);
+    let before = live.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
+        i += 1;
+        assert_eq!(get(proxy.addr, &format!("/c?{i}"), &[]).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        live.load(Ordering::SeqCst) > before,
+        "the backend gets traffic again within 5 s of a 600 s cool-down: {}",
+        status()
+    );
+}
+
+/// Item 4: a client that disconnects while its request is the half-open trial does not leave
+/// the trial slot taken for ever: the next request after it becomes the trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_half_open_trial_frees_the_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // 0: 500, 1: never answer, 2: 200.
+    let mode = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let live = Arc::new(AtomicUsize::new(0));
+    let (m, l) = (mode.clone(), live.clone());
+    let flaky = Origin::start(move |_req| {
+        l.fetch_add(1, Ordering::SeqCst);
+        let mode = m.load(Ordering::SeqCst);
+        async move {
+            if mode == 1 {
+                std::future::pending::<()>().await;
+            }
+            let status = if mode == 0 { 500 } else { 200 };
+            reply(status, &[("cache-control", "no-store")], "flaky")
+        }
+    })
+    .await;
+    let steady = named("steady").await;
+    let proxy = ProxyHandle::start(
+        "http://unused:1",
+        &[
+            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
+            ("BREAKER_FAILURE_THRESHOLD", "1"),
+            ("BREAKER_COOLDOWN_SECS", "0.2"),
+        ],
+    )
+    .await;
+    let status = || edgecache::ops::status_json(&proxy.proxy);
+    for i in 0..2 {
+        get(proxy.addr, &format!("/t?{i}"), &[]).await;
+    }
+    assert!(status().contains("breaker_open"), "{}", status());
+    mode.store(1, Ordering::SeqCst);
+
+    // Pass-through POSTs until one is the trial and hangs at the flaky backend; then its
+    // client goes away.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut abandoned = false;
+    while !abandoned && Instant::now() < deadline {
+        let before = live.load(Ordering::SeqCst);
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(b"POST /t HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        tokio::select! {
+            _ = client.read(&mut buf) => {} // answered by the steady backend
+            _ = async {
+                while live.load(Ordering::SeqCst) == before {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => abandoned = true,
+        }
+        drop(client);
+    }
+    assert!(abandoned, "a POST became the trial: {}", status());
+
+    mode.store(2, Ordering::SeqCst);
+    let before = live.load(Ordering::SeqCst);
+    // Shorter than REQ_TIMEOUT: the abandoned trial never reports.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
+        i += 1;
+        assert_eq!(
+            get(proxy.addr, &format!("/t?after{i}"), &[]).await.status,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        live.load(Ordering::SeqCst) > before,
+        "the backend got a new trial: {}",
+        status()
+    );
 }
