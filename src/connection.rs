@@ -430,9 +430,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 /// Finds request heads that carry both `Content-Length` and `Transfer-Encoding`, fed the
 /// bytes of one head as they arrive (split anywhere). Only the start of each line is looked
 /// at; it stops at the blank line that ends the head.
+///
+/// It must agree with hyper (httparse) about where each head starts and ends, or the heads
+/// it flags are matched to the wrong requests: like httparse, it skips any number of empty
+/// lines (CRLF or bare LF) before the request line (RFC 9112 §2.2), and those count neither
+/// as a head of their own nor as the start of one.
 #[derive(Debug, Default)]
 pub struct HeadScan {
-    /// Some bytes of this head have been fed.
+    /// The request line has begun: a byte other than CR or LF has been fed.
     begun: bool,
     /// The first bytes of the current line (enough for the longest name and its colon).
     line: [u8; 18],
@@ -449,8 +454,13 @@ impl HeadScan {
     /// Only lines that start with `c`/`t` are looked at, and only up to their colon; the
     /// rest of every line is skipped with a SIMD newline search.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
-        self.begun |= !bytes.is_empty();
         let mut i = 0;
+        if !self.begun {
+            // RFC 9112 §2.2: empty lines before the request line are ignored, as httparse
+            // does (any number, CRLF or LF). A lone CR it would refuse; hyper answers that.
+            i = bytes.iter().position(|&b| b != b'\r' && b != b'\n')?;
+            self.begun = true;
+        }
         while i < bytes.len() {
             if self.line_skip {
                 i += memchr::memchr(b'\n', &bytes[i..])?;
@@ -486,7 +496,8 @@ impl HeadScan {
         None
     }
 
-    /// Bytes of a head have been fed and its end not seen yet.
+    /// Bytes of a head (past any empty lines before it) have been fed and its end not seen
+    /// yet.
     pub fn in_head(&self) -> bool {
         self.begun
     }
@@ -745,6 +756,87 @@ mod tests {
         let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n";
         assert_eq!(head.feed(two), Some(27));
         assert!(!head.has_body());
+    }
+
+    #[test]
+    fn head_scan_skips_empty_lines_before_the_request_line_as_hyper_does() {
+        let head: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for prefix in [&b"\r\n"[..], b"\n", b"\r\n\r\n\n"] {
+            let bytes = [prefix, head].concat();
+            // Whole, and split at every point: one head, ending where httparse says.
+            for split in 0..=bytes.len() {
+                let mut scan = HeadScan::default();
+                let first = scan.feed(&bytes[..split]);
+                let end = first.or_else(|| scan.feed(&bytes[split..]).map(|n| split + n));
+                assert_eq!(end, Some(bytes.len()), "{prefix:?} split at {split}");
+                assert!(scan.ambiguous(), "{prefix:?} split at {split}");
+            }
+        }
+        // Empty lines alone are not a head, and do not begin one.
+        let mut scan = HeadScan::default();
+        assert_eq!(scan.feed(b"\r\n\r\n\n\r"), None);
+        assert!(!scan.in_head());
+        assert_eq!(scan.feed(b"\nG"), None);
+        assert!(scan.in_head());
+    }
+
+    /// The scanner and httparse (hyper's parser) agree on where heads end and on whether
+    /// both framing headers are present, for every head httparse accepts.
+    #[test]
+    fn head_scan_agrees_with_httparse() {
+        let prefixes: [&[u8]; 4] = [b"", b"\r\n", b"\n\r\n", b"\r\n\r\n"];
+        let lines: [&[u8]; 7] = [
+            b"Host: x\r\n",
+            b"content-length: 4\r\n",
+            b"Transfer-Encoding: chunked\n",
+            b"X-A: transfer-encoding: chunked\r\n",
+            b"Content-Length-X: 1\r\n",
+            b"TE: trailers\r\n",
+            b"Transfer-Encodings: chunked\r\n",
+        ];
+        let mut checked = 0;
+        for prefix in prefixes {
+            for request_line in [&b"POST /a HTTP/1.1\r\n"[..], b"TRACE /t HTTP/1.1\n"] {
+                for mask in 0u32..(1 << lines.len()) {
+                    let mut bytes = [prefix, request_line].concat();
+                    for (i, line) in lines.iter().enumerate() {
+                        if mask & (1 << i) != 0 {
+                            bytes.extend_from_slice(line);
+                        }
+                    }
+                    bytes.extend_from_slice(b"\r\n");
+                    let head_len = bytes.len();
+                    bytes.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+                    let mut fields = [httparse::EMPTY_HEADER; 16];
+                    let mut req = httparse::Request::new(&mut fields);
+                    let Ok(httparse::Status::Complete(n)) = req.parse(&bytes) else {
+                        panic!("httparse refused {:?}", String::from_utf8_lossy(&bytes));
+                    };
+                    assert_eq!(n, head_len);
+                    let has = |name: &str| {
+                        req.headers
+                            .iter()
+                            .any(|h| h.name.eq_ignore_ascii_case(name))
+                    };
+                    let mut scan = HeadScan::default();
+                    assert_eq!(
+                        scan.feed(&bytes),
+                        Some(n),
+                        "{:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    assert_eq!(
+                        scan.ambiguous(),
+                        has("content-length") && has("transfer-encoding"),
+                        "{:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 4 * 2 * 128);
     }
 
     #[test]

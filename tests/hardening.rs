@@ -124,6 +124,58 @@ async fn content_length_with_transfer_encoding_is_refused() {
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
 }
 
+/// Empty lines before a request line (RFC 9112 §2.2: hyper ignores them) do not hide a
+/// `Content-Length` + `Transfer-Encoding` head: on a kept-alive connection, `\r\nPOST …`
+/// with both gets 400 and the connection is closed; nothing behind it is read.
+#[tokio::test]
+async fn ambiguous_framing_after_empty_lines_is_refused() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for blank in ["\r\n", "\r\n\r\n", "\n"] {
+        let mut s = kept_alive(proxy.addr).await;
+        s.write_all(
+            format!(
+                "{blank}POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\
+                 transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut resp = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "{blank:?}: connection closed: {resp}"
+        );
+        assert!(resp.starts_with("HTTP/1.1 400"), "{blank:?}: {resp}");
+        assert_eq!(resp.matches("HTTP/1.1").count(), 1, "{blank:?}: {resp}");
+        // GET /a is fetched once, then a hit; the POST never reaches the origin.
+        assert_eq!(
+            origin.total(),
+            1,
+            "{blank:?}: only GET /a reached the origin"
+        );
+    }
+    // The same on a fresh connection (empty lines before its first request).
+    let resp = raw(
+        proxy.addr,
+        b"\r\nPOST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // No false alarm: empty lines before an unambiguous request are just skipped.
+    let resp = raw(
+        proxy.addr,
+        b"\r\n\r\nGET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
 /// A client that never finishes its request head is disconnected after
 /// HEADER_READ_TIMEOUT_SECS; others are served meanwhile.
 #[tokio::test]
