@@ -14,7 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
 
-use crate::connection::{Activity, Deadlines, Registry, Tracked, TrackedIo, Watched};
+use crate::connection::{Deadlines, Registry, Tracked, TrackedIo, Watched};
 use crate::proxy::Proxy;
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
@@ -58,17 +58,20 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             Ok(p) => p,
             Err(TryAcquireError::Closed) => break,
             Err(TryAcquireError::NoPermits) => {
-                let asked = registry.reclaim_idle(RECLAIM_BATCH);
+                // Until a slot frees, connections that go idle close as soon as they do.
+                let asked = registry.want_room(RECLAIM_BATCH);
                 tracing::debug!(
                     asked,
                     "at MAX_CONNECTIONS: closing idle keep-alive connections"
                 );
-                tokio::select! {
-                    permit = connections.clone().acquire_owned() => match permit {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = &mut shutdown => break,
+                let permit = tokio::select! {
+                    permit = connections.clone().acquire_owned() => permit.ok(),
+                    _ = &mut shutdown => None,
+                };
+                registry.room_found();
+                match permit {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
@@ -95,8 +98,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             .fetch_add(1, Ordering::Relaxed);
         let counted = proxy.clone();
         let proxy = proxy.clone();
-        let activity = Activity::new();
-        let registered = registry.register(&activity);
+        let (activity, registered) = registry.register();
         let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
         let requests = activity.clone();
         let service = service_fn(move |req| {
