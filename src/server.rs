@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::Poll;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -15,7 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
 
 use crate::connection::{Deadlines, Registry, Tracked, TrackedIo, Watched};
+use crate::metrics::{Listener, Task};
 use crate::proxy::Proxy;
+use crate::supervise::{accept, supervise};
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
 /// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
@@ -24,8 +26,23 @@ const RECLAIM_BATCH: usize = 32;
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let expiry = tokio::spawn(proxy.clone().run_expiry());
-    let health_checks = proxy.upstream.spawn_health_checks();
+    // Supervised: a panic is logged, counted and the task restarted. The expiry queue lives
+    // in the cache, so a restarted expiry task carries on where the last one stopped.
+    let expiry = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
+        })
+    };
+    let health_checks = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            supervise(Task::HealthCheck, &proxy.metrics, || {
+                health_checks(proxy.clone())
+            })
+            .await;
+        })
+    };
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &proxy.config.limits;
@@ -76,15 +93,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             }
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            // Out of file descriptors and similar: logged, counted, backed off from.
+            conn = accept(&listener, &proxy.metrics, Listener::Proxy) => conn,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -147,9 +157,45 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     expiry.abort();
-    for task in health_checks {
-        task.abort();
+    health_checks.abort();
+}
+
+/// The backends' health probes (one task each), as one future for [`supervise`]: a probe
+/// that panics takes the others down with it (they are aborted when this is dropped) and
+/// all are started again together.
+async fn health_checks(proxy: Arc<Proxy>) {
+    struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for task in &self.0 {
+                task.abort();
+            }
+        }
     }
+    let mut probes = AbortOnDrop(proxy.upstream.spawn_health_checks());
+    std::future::poll_fn(|cx| {
+        let mut i = 0;
+        while i < probes.0.len() {
+            match std::pin::Pin::new(&mut probes.0[i]).poll(cx) {
+                Poll::Pending => i += 1,
+                Poll::Ready(Ok(())) => {
+                    probes.0.swap_remove(i);
+                }
+                Poll::Ready(Err(e)) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => {
+                        probes.0.swap_remove(i);
+                    }
+                },
+            }
+        }
+        if probes.0.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112
