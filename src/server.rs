@@ -1,5 +1,6 @@
 //! The server shell: accept loop, one hyper connection task per client (HTTP/1.1 and h2c on
-//! the same port), and graceful drain on shutdown.
+//! the same port), and graceful drain on shutdown; the expiry task and the health probes
+//! run alongside, restarted if they panic ([`crate::supervise`]).
 
 use std::convert::Infallible;
 use std::future::Future;
