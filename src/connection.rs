@@ -19,7 +19,9 @@
 //!
 //! At `MAX_CONNECTIONS`, the accept loop asks the [`Registry`] to close idle keep-alive
 //! connections (as nginx does with its "reusable" connections), so clients parked on idle
-//! connections cannot keep new ones waiting for a whole keep-alive timeout.
+//! connections cannot keep new ones waiting for a whole keep-alive timeout. Until a slot is
+//! free the registry stays short of room, and a connection that goes idle meanwhile closes
+//! itself at once rather than holding its slot for the keep-alive timeout.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -113,14 +115,19 @@ pub struct Activity {
     /// Index (in arrival order) of a request head with both `Content-Length` and
     /// `Transfer-Encoding`; `NONE` when there is none.
     ambiguous_head: AtomicU64,
+    /// Complete request heads the scan has seen; more than `requests_started` means a head
+    /// is waiting in hyper's buffer (a pipelined request), so the connection is not idle.
+    heads_seen: AtomicU64,
+    /// Shared with the [`Registry`]: set while the accept loop waits for a slot.
+    room_wanted: Arc<AtomicBool>,
 }
 
 impl Activity {
     pub fn new() -> Arc<Self> {
-        Self::opened_at(Instant::now())
+        Self::opened_at(Instant::now(), Arc::default())
     }
 
-    fn opened_at(opened: Instant) -> Arc<Self> {
+    fn opened_at(opened: Instant, room_wanted: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Activity {
             opened,
             in_flight: AtomicU32::new(0),
@@ -135,6 +142,8 @@ impl Activity {
             reclaim: AtomicBool::new(false),
             waker: Mutex::new(None),
             ambiguous_head: AtomicU64::new(NONE),
+            heads_seen: AtomicU64::new(0),
+            room_wanted,
         })
     }
 
@@ -195,11 +204,26 @@ impl Activity {
         }
     }
 
-    /// Between requests on a kept-alive connection: nothing in flight, no head begun.
+    /// Between requests on a kept-alive connection: nothing in flight, no head begun or
+    /// waiting to be served.
     pub fn is_idle_keepalive(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) == 0
+        // SeqCst pairs with `RequestGuard::drop` and `Registry::want_room`: either the
+        // registry sees the request ended, or the connection sees room is wanted.
+        self.in_flight.load(Ordering::SeqCst) == 0
             && self.phase.load(Ordering::Relaxed) != PHASE_FIRST
             && self.head_started.load(Ordering::Relaxed) == NONE
+            && self.heads_seen.load(Ordering::Relaxed)
+                <= self.requests_started.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection to close if it is idle when its task next runs, and wakes it.
+    fn ask_to_close(&self) {
+        self.reclaim.store(true, Ordering::Relaxed);
+        if let Ok(waker) = self.waker.lock() {
+            if let Some(w) = waker.as_ref() {
+                w.wake_by_ref();
+            }
+        }
     }
 
     /// The connection's current deadline and what passing it means. Reads no clock: cheap
@@ -316,6 +340,8 @@ impl<C: Future> Future for Watched<C> {
 pub struct Registry {
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Arc<Activity>>>,
+    /// The accept loop waits for a slot: connections that go idle close at once.
+    room_wanted: Arc<AtomicBool>,
 }
 
 /// A connection's place in the [`Registry`], given up on drop.
@@ -334,38 +360,44 @@ impl Drop for Registered {
 }
 
 impl Registry {
-    pub fn register(self: &Arc<Self>, activity: &Arc<Activity>) -> Registered {
+    /// A new connection's [`Activity`], registered until the [`Registered`] is dropped.
+    pub fn register(self: &Arc<Self>) -> (Arc<Activity>, Registered) {
+        let activity = Activity::opened_at(Instant::now(), self.room_wanted.clone());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut open) = self.open.lock() {
             open.insert(id, activity.clone());
         }
-        Registered {
+        let registered = Registered {
             registry: self.clone(),
             id,
-        }
+        };
+        (activity, registered)
     }
 
-    /// Asks up to `max` idle keep-alive connections to close; returns how many were asked.
-    pub fn reclaim_idle(&self, max: usize) -> usize {
+    /// Every slot is taken and a new connection waits: asks up to `batch` idle keep-alive
+    /// connections to close now, and every connection that goes idle from now until
+    /// [`Registry::room_found`] to close as soon as it does. Returns how many were asked now.
+    pub fn want_room(&self, batch: usize) -> usize {
+        self.room_wanted.store(true, Ordering::SeqCst);
         let Ok(open) = self.open.lock() else {
             return 0;
         };
         let mut asked = 0;
         for activity in open.values() {
-            if asked == max {
+            if asked == batch {
                 break;
             }
             if activity.is_idle_keepalive() {
-                activity.reclaim.store(true, Ordering::Relaxed);
-                if let Ok(waker) = activity.waker.lock() {
-                    if let Some(w) = waker.as_ref() {
-                        w.wake_by_ref();
-                    }
-                }
+                activity.ask_to_close();
                 asked += 1;
             }
         }
         asked
+    }
+
+    /// A slot was found: connections going idle keep their slots again.
+    pub fn room_found(&self) {
+        self.room_wanted.store(false, Ordering::SeqCst);
     }
 }
 
@@ -380,12 +412,19 @@ impl Drop for RequestGuard {
         let a = &self.activity;
         let now = a.ms(Instant::now());
         a.idle_since.store(now, Ordering::Relaxed);
-        // A head pipelined behind this request arrived incomplete: time it from now.
-        if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1
-            && a.partial_head.load(Ordering::Relaxed)
-            && a.head_started.load(Ordering::Relaxed) == NONE
-        {
-            a.head_started.store(now, Ordering::Relaxed);
+        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // A head pipelined behind this request arrived incomplete: time it from now.
+            if a.partial_head.load(Ordering::Relaxed)
+                && a.head_started.load(Ordering::Relaxed) == NONE
+            {
+                a.head_started.store(now, Ordering::Relaxed);
+            }
+            // At MAX_CONNECTIONS with a new connection waiting: give up the slot now (if
+            // still idle when the connection task looks) instead of at the keep-alive
+            // timeout.
+            if a.room_wanted.load(Ordering::SeqCst) {
+                a.ask_to_close();
+            }
         }
     }
 }
@@ -430,9 +469,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 /// Finds request heads that carry both `Content-Length` and `Transfer-Encoding`, fed the
 /// bytes of one head as they arrive (split anywhere). Only the start of each line is looked
 /// at; it stops at the blank line that ends the head.
+///
+/// It must agree with hyper (httparse) about where each head starts and ends, or the heads
+/// it flags are matched to the wrong requests: like httparse, it skips any number of empty
+/// lines (CRLF or bare LF) before the request line (RFC 9112 §2.2), and those count neither
+/// as a head of their own nor as the start of one.
 #[derive(Debug, Default)]
 pub struct HeadScan {
-    /// Some bytes of this head have been fed.
+    /// The request line has begun: a byte other than CR or LF has been fed.
     begun: bool,
     /// The first bytes of the current line (enough for the longest name and its colon).
     line: [u8; 18],
@@ -449,8 +493,13 @@ impl HeadScan {
     /// Only lines that start with `c`/`t` are looked at, and only up to their colon; the
     /// rest of every line is skipped with a SIMD newline search.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
-        self.begun |= !bytes.is_empty();
         let mut i = 0;
+        if !self.begun {
+            // RFC 9112 §2.2: empty lines before the request line are ignored, as httparse
+            // does (any number, CRLF or LF). A lone CR it would refuse; hyper answers that.
+            i = bytes.iter().position(|&b| b != b'\r' && b != b'\n')?;
+            self.begun = true;
+        }
         while i < bytes.len() {
             if self.line_skip {
                 i += memchr::memchr(b'\n', &bytes[i..])?;
@@ -486,7 +535,8 @@ impl HeadScan {
         None
     }
 
-    /// Bytes of a head have been fed and its end not seen yet.
+    /// Bytes of a head (past any empty lines before it) have been fed and its end not seen
+    /// yet.
     pub fn in_head(&self) -> bool {
         self.begun
     }
@@ -547,6 +597,7 @@ impl<S> TrackedIo<S> {
                 a.ambiguous_head.store(self.head, Ordering::Relaxed);
             }
             self.head += 1;
+            a.heads_seen.store(self.head, Ordering::Relaxed);
             let body = self.scan.has_body();
             self.scan = HeadScan::default();
             if body {
@@ -633,7 +684,7 @@ mod tests {
     #[test]
     fn first_request_head_is_timed_from_the_connect() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         assert_eq!(a.deadline(&LIMITS), (secs(t0, 10), Expired::Header));
         assert_eq!(a.check(&LIMITS, secs(t0, 9)), None);
         a.on_read(b"GET / HTTP/1.1\r\n", || secs(t0, 5));
@@ -648,7 +699,7 @@ mod tests {
     #[test]
     fn keepalive_idle_then_a_new_head_gets_the_header_timeout() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         a.on_read(b"GET / HTTP/1.1\r\n\r\n", || t0);
         let guard = a.request_started();
         assert_eq!(a.check(&LIMITS, t0), None);
@@ -669,7 +720,7 @@ mod tests {
     #[test]
     fn a_head_that_arrives_whole_does_not_start_the_head_timer() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         drop(a.request_started());
         let (idle_deadline, why) = a.deadline(&LIMITS);
         assert_eq!(why, Expired::Idle);
@@ -680,7 +731,7 @@ mod tests {
     #[test]
     fn a_partial_head_pipelined_behind_a_request_is_timed_from_its_end() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         let guard = a.request_started();
         a.on_head_scanned(true, || t0); // in flight: not timed yet
         assert_eq!(a.deadline(&LIMITS).1, Expired::Stalled);
@@ -693,7 +744,7 @@ mod tests {
     #[test]
     fn a_request_in_flight_is_only_cut_when_nothing_moves() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         a.on_read(b"GET /big HTTP/1.1\r\n\r\n", || t0);
         let _guard = a.request_started();
         assert_eq!(a.deadline(&LIMITS), (secs(t0, 60), Expired::Stalled));
@@ -748,9 +799,90 @@ mod tests {
     }
 
     #[test]
+    fn head_scan_skips_empty_lines_before_the_request_line_as_hyper_does() {
+        let head: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for prefix in [&b"\r\n"[..], b"\n", b"\r\n\r\n\n"] {
+            let bytes = [prefix, head].concat();
+            // Whole, and split at every point: one head, ending where httparse says.
+            for split in 0..=bytes.len() {
+                let mut scan = HeadScan::default();
+                let first = scan.feed(&bytes[..split]);
+                let end = first.or_else(|| scan.feed(&bytes[split..]).map(|n| split + n));
+                assert_eq!(end, Some(bytes.len()), "{prefix:?} split at {split}");
+                assert!(scan.ambiguous(), "{prefix:?} split at {split}");
+            }
+        }
+        // Empty lines alone are not a head, and do not begin one.
+        let mut scan = HeadScan::default();
+        assert_eq!(scan.feed(b"\r\n\r\n\n\r"), None);
+        assert!(!scan.in_head());
+        assert_eq!(scan.feed(b"\nG"), None);
+        assert!(scan.in_head());
+    }
+
+    /// The scanner and httparse (hyper's parser) agree on where heads end and on whether
+    /// both framing headers are present, for every head httparse accepts.
+    #[test]
+    fn head_scan_agrees_with_httparse() {
+        let prefixes: [&[u8]; 4] = [b"", b"\r\n", b"\n\r\n", b"\r\n\r\n"];
+        let lines: [&[u8]; 7] = [
+            b"Host: x\r\n",
+            b"content-length: 4\r\n",
+            b"Transfer-Encoding: chunked\n",
+            b"X-A: transfer-encoding: chunked\r\n",
+            b"Content-Length-X: 1\r\n",
+            b"TE: trailers\r\n",
+            b"Transfer-Encodings: chunked\r\n",
+        ];
+        let mut checked = 0;
+        for prefix in prefixes {
+            for request_line in [&b"POST /a HTTP/1.1\r\n"[..], b"TRACE /t HTTP/1.1\n"] {
+                for mask in 0u32..(1 << lines.len()) {
+                    let mut bytes = [prefix, request_line].concat();
+                    for (i, line) in lines.iter().enumerate() {
+                        if mask & (1 << i) != 0 {
+                            bytes.extend_from_slice(line);
+                        }
+                    }
+                    bytes.extend_from_slice(b"\r\n");
+                    let head_len = bytes.len();
+                    bytes.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+                    let mut fields = [httparse::EMPTY_HEADER; 16];
+                    let mut req = httparse::Request::new(&mut fields);
+                    let Ok(httparse::Status::Complete(n)) = req.parse(&bytes) else {
+                        panic!("httparse refused {:?}", String::from_utf8_lossy(&bytes));
+                    };
+                    assert_eq!(n, head_len);
+                    let has = |name: &str| {
+                        req.headers
+                            .iter()
+                            .any(|h| h.name.eq_ignore_ascii_case(name))
+                    };
+                    let mut scan = HeadScan::default();
+                    assert_eq!(
+                        scan.feed(&bytes),
+                        Some(n),
+                        "{:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    assert_eq!(
+                        scan.ambiguous(),
+                        has("content-length") && has("transfer-encoding"),
+                        "{:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 4 * 2 * 128);
+    }
+
+    #[test]
     fn only_idle_keepalive_connections_are_reclaimable() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         assert!(!a.is_idle_keepalive(), "first request not seen yet");
         a.on_read(b"GET / HTTP/1.1\r\n\r\n", || t0);
         let guard = a.request_started();
@@ -762,9 +894,53 @@ mod tests {
     }
 
     #[test]
+    fn a_pipelined_head_waiting_in_the_buffer_is_not_idle() {
+        let a = Activity::opened_at(Instant::now(), Arc::default());
+        let mut io = TrackedIo::new(tokio::io::empty(), a.clone());
+        io.scan_heads(b"GET /a HTTP/1.1\r\n\r\n");
+        drop(a.request_started());
+        assert!(a.is_idle_keepalive());
+        io.scan_heads(b"GET /b HTTP/1.1\r\n\r\n");
+        assert!(!a.is_idle_keepalive(), "hyper has a whole head to serve");
+        drop(a.request_started());
+        assert!(a.is_idle_keepalive());
+    }
+
+    /// While the accept loop waits for a slot, a connection asks to close the moment it goes
+    /// idle, not only those idle when the wait began; once a slot is found, no longer.
+    #[test]
+    fn connections_going_idle_while_room_is_wanted_are_asked_to_close() {
+        let registry = Arc::new(Registry::default());
+        let (busy, _r1) = registry.register();
+        let (fresh, _r2) = registry.register();
+        let guard = busy.request_started();
+        assert_eq!(registry.want_room(32), 0, "nothing idle yet");
+        assert!(!busy.reclaim.load(Ordering::Relaxed));
+        drop(guard);
+        assert!(
+            busy.reclaim.load(Ordering::Relaxed),
+            "asked when it went idle"
+        );
+        assert!(
+            !fresh.reclaim.load(Ordering::Relaxed),
+            "first request not seen"
+        );
+        busy.reclaim.store(false, Ordering::Relaxed);
+        registry.room_found();
+        drop(busy.request_started());
+        assert!(
+            !busy.reclaim.load(Ordering::Relaxed),
+            "room found: keeps its slot"
+        );
+        // Idle when the wait begins: asked at once.
+        assert_eq!(registry.want_room(32), 1);
+        assert!(busy.reclaim.load(Ordering::Relaxed));
+    }
+
+    #[test]
     fn http2_frames_between_streams_are_not_request_heads() {
         let t0 = Instant::now();
-        let a = Activity::opened_at(t0);
+        let a = Activity::opened_at(t0, Arc::default());
         a.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", || secs(t0, 1));
         a.on_read(b"\x00\x00\x08\x06", || secs(t0, 20)); // a PING
         assert_eq!(a.deadline(&LIMITS), (secs(t0, 76), Expired::Idle));

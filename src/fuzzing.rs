@@ -1,8 +1,9 @@
-//! One entry point that feeds arbitrary bytes to every header parser a client or upstream
-//! controls: `Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`, `Vary`,
-//! `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`. Shared by the `cargo fuzz`
-//! target (`fuzz/`) and the regression test over its corpus (`tests/parser_corpus.rs`).
-//! Not part of the proxy's API.
+//! Entry points that feed arbitrary bytes to the parsers a client or upstream controls:
+//! every header parser (`Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`,
+//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the connection
+//! layer's request head scan. Shared by the `cargo fuzz` targets (`fuzz/`) and the
+//! regression test over their corpora (`tests/parser_corpus.rs`). Not part of the proxy's
+//! API.
 
 use std::time::{Duration, SystemTime};
 
@@ -69,4 +70,46 @@ pub fn exercise_header_parsers(data: &[u8]) {
     let lm = policy::http_date(&headers, header::DATE);
     let _ = not_modified(&headers, Some(&etag), lm);
     let _ = range::select(&headers, data.len() as u64, &etag, lm);
+}
+
+/// Scans `data` as a stream of request heads ([`crate::connection::HeadScan`]) whole, split
+/// at a point the input chooses, and one byte at a time; panics unless all three find the
+/// same heads (end offsets and flags), and unless no head ends within the empty lines
+/// before a request line. Must never panic otherwise, loop or allocate without bound.
+pub fn exercise_head_scan(data: &[u8]) {
+    use crate::connection::HeadScan;
+
+    /// Each head found: where it ends in `data`, whether it was ambiguous, had a body.
+    fn heads(
+        data: &[u8],
+        chunks: impl Iterator<Item = std::ops::Range<usize>>,
+    ) -> Vec<(usize, bool, bool)> {
+        let mut found = Vec::new();
+        let mut scan = HeadScan::default();
+        for range in chunks {
+            let mut at = range.start;
+            while let Some(used) = scan.feed(&data[at..range.end]) {
+                at += used;
+                found.push((at, scan.ambiguous(), scan.has_body()));
+                scan = HeadScan::default();
+            }
+        }
+        found
+    }
+    let whole = heads(data, std::iter::once(0..data.len()));
+    let split = data.first().map_or(0, |&b| b as usize % (data.len() + 1));
+    assert_eq!(
+        whole,
+        heads(data, [0..split, split..data.len()].into_iter())
+    );
+    assert_eq!(whole, heads(data, (0..data.len()).map(|i| i..i + 1)));
+    let mut start = 0;
+    for &(end, _, _) in &whole {
+        let head = &data[start..end];
+        assert!(
+            head.iter().any(|&b| b != b'\r' && b != b'\n'),
+            "empty lines counted as a head"
+        );
+        start = end;
+    }
 }

@@ -22,6 +22,7 @@
 //!   pooled clients; [`error`] maps failures to 502/503/504.
 //! * [`ops`] — the operator listener (`/status`, `/metrics`), off the proxy port;
 //!   [`metrics`] holds the counters.
+//! * [`supervise`] — accept with backoff, and restarts of background tasks that panic.
 //! * [`config`] — environment variables to a validated [`config::Config`].
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
 
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod server;
+pub mod supervise;
 pub mod upstream;
 
 use std::future::Future;

@@ -44,6 +44,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Before binding: without handlers, SIGTERM would kill the process mid-request
+        // instead of draining, so refuse to start rather than run without them.
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+                eprintln!("edgecache: cannot install the SIGTERM/SIGINT handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -76,7 +86,7 @@ fn main() -> ExitCode {
             admin = config.admin_key.is_some(),
             "edgecache listening"
         );
-        edgecache::run(listener, ops, config, shutdown_signal()).await;
+        edgecache::run(listener, ops, config, shutdown_signal(signals)).await;
         ExitCode::SUCCESS
     })
 }
@@ -108,8 +118,7 @@ fn dotenv_problem(e: &dotenvy::Error) -> String {
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once. The signal handlers
 /// are installed once, up front, so a second signal arriving right after the first is not
 /// lost.
-async fn shutdown_signal() {
-    let mut signals = Signals::install();
+async fn shutdown_signal(mut signals: Signals) {
     signals.recv().await;
     tokio::spawn(async move {
         signals.recv().await;
@@ -121,41 +130,34 @@ async fn shutdown_signal() {
 /// SIGTERM and SIGINT (Ctrl-C elsewhere).
 struct Signals {
     #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
+    term: tokio::signal::unix::Signal,
     #[cfg(unix)]
-    int: Option<tokio::signal::unix::Signal>,
+    int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> Self {
+    /// Installs both handlers; fails if either cannot be installed.
+    fn install() -> std::io::Result<Self> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            Signals {
-                term: signal(SignalKind::terminate()).ok(),
-                int: signal(SignalKind::interrupt()).ok(),
-            }
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
         #[cfg(not(unix))]
         {
-            Signals {}
+            Ok(Signals {})
         }
     }
 
     async fn recv(&mut self) {
         #[cfg(unix)]
         {
-            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
-                match s {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            }
             tokio::select! {
-                _ = next(&mut self.term) => {}
-                _ = next(&mut self.int) => {}
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
             }
         }
         #[cfg(not(unix))]

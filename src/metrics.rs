@@ -62,6 +62,48 @@ pub enum Eviction {
 
 const EVICTION_REASONS: [&str; 4] = ["expired", "capacity", "admin", "invalidated"];
 
+/// The listeners whose accept errors are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `LISTEN_ADDR`: the clients'.
+    Proxy,
+    /// `ADMIN_LISTEN_ADDR`: `/status` and `/metrics`.
+    Operator,
+}
+
+impl Listener {
+    /// Every listener, in discriminant order (the metrics index by it).
+    pub const ALL: [Listener; 2] = [Listener::Proxy, Listener::Operator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Proxy => "proxy",
+            Listener::Operator => "operator",
+        }
+    }
+}
+
+/// The supervised background tasks ([`crate::supervise::supervise`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Refreshes hot keys and drops cold ones ([`crate::proxy::Proxy::run_expiry`]).
+    Expiry,
+    /// The backends' active health probes.
+    HealthCheck,
+}
+
+impl Task {
+    /// Every task, in discriminant order (the metrics index by it).
+    pub const ALL: [Task; 2] = [Task::Expiry, Task::HealthCheck];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Expiry => "expiry",
+            Task::HealthCheck => "health_check",
+        }
+    }
+}
+
 /// The proxy's metrics.
 #[derive(Default)]
 pub struct Metrics {
@@ -77,6 +119,10 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Connections closed by their deadlines, indexed by [`Expired`].
     connection_timeouts: [AtomicU64; Expired::ALL.len()],
+    /// Failed accepts, indexed by [`Listener`].
+    accept_errors: [AtomicU64; Listener::ALL.len()],
+    /// Background tasks restarted after a panic, indexed by [`Task`].
+    task_restarts: [AtomicU64; Task::ALL.len()],
 }
 
 /// Labels of `requests`, in index order.
@@ -104,6 +150,16 @@ impl Metrics {
     /// Counts a connection closed by its deadlines.
     pub fn connection_timed_out(&self, why: Expired) {
         self.connection_timeouts[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed accept on a listener.
+    pub fn accept_failed(&self, listener: Listener) {
+        self.accept_errors[listener as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a background task restarted after a panic.
+    pub fn task_restarted(&self, task: Task) {
+        self.task_restarts[task as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn evicted(&self, reason: Eviction, n: usize) {
@@ -209,6 +265,31 @@ impl Metrics {
                 out,
                 "edgecache_connection_timeouts_total{{reason=\"{reason}\"}} {v}"
             );
+        }
+        series(
+            out,
+            "edgecache_accept_errors_total",
+            "counter",
+            "Failed accepts (out of file descriptors and the like), by listener.",
+        );
+        for listener in Listener::ALL {
+            let v = self.accept_errors[listener as usize].load(Ordering::Relaxed);
+            let name = listener.as_str();
+            let _ = writeln!(
+                out,
+                "edgecache_accept_errors_total{{listener=\"{name}\"}} {v}"
+            );
+        }
+        series(
+            out,
+            "edgecache_task_restarts_total",
+            "counter",
+            "Background tasks restarted after a panic, by task.",
+        );
+        for task in Task::ALL {
+            let v = self.task_restarts[task as usize].load(Ordering::Relaxed);
+            let name = task.as_str();
+            let _ = writeln!(out, "edgecache_task_restarts_total{{task=\"{name}\"}} {v}");
         }
     }
 }

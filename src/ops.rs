@@ -15,15 +15,16 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::body::ProxyBody;
+use crate::metrics::Listener;
 use crate::proxy::respond;
 use crate::proxy::Proxy;
 
-/// Serves the operator routes until the task is aborted.
+/// Serves the operator routes until the task is aborted. A failing accept (out of file
+/// descriptors) is logged, counted and backed off from, as on the proxy port.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) =
+            crate::supervise::accept(&listener, &proxy.metrics, Listener::Operator).await;
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {

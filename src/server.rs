@@ -1,11 +1,12 @@
 //! The server shell: accept loop, one hyper connection task per client (HTTP/1.1 and h2c on
-//! the same port), and graceful drain on shutdown.
+//! the same port), and graceful drain on shutdown; the expiry task and the health probes
+//! run alongside, restarted if they panic ([`crate::supervise`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::Poll;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,8 +15,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
 
-use crate::connection::{Activity, Deadlines, Registry, Tracked, TrackedIo, Watched};
+use crate::connection::{Deadlines, Registry, Tracked, TrackedIo, Watched};
+use crate::metrics::{Listener, Task};
 use crate::proxy::Proxy;
+use crate::supervise::{accept, supervise};
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
 /// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
@@ -24,8 +27,23 @@ const RECLAIM_BATCH: usize = 32;
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let expiry = tokio::spawn(proxy.clone().run_expiry());
-    let health_checks = proxy.upstream.spawn_health_checks();
+    // Supervised: a panic is logged, counted and the task restarted. The expiry queue lives
+    // in the cache, so a restarted expiry task carries on where the last one stopped.
+    let expiry = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
+        })
+    };
+    let health_checks = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            supervise(Task::HealthCheck, &proxy.metrics, || {
+                health_checks(proxy.clone())
+            })
+            .await;
+        })
+    };
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &proxy.config.limits;
@@ -58,30 +76,26 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             Ok(p) => p,
             Err(TryAcquireError::Closed) => break,
             Err(TryAcquireError::NoPermits) => {
-                let asked = registry.reclaim_idle(RECLAIM_BATCH);
+                // Until a slot frees, connections that go idle close as soon as they do.
+                let asked = registry.want_room(RECLAIM_BATCH);
                 tracing::debug!(
                     asked,
                     "at MAX_CONNECTIONS: closing idle keep-alive connections"
                 );
-                tokio::select! {
-                    permit = connections.clone().acquire_owned() => match permit {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = &mut shutdown => break,
+                let permit = tokio::select! {
+                    permit = connections.clone().acquire_owned() => permit.ok(),
+                    _ = &mut shutdown => None,
+                };
+                registry.room_found();
+                match permit {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            // Out of file descriptors and similar: logged, counted, backed off from.
+            conn = accept(&listener, &proxy.metrics, Listener::Proxy) => conn,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -95,8 +109,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             .fetch_add(1, Ordering::Relaxed);
         let counted = proxy.clone();
         let proxy = proxy.clone();
-        let activity = Activity::new();
-        let registered = registry.register(&activity);
+        let (activity, registered) = registry.register();
         let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
         let requests = activity.clone();
         let service = service_fn(move |req| {
@@ -145,9 +158,45 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     expiry.abort();
-    for task in health_checks {
-        task.abort();
+    health_checks.abort();
+}
+
+/// The backends' health probes (one task each), as one future for [`supervise`]: a probe
+/// that panics takes the others down with it (they are aborted when this is dropped) and
+/// all are started again together.
+async fn health_checks(proxy: Arc<Proxy>) {
+    struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for task in &self.0 {
+                task.abort();
+            }
+        }
     }
+    let mut probes = AbortOnDrop(proxy.upstream.spawn_health_checks());
+    std::future::poll_fn(|cx| {
+        let mut i = 0;
+        while i < probes.0.len() {
+            match std::pin::Pin::new(&mut probes.0[i]).poll(cx) {
+                Poll::Pending => i += 1,
+                Poll::Ready(Ok(())) => {
+                    probes.0.swap_remove(i);
+                }
+                Poll::Ready(Err(e)) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => {
+                        probes.0.swap_remove(i);
+                    }
+                },
+            }
+        }
+        if probes.0.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112

@@ -124,6 +124,58 @@ async fn content_length_with_transfer_encoding_is_refused() {
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
 }
 
+/// Empty lines before a request line (RFC 9112 §2.2: hyper ignores them) do not hide a
+/// `Content-Length` + `Transfer-Encoding` head: on a kept-alive connection, `\r\nPOST …`
+/// with both gets 400 and the connection is closed; nothing behind it is read.
+#[tokio::test]
+async fn ambiguous_framing_after_empty_lines_is_refused() {
+    let origin = plain_origin().await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    for blank in ["\r\n", "\r\n\r\n", "\n"] {
+        let mut s = kept_alive(proxy.addr).await;
+        s.write_all(
+            format!(
+                "{blank}POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\
+                 transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut resp = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(
+            matches!(closed, Ok(Ok(_))),
+            "{blank:?}: connection closed: {resp}"
+        );
+        assert!(resp.starts_with("HTTP/1.1 400"), "{blank:?}: {resp}");
+        assert_eq!(resp.matches("HTTP/1.1").count(), 1, "{blank:?}: {resp}");
+        // GET /a is fetched once, then a hit; the POST never reaches the origin.
+        assert_eq!(
+            origin.total(),
+            1,
+            "{blank:?}: only GET /a reached the origin"
+        );
+    }
+    // The same on a fresh connection (empty lines before its first request).
+    let resp = raw(
+        proxy.addr,
+        b"\r\nPOST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // No false alarm: empty lines before an unambiguous request are just skipped.
+    let resp = raw(
+        proxy.addr,
+        b"\r\n\r\nGET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
 /// A client that never finishes its request head is disconnected after
 /// HEADER_READ_TIMEOUT_SECS; others are served meanwhile.
 #[tokio::test]
@@ -421,6 +473,85 @@ async fn idle_keepalive_connections_make_room_at_max_connections() {
             "edgecache_connection_timeouts_total{reason=\"reclaimed\"} 2"
         ))
         .await
+    );
+}
+
+/// At MAX_CONNECTIONS, connections that go idle *after* a new client started waiting give
+/// up their slots too (not only those idle when the wait began): the new client is served
+/// and the connections that went idle are closed, long before the keep-alive timeout.
+#[tokio::test]
+async fn connections_going_idle_while_a_client_waits_make_room() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let origin = Origin::start(move |req| {
+        let held = held.clone();
+        async move {
+            if req.uri().path().starts_with("/held") {
+                if let Ok(p) = held.acquire().await {
+                    p.forget();
+                }
+            }
+            reply(200, &[("cache-control", "no-store")], "ok")
+        }
+    })
+    .await;
+    let proxy = ProxyHandle::start(
+        &origin.url(),
+        &[("MAX_CONNECTIONS", "2"), ("KEEPALIVE_TIMEOUT_SECS", "60")],
+    )
+    .await;
+    // Both slots taken by requests under way (distinct keys: not coalesced), so nothing is
+    // idle when the wait begins.
+    let mut open = Vec::new();
+    for i in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(format!("GET /held{i} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        open.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || origin
+            .started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    let waiting = tokio::spawn(raw(
+        proxy.addr,
+        b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(30),
+    ));
+    // Now both requests end and their connections go idle.
+    gate.add_permits(2);
+    for s in &mut open {
+        assert!(read_response(s).await.starts_with("HTTP/1.1 200"));
+    }
+    // Well inside the 60 s keep-alive timeout; on success this takes milliseconds.
+    let resp = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting client is served before the keep-alive timeout")
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // The slot came from a connection that went idle: counted (before its slot was given
+    // up), and closed by the proxy.
+    let metrics = metrics_text(&proxy);
+    assert!(
+        !metrics.contains("edgecache_connection_timeouts_total{reason=\"reclaimed\"} 0"),
+        "{metrics}"
+    );
+    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+    let (first, second) = open.split_at_mut(1);
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            r = first[0].read(&mut a) => r,
+            r = second[0].read(&mut b) => r,
+        }
+    })
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "an idle connection was closed: {closed:?}"
     );
 }
 

@@ -1,6 +1,7 @@
-//! Regression test over the fuzz corpus (`fuzz/corpus/header_parsers`): every input that was
-//! ever interesting to the fuzzer — past crashers included — is fed to the header parsers on
-//! every `cargo test`, without needing cargo-fuzz.
+//! Regression tests over the fuzz corpora (`fuzz/corpus/header_parsers`,
+//! `fuzz/corpus/head_scan`): every input that was ever interesting to the fuzzer — past
+//! crashers included — is fed to the parsers on every `cargo test`, without needing
+//! cargo-fuzz.
 
 #[test]
 fn header_parsers_survive_the_corpus() {
@@ -12,4 +13,16 @@ fn header_parsers_survive_the_corpus() {
         count += 1;
     }
     assert!(count >= 5, "corpus has {count} inputs");
+}
+
+#[test]
+fn head_scan_survives_the_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/head_scan");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        edgecache::fuzzing::exercise_head_scan(&data);
+        count += 1;
+    }
+    assert!(count >= 3, "corpus has {count} inputs");
 }

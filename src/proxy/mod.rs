@@ -563,9 +563,30 @@ impl Proxy {
     /// The expiry task: when an entry is about to expire, refresh it in the background if a
     /// client asked for it within the refresh window; at expiry keep it while
     /// `stale-while-revalidate` / `stale-if-error` / `STALE_RETENTION_SECS` allow, else drop it.
+    ///
+    /// Run under [`crate::supervise::supervise`]: if handling one deadline panics, the rest
+    /// of its batch is scheduled again (the queue lives in the cache), so the restarted task
+    /// loses only the deadline that panicked.
     pub async fn run_expiry(self: Arc<Self>) {
+        /// Puts back the deadlines of a batch not handled yet when it is dropped.
+        struct Batch<'a> {
+            due: std::vec::IntoIter<(Arc<str>, u64)>,
+            cache: &'a Cache,
+        }
+        impl Drop for Batch<'_> {
+            fn drop(&mut self) {
+                let now = Instant::now();
+                for (key, id) in self.due.by_ref() {
+                    self.cache.expiry.schedule(now, key, id);
+                }
+            }
+        }
         loop {
-            for (key, id) in self.cache.expiry.next_due().await {
+            let mut batch = Batch {
+                due: self.cache.expiry.next_due().await.into_iter(),
+                cache: &self.cache,
+            };
+            for (key, id) in batch.due.by_ref() {
                 self.on_deadline(key, id);
             }
         }

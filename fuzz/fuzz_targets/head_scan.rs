@@ -1,0 +1,9 @@
+//! Fuzz target: the connection layer's request head scan, whole, split and byte by byte
+//! (see `edgecache::fuzzing::exercise_head_scan`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    edgecache::fuzzing::exercise_head_scan(data);
+});
