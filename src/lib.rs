@@ -13,9 +13,11 @@
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
 //!   headers between the two sides.
-//! * [`admin`] — `Clear-Cache` requests: clear/refresh by key, prefix or everything.
+//! * [`admin`] — `Clear-Cache` requests: clear/refresh by path (under every host), prefix or
+//!   everything.
 //! * [`cache`] — the cache itself: [`cache::policy`] (pure RFC 9111 rules),
-//!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`],
+//!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
+//!   path + query, and `Vary`),
 //!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single
 //!   flight) and [`cache::expiry`] (one timer heap for all entries).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
