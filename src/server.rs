@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,15 +34,15 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
         })
     };
-    let health_checks = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            supervise(Task::HealthCheck, &proxy.metrics, || {
-                health_checks(proxy.clone())
-            })
-            .await;
+    let health_checks: Vec<_> = proxy
+        .upstream
+        .health_checks()
+        .into_iter()
+        .map(|probe| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { supervise(Task::HealthCheck, &proxy.metrics, probe).await })
         })
-    };
+        .collect();
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &proxy.config.limits;
@@ -158,45 +157,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     expiry.abort();
-    health_checks.abort();
-}
-
-/// The backends' health probes (one task each), as one future for [`supervise`]: a probe
-/// that panics takes the others down with it (they are aborted when this is dropped) and
-/// all are started again together.
-async fn health_checks(proxy: Arc<Proxy>) {
-    struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            for task in &self.0 {
-                task.abort();
-            }
-        }
+    for probe in &health_checks {
+        probe.abort();
     }
-    let mut probes = AbortOnDrop(proxy.upstream.spawn_health_checks());
-    std::future::poll_fn(|cx| {
-        let mut i = 0;
-        while i < probes.0.len() {
-            match std::pin::Pin::new(&mut probes.0[i]).poll(cx) {
-                Poll::Pending => i += 1,
-                Poll::Ready(Ok(())) => {
-                    probes.0.swap_remove(i);
-                }
-                Poll::Ready(Err(e)) => match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    Err(_) => {
-                        probes.0.swap_remove(i);
-                    }
-                },
-            }
-        }
-        if probes.0.is_empty() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112

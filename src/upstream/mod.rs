@@ -39,6 +39,9 @@ use health::{Admission, Health, Probe, Thresholds, Transition};
 
 type HttpClient = Client<HttpConnector, ProxyBody>;
 
+/// One backend's health-check loop (see [`Upstream::health_checks`]).
+pub type BoxedProbe = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// One upstream backend and its connection pool.
 pub struct Backend {
     pub url: UpstreamUrl,
@@ -568,20 +571,30 @@ impl Upstream {
         wait.as_secs_f64().ceil().max(1.0) as u64
     }
 
-    /// Starts one active health-check task per backend (none when checks are disabled).
-    pub fn spawn_health_checks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+    /// One active health-check loop per backend (none when checks are disabled), each a
+    /// future that runs until dropped; the caller supervises each on its own, so a panic in
+    /// one backend's probe restarts that probe only.
+    pub fn health_checks(&self) -> Vec<impl Fn() -> BoxedProbe + Send + Sync + 'static> {
         if self.pool.health_interval.is_zero() {
             return Vec::new();
         }
         self.backends
             .iter()
             .map(|b| {
-                tokio::spawn(probe_loop(
+                let (backend, pool, thresholds, panic) = (
                     b.clone(),
                     self.pool.clone(),
                     self.thresholds,
                     self.panic.clone(),
-                ))
+                );
+                move || -> BoxedProbe {
+                    Box::pin(probe_loop(
+                        backend.clone(),
+                        pool.clone(),
+                        thresholds,
+                        panic.clone(),
+                    ))
+                }
             })
             .collect()
     }
