@@ -201,10 +201,10 @@ impl HostFilter {
 pub async fn handle(
     proxy: &Arc<Proxy>,
     req: Request<Incoming>,
-    down: &Downstream,
+    down: &Downstream<'_>,
 ) -> Response<ProxyBody> {
     let path = path_and_query(req.uri()).to_owned();
-    let client = down.client;
+    let client = down.client(req.headers());
     let Some(configured) = &proxy.config.admin_key else {
         tracing::warn!(%path, %client, "admin request refused: CLEAR_CACHE_KEY is not set");
         proxy.metrics.admin("disabled");

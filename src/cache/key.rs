@@ -5,7 +5,6 @@
 //! GET and HEAD share it. The secondary key is the request's values of the headers the
 //! stored response's `Vary` names (RFC 9111 §4.1), held by [`VaryKey`].
 
-use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
 /// The path and query of a request target, as received (`/` when absent).
@@ -13,13 +12,18 @@ pub fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/")
 }
 
-/// The primary cache key: `origin` (from [`request_origin`]) followed by the path and query.
-pub fn primary_key(origin: &str, uri: &Uri) -> String {
+/// The primary cache key of a request: its origin (see [`request_origin`]) followed by the
+/// target's path and query, built in one allocation (this runs for every request).
+pub fn request_key(
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer_trusted: bool,
+) -> Result<String, BadOrigin> {
     let pq = path_and_query(uri);
-    let mut key = String::with_capacity(origin.len() + pq.len());
-    key.push_str(origin);
+    let mut key = String::with_capacity(32 + pq.len());
+    push_origin(&mut key, uri, headers, peer_trusted)?;
     key.push_str(pq);
-    key
+    Ok(key)
 }
 
 /// Splits a primary key into its origin (`scheme://host`) and its path and query.
@@ -59,20 +63,37 @@ pub fn request_origin(
     headers: &HeaderMap,
     peer_trusted: bool,
 ) -> Result<String, BadOrigin> {
-    let forwarded = |name: &str| {
+    let mut origin = String::new();
+    push_origin(&mut origin, uri, headers, peer_trusted)?;
+    Ok(origin)
+}
+
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Appends the normalised origin of a request to `out` ([`request_origin`]).
+fn push_origin(
+    out: &mut String,
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer_trusted: bool,
+) -> Result<(), BadOrigin> {
+    let forwarded = |name: &HeaderName| {
+        if !peer_trusted {
+            return None;
+        }
         headers
             .get(name)
-            .filter(|_| peer_trusted)
             .map(|v| first_member(v.as_bytes()))
             .filter(|v| !v.is_empty())
     };
-    let https = match forwarded("x-forwarded-proto") {
+    let https = match forwarded(&X_FORWARDED_PROTO) {
         None => false,
         Some(p) if p.eq_ignore_ascii_case(b"http") => false,
         Some(p) if p.eq_ignore_ascii_case(b"https") => true,
         Some(_) => return Err(BadOrigin::Scheme),
     };
-    let host: &[u8] = match forwarded("x-forwarded-host") {
+    let host: &[u8] = match forwarded(&X_FORWARDED_HOST) {
         Some(h) => h,
         None => match uri.authority() {
             Some(a) => a.as_str().as_bytes(),
@@ -81,32 +102,93 @@ pub fn request_origin(
                 .map_or(&b""[..], |h| trim(h.as_bytes())),
         },
     };
-    let mut origin = String::with_capacity(8 + host.len());
-    origin.push_str(if https { "https://" } else { "http://" });
+    out.push_str(if https { "https://" } else { "http://" });
     if host.is_empty() {
-        return Ok(origin);
+        return Ok(());
     }
-    let authority = Authority::try_from(host).map_err(|_| BadOrigin::Host)?;
-    if authority.as_str().contains('@') || authority.host().is_empty() {
+    // `host [ ":" port ]` (RFC 9110 §7.2): an IP-literal in brackets or a reg-name / IPv4,
+    // never user info; checked and lower-cased in one pass.
+    let (name, port) = if host[0] == b'[' {
+        let end = host
+            .iter()
+            .position(|&b| b == b']')
+            .ok_or(BadOrigin::Host)?;
+        let (name, rest) = host.split_at(end + 1);
+        let inner = &name[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        {
+            return Err(BadOrigin::Host);
+        }
+        match rest {
+            [] => (name, None),
+            [b':', port @ ..] => (name, Some(port)),
+            _ => return Err(BadOrigin::Host),
+        }
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(i) => (&host[..i], Some(&host[i + 1..])),
+            None => (host, None),
+        }
+    };
+    if name.is_empty() || (name[0] != b'[' && !name.iter().all(|&b| is_reg_name(b))) {
         return Err(BadOrigin::Host);
     }
-    for c in authority.host().chars() {
-        origin.push(c.to_ascii_lowercase());
-    }
-    let port = match authority.as_str()[authority.host().len()..].strip_prefix(':') {
-        Some(p) if !p.is_empty() => Some(p.parse::<u16>().map_err(|_| BadOrigin::Host)?),
-        _ => None,
+    let port = match port {
+        None | Some([]) => None,
+        Some(digits) => {
+            let digits = std::str::from_utf8(digits).map_err(|_| BadOrigin::Host)?;
+            Some(digits.parse::<u16>().map_err(|_| BadOrigin::Host)?)
+        }
     };
+    // Only ASCII passed the checks above.
+    out.extend(name.iter().map(|&b| char::from(b.to_ascii_lowercase())));
     match port {
         Some(80) if !https => {}
         Some(443) if https => {}
         Some(port) => {
-            origin.push(':');
-            origin.push_str(&port.to_string());
+            out.push(':');
+            out.push_str(itoa_u16(port, &mut [0; 5]));
         }
         None => {}
     }
-    Ok(origin)
+    Ok(())
+}
+
+/// RFC 3986 `reg-name` characters (unreserved, sub-delims, percent-encoding).
+fn is_reg_name(b: u8) -> bool {
+    const TABLE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let c = i as u8;
+            t[i] = c.is_ascii_alphanumeric();
+            i += 1;
+        }
+        let extra = b"-._~%!$&'()*+,;=";
+        let mut j = 0;
+        while j < extra.len() {
+            t[extra[j] as usize] = true;
+            j += 1;
+        }
+        t
+    };
+    TABLE[usize::from(b)]
+}
+
+fn itoa_u16(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
 /// Whether `host` (an origin's host, possibly with a port) is matched by one of `allowed`:
@@ -264,10 +346,12 @@ mod tests {
 
     #[test]
     fn query_is_part_of_the_key() {
-        let a: Uri = "/x?a=1".parse().unwrap();
-        let b: Uri = "/x?a=2".parse().unwrap();
-        assert_ne!(primary_key("http://h", &a), primary_key("http://h", &b));
-        assert_eq!(primary_key("http://h", &a), "http://h/x?a=1");
+        let key = |target: &str| {
+            request_key(&target.parse().unwrap(), &h(&[("host", "h")]), false).unwrap()
+        };
+        assert_ne!(key("/x?a=1"), key("/x?a=2"));
+        assert_eq!(key("/x?a=1"), "http://h/x?a=1");
+        assert_eq!(key("http://H:80/x?a=1"), "http://h/x?a=1");
         assert_eq!(split_key("http://h/x?a=1"), ("http://h", "/x?a=1"));
         assert_eq!(split_key("https:///x"), ("https://", "/x"));
         assert_eq!(split_key("http://[::1]:8080/"), ("http://[::1]:8080", "/"));
@@ -311,7 +395,23 @@ mod tests {
             origin("/x", &[("host", "[::1]:8000")], false),
             ok("http://[::1]:8000")
         );
-        for bad in ["a b", "user@host", "a/b", "h:99999", ":80"] {
+        assert_eq!(origin("/x", &[("host", "h:")], false), ok("http://h"));
+        assert_eq!(
+            origin("/x", &[("host", "h:65535")], false),
+            ok("http://h:65535")
+        );
+        for bad in [
+            "a b",
+            "user@host",
+            "a/b",
+            "h:99999",
+            ":80",
+            "h:8x",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            "é",
+        ] {
             assert_eq!(
                 origin("/x", &[("host", bad)], false),
                 Err(BadOrigin::Host),

@@ -48,51 +48,54 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Who sent a request: the TCP peer, whether it is a trusted proxy (`TRUSTED_PROXIES`), and
-/// the client address derived from both once per request, for the admin throttle and the
-/// access log.
+/// Who sent a request: the TCP peer and whether it is a trusted proxy (`TRUSTED_PROXIES`).
+/// The client address behind it ([`Downstream::client`]) is derived from both when needed
+/// (admin throttle, access log), not on every cache hit.
 #[derive(Debug, Clone, Copy)]
-pub struct Downstream {
+pub struct Downstream<'a> {
     pub peer: IpAddr,
     pub peer_trusted: bool,
-    pub client: IpAddr,
+    trusted: &'a [IpNet],
 }
 
-impl Downstream {
-    /// From a trusted peer, the client is the rightmost `X-Forwarded-For` entry that is not
-    /// itself a trusted proxy (as nginx's `real_ip_recursive`); from anyone else it is the
-    /// peer. An entry that is not an address stops the walk at the proxy that added it.
-    pub fn new(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Self {
-        let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
-        let peer_trusted = is_trusted(peer);
-        let mut client = peer;
-        if peer_trusted {
-            let entries = headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .rev()
-                .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
-            for entry in entries {
-                let entry = entry.trim();
-                if entry.is_empty() {
-                    continue;
-                }
-                match parse_forwarded_ip(entry) {
-                    Some(ip) => {
-                        client = ip;
-                        if !is_trusted(ip) {
-                            break;
-                        }
-                    }
-                    None => break,
-                }
-            }
-        }
+impl<'a> Downstream<'a> {
+    pub fn new(peer: IpAddr, trusted: &'a [IpNet]) -> Self {
         Downstream {
             peer,
-            peer_trusted,
-            client,
+            peer_trusted: trusted.iter().any(|net| net.contains(peer)),
+            trusted,
         }
+    }
+
+    /// The client's address. From a trusted peer, the rightmost `X-Forwarded-For` entry that
+    /// is not itself a trusted proxy (as nginx's `real_ip_recursive`); from anyone else, the
+    /// peer. An entry that is not an address stops the walk at the proxy that added it.
+    pub fn client(&self, headers: &HeaderMap) -> IpAddr {
+        let mut client = self.peer;
+        if !self.peer_trusted {
+            return client;
+        }
+        let entries = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .rev()
+            .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
+        for entry in entries {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            match parse_forwarded_ip(entry) {
+                Some(ip) => {
+                    client = ip;
+                    if !self.trusted.iter().any(|net| net.contains(ip)) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        client
     }
 }
 
@@ -112,7 +115,7 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
 /// so a client cannot forge its address. `X-Forwarded-Proto` / `-Host` always say `origin`,
 /// the normalised origin the response is keyed by ([`crate::cache::key::request_origin`]), so
 /// nothing the upstream reads about the host is outside the key.
-pub fn set_forwarded(headers: &mut HeaderMap, down: &Downstream, origin: &str) {
+pub fn set_forwarded(headers: &mut HeaderMap, down: &Downstream<'_>, origin: &str) {
     strip_unkeyed_overrides(headers);
     let peer_str = down.peer.to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -214,8 +217,8 @@ mod tests {
         assert!(h.contains_key(header::ETAG));
     }
 
-    fn down(peer: &str, h: &HeaderMap) -> Downstream {
-        Downstream::new(peer.parse().unwrap(), h, &trusted())
+    fn client(peer: &str, h: &HeaderMap) -> IpAddr {
+        Downstream::new(peer.parse().unwrap(), &trusted()).client(h)
     }
 
     #[test]
@@ -225,8 +228,9 @@ mod tests {
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         h.insert(header::FORWARDED, HeaderValue::from_static("host=evil"));
-        let d = down("203.0.113.9", &h);
-        assert_eq!(d.client, "203.0.113.9".parse::<IpAddr>().unwrap());
+        let trusted = trusted();
+        let d = Downstream::new("203.0.113.9".parse().unwrap(), &trusted);
+        assert_eq!(d.client(&h), "203.0.113.9".parse::<IpAddr>().unwrap());
         set_forwarded(&mut h, &d, "http://example.com");
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.9");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
@@ -239,7 +243,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        let d = down("127.0.0.1", &h);
+        let trusted = trusted();
+        let d = Downstream::new("127.0.0.1".parse().unwrap(), &trusted);
         set_forwarded(&mut h, &d, "https://a.example");
         assert_eq!(h[X_FORWARDED_FOR], "1.2.3.4, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
@@ -255,34 +260,28 @@ mod tests {
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         // Behind nginx: the client nginx saw.
-        assert_eq!(
-            down("127.0.0.1", &xff("203.0.113.7")).client,
-            ip("203.0.113.7")
-        );
+        assert_eq!(client("127.0.0.1", &xff("203.0.113.7")), ip("203.0.113.7"));
         // A client-forged entry on the left is not believed: the rightmost untrusted wins.
         assert_eq!(
-            down("127.0.0.1", &xff("6.6.6.6, 203.0.113.7")).client,
+            client("127.0.0.1", &xff("6.6.6.6, 203.0.113.7")),
             ip("203.0.113.7")
         );
         // Trusted hops are skipped; ports and brackets are understood.
         assert_eq!(
-            down("::1", &xff("198.51.100.1:5000, 127.0.0.1")).client,
+            client("::1", &xff("198.51.100.1:5000, 127.0.0.1")),
             ip("198.51.100.1")
         );
         assert_eq!(
-            down("127.0.0.1", &xff("[2001:db8::1]:443")).client,
+            client("127.0.0.1", &xff("[2001:db8::1]:443")),
             ip("2001:db8::1")
         );
         // Garbage stops the walk at the proxy that passed it on.
         assert_eq!(
-            down("127.0.0.1", &xff("203.0.113.7, junk")).client,
+            client("127.0.0.1", &xff("203.0.113.7, junk")),
             ip("127.0.0.1")
         );
         // An untrusted peer is the client, whatever it says.
-        assert_eq!(
-            down("203.0.113.9", &xff("1.2.3.4")).client,
-            ip("203.0.113.9")
-        );
-        assert_eq!(down("127.0.0.1", &HeaderMap::new()).client, ip("127.0.0.1"));
+        assert_eq!(client("203.0.113.9", &xff("1.2.3.4")), ip("203.0.113.9"));
+        assert_eq!(client("127.0.0.1", &HeaderMap::new()), ip("127.0.0.1"));
     }
 }

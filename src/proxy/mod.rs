@@ -28,8 +28,8 @@ use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{
-    host_allowed, origin_host, path_and_query, primary_key, push_flight_suffix, request_origin,
-    split_key, BadOrigin,
+    host_allowed, origin_host, path_and_query, push_flight_suffix, request_key, split_key,
+    BadOrigin,
 };
 use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
@@ -89,17 +89,20 @@ impl Proxy {
         let started = Instant::now();
         // The access log needs the request line after the request is consumed: keep a copy
         // only when the line will actually be written.
-        let logged = tracing::enabled!(target: "edgecache::access", tracing::Level::INFO)
-            .then(|| (req.method().clone(), req.uri().clone()));
+        let down = Downstream::new(peer.ip(), &self.config.trusted_proxies);
+        let logged =
+            tracing::enabled!(target: "edgecache::access", tracing::Level::INFO).then(|| {
+                let client = down.client(req.headers());
+                (req.method().clone(), req.uri().clone(), client)
+            });
         let mut trace = Trace::default();
-        let down = Downstream::new(peer.ip(), req.headers(), &self.config.trusted_proxies);
         let resp = self.route(req, &down, &mut trace).await;
         self.metrics.request(match (trace.cache, trace.admin) {
             (_, true) => 5,
             (Some(status), _) => status as usize,
             (None, _) => 6,
         });
-        if let Some((method, uri)) = logged {
+        if let Some((method, uri, client)) = logged {
             tracing::info!(
                 target: "edgecache::access",
                 %method,
@@ -109,7 +112,7 @@ impl Proxy {
                 coalesced = trace.coalesced,
                 upstream_ms = trace.upstream_ms,
                 total_ms = started.elapsed().as_millis() as u64,
-                client = %down.client,
+                %client,
                 peer = %peer.ip(),
             );
         }
@@ -119,15 +122,15 @@ impl Proxy {
     async fn route(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        down: &Downstream,
+        down: &Downstream<'_>,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         if req.headers().contains_key(CLEAR_CACHE) {
             trace.admin = true;
             return crate::admin::handle(self, req, down).await;
         }
-        let origin = match request_origin(req.uri(), req.headers(), down.peer_trusted) {
-            Ok(origin) => origin,
+        let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
+            Ok(key) => key,
             Err(BadOrigin::Host) => {
                 return respond::plain(StatusCode::BAD_REQUEST, "invalid Host\n");
             }
@@ -136,7 +139,7 @@ impl Proxy {
             }
         };
         if !self.config.allowed_hosts.is_empty()
-            && !host_allowed(origin_host(&origin), &self.config.allowed_hosts)
+            && !host_allowed(origin_host(split_key(&key).0), &self.config.allowed_hosts)
         {
             // RFC 9110 §15.5.20: not a host this proxy answers for; nothing is looked up.
             return respond::plain(
@@ -145,13 +148,13 @@ impl Proxy {
             );
         }
         match *req.method() {
-            Method::GET | Method::HEAD => self.lookup(req, down, origin, trace).await,
+            Method::GET | Method::HEAD => self.lookup(req, down, key, trace).await,
             Method::CONNECT => {
                 respond::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
             }
             _ => {
                 trace.cache = Some(CacheStatus::Bypass);
-                self.pass(req, down, &origin, trace).await
+                self.pass(req, down, split_key(&key).0, trace).await
             }
         }
     }
@@ -160,12 +163,11 @@ impl Proxy {
     async fn lookup(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        down: &Downstream,
-        origin: String,
+        down: &Downstream<'_>,
+        key: String,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
         let head = req.method() == Method::HEAD;
-        let key = primary_key(&origin, req.uri());
         let now = Instant::now();
         let client = self.client_directives(req.headers());
         let base = self.cache.store.get(&key, req.headers());
@@ -201,7 +203,7 @@ impl Proxy {
         trace.cache = Some(status);
         let started = Instant::now();
         let resp = self
-            .fetch_coalesced(req, down, &origin, key, base, status, trace)
+            .fetch_coalesced(req, down, key, base, status, trace)
             .await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         resp
@@ -238,12 +240,10 @@ impl Proxy {
     }
 
     /// Fetches a missing or stale entry once for all concurrent requesters.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_coalesced(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        down: &Downstream,
-        origin: &str,
+        down: &Downstream<'_>,
         key: String,
         base: Option<Arc<CachedResponse>>,
         status: CacheStatus,
@@ -258,7 +258,7 @@ impl Proxy {
             .unwrap_or_else(|| Arc::from(key));
         let fetch = FetchRequest {
             key: key.clone(),
-            headers: self.upstream_headers(&parts.headers, down, origin, true),
+            headers: self.upstream_headers(&parts.headers, down, split_key(&key).0, true),
             base: base.clone(),
             last_access_ms: clock_ms(),
         };
@@ -428,7 +428,7 @@ impl Proxy {
     async fn pass(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        down: &Downstream,
+        down: &Downstream<'_>,
         origin: &str,
         trace: &mut Trace,
     ) -> Response<ProxyBody> {
@@ -527,7 +527,7 @@ impl Proxy {
     fn upstream_headers(
         &self,
         downstream: &HeaderMap,
-        down: &Downstream,
+        down: &Downstream<'_>,
         origin: &str,
         for_cache: bool,
     ) -> HeaderMap {
