@@ -9,7 +9,10 @@
 //! A request flows top to bottom through these modules:
 //!
 //! * [`server`] — the shell: accept loop, HTTP/1.1 + h2c connections, graceful drain;
-//!   [`connection`] holds each connection to its head, keep-alive and stall deadlines.
+//!   [`server::deadline`] holds each connection to its head, keep-alive and stall deadlines,
+//!   [`server::reclaim`] closes idle ones at `MAX_CONNECTIONS`, [`server::inflight`] counts
+//!   requests in flight, [`server::head_scan`] spots `Content-Length` + `Transfer-Encoding`
+//!   heads, and [`server::io`] wraps the client stream that feeds them.
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
 //!   headers between the two sides.
@@ -32,7 +35,6 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
-pub mod connection;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

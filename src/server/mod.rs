@@ -1,6 +1,25 @@
 //! The server shell: accept loop, one hyper connection task per client (HTTP/1.1 and h2c on
 //! the same port), and graceful drain on shutdown; the expiry task and the health probes
 //! run alongside, restarted if they panic ([`crate::supervise`]).
+//!
+//! Each connection is held to its deadlines and watched for ambiguous request framing by
+//! these parts:
+//!
+//! * [`deadline`] — the per-connection state machine ([`deadline::Activity`]: head, keep-alive
+//!   and stall deadlines, time passed in) and the future that enforces it
+//!   ([`deadline::Watched`]);
+//! * [`reclaim`] — the registry of open connections, which closes idle keep-alive ones at
+//!   `MAX_CONNECTIONS`;
+//! * [`inflight`] — a request counted as in flight until its response body is dropped;
+//! * [`head_scan`] — the pure HTTP/1 head scanner that spots `Content-Length` together with
+//!   `Transfer-Encoding` (fuzzed: `fuzz/fuzz_targets/head_scan.rs`);
+//! * [`io`] — the stream wrapper that feeds all of the above from the bytes moved.
+
+pub mod deadline;
+pub mod head_scan;
+pub mod inflight;
+pub mod io;
+pub mod reclaim;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,10 +33,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
 
-use crate::connection::{Deadlines, Registry, Tracked, TrackedIo, Watched};
 use crate::metrics::{Listener, Task};
 use crate::proxy::Proxy;
 use crate::supervise::{accept, supervise};
+use deadline::{Deadlines, Watched};
+use inflight::{RequestGuard, Tracked};
+use io::TrackedIo;
+use reclaim::Registry;
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
 /// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
@@ -49,7 +71,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Off: hyper's would also time idle keep-alive connections. `connection` enforces
+        // Off: hyper's would also time idle keep-alive connections. `deadline` enforces
         // HEADER_READ_TIMEOUT_SECS and KEEPALIVE_TIMEOUT_SECS separately.
         .header_read_timeout(None)
         // Request line + headers larger than this get 431 (or 414 for the URI).
@@ -114,7 +136,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let ambiguous = requests.next_head_is_ambiguous();
-            let guard = requests.request_started();
+            let guard = RequestGuard::start(&requests);
             async move {
                 let resp = if ambiguous {
                     refuse_ambiguous_framing(peer)
