@@ -1,6 +1,7 @@
 //! The server shell: accept loop, one hyper connection task per client (HTTP/1.1 and h2c on
 //! the same port), and graceful drain on shutdown; the expiry task and the health probes
-//! run alongside, restarted if they panic ([`crate::supervise`]).
+//! run alongside on the proxy's background tree, restarted if they panic, cancelled and
+//! awaited once connections have drained ([`crate::supervise`]).
 //!
 //! Each connection is held to its deadlines and watched for ambiguous request framing by
 //! these parts:
@@ -25,6 +26,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -45,26 +47,36 @@ use reclaim::Registry;
 /// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
 const RECLAIM_BATCH: usize = 32;
 
+/// The least time background tasks get to stop after the drain, however much of
+/// `SHUTDOWN_GRACE_SECS` it used: a cancelled task ends at its next poll, so this only
+/// matters for one stuck in a blocking call.
+const BACKGROUND_STOP_MIN: Duration = Duration::from_secs(1);
+
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
-/// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
+/// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`; then cancels the proxy's
+/// background work (expiry, probes, refreshes, the operator listener) and returns once it
+/// has ended (within what is left of the grace period, at least a second). Panics during
+/// that shutdown are logged and counted ([`crate::supervise::Background::shutdown`]).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     // Supervised: a panic is logged, counted and the task restarted. The expiry queue lives
     // in the cache, so a restarted expiry task carries on where the last one stopped.
-    let expiry = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
-        })
-    };
-    let health_checks: Vec<_> = proxy
-        .upstream
-        .health_checks()
-        .into_iter()
-        .map(|probe| {
-            let proxy = proxy.clone();
-            tokio::spawn(async move { supervise(Task::HealthCheck, &proxy.metrics, probe).await })
-        })
-        .collect();
+    {
+        let proxy2 = proxy.clone();
+        proxy.background.spawn(Task::Expiry.as_str(), async move {
+            supervise(Task::Expiry, &proxy2.metrics, || {
+                proxy2.clone().run_expiry()
+            })
+            .await;
+        });
+    }
+    for probe in proxy.upstream.health_checks() {
+        let proxy2 = proxy.clone();
+        proxy
+            .background
+            .spawn(Task::HealthCheck.as_str(), async move {
+                supervise(Task::HealthCheck, &proxy2.metrics, probe).await;
+            });
+    }
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &proxy.config.limits;
@@ -169,6 +181,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     }
 
     drop(listener);
+    let drain_started = tokio::time::Instant::now();
     let grace = proxy.config.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
@@ -178,10 +191,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
-    expiry.abort();
-    for probe in &health_checks {
-        probe.abort();
-    }
+    let left = grace
+        .saturating_sub(drain_started.elapsed())
+        .max(BACKGROUND_STOP_MIN);
+    proxy.background.shutdown(left).await;
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112
