@@ -1,9 +1,9 @@
 //! Entry points that feed arbitrary bytes to the parsers a client or upstream controls:
 //! every header parser (`Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`,
-//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the connection
-//! layer's request head scan. Shared by the `cargo fuzz` targets (`fuzz/`) and the
-//! regression test over their corpora (`tests/parser_corpus.rs`). Not part of the proxy's
-//! API.
+//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the server's
+//! request head scanner ([`crate::server::head_scan`]). Shared by the `cargo fuzz` targets
+//! (`fuzz/`) and the regression test over their corpora (`tests/parser_corpus.rs`). Not part
+//! of the proxy's API.
 
 use std::time::{Duration, SystemTime};
 

@@ -60,21 +60,17 @@ const BACKGROUND_STOP_MIN: Duration = Duration::from_secs(1);
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     // Supervised: a panic is logged, counted and the task restarted. The expiry queue lives
     // in the cache, so a restarted expiry task carries on where the last one stopped.
-    {
-        let proxy2 = proxy.clone();
-        proxy.background.spawn(Task::Expiry.as_str(), async move {
-            supervise(Task::Expiry, &proxy2.metrics, || {
-                proxy2.clone().run_expiry()
-            })
-            .await;
-        });
-    }
+    let expiry_proxy = proxy.clone();
+    proxy.background.spawn(Task::Expiry.as_str(), async move {
+        let proxy = expiry_proxy;
+        supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
+    });
     for probe in proxy.upstream.health_checks() {
-        let proxy2 = proxy.clone();
+        let probe_proxy = proxy.clone();
         proxy
             .background
             .spawn(Task::HealthCheck.as_str(), async move {
-                supervise(Task::HealthCheck, &proxy2.metrics, probe).await;
+                supervise(Task::HealthCheck, &probe_proxy.metrics, probe).await;
             });
     }
     let graceful = GracefulShutdown::new();
