@@ -1,9 +1,9 @@
 //! Entry points that feed arbitrary bytes to the parsers a client or upstream controls:
 //! every header parser (`Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`,
-//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the connection
-//! layer's request head scan. Shared by the `cargo fuzz` targets (`fuzz/`) and the
-//! regression test over their corpora (`tests/parser_corpus.rs`). Not part of the proxy's
-//! API.
+//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the server's
+//! request head scanner ([`crate::server::head_scan`]). Shared by the `cargo fuzz` targets
+//! (`fuzz/`) and the regression test over their corpora (`tests/parser_corpus.rs`). Not part
+//! of the proxy's API.
 
 use std::time::{Duration, SystemTime};
 
@@ -72,12 +72,12 @@ pub fn exercise_header_parsers(data: &[u8]) {
     let _ = range::select(&headers, data.len() as u64, &etag, lm);
 }
 
-/// Scans `data` as a stream of request heads ([`crate::connection::HeadScan`]) whole, split
+/// Scans `data` as a stream of request heads ([`crate::server::head_scan::HeadScan`]) whole, split
 /// at a point the input chooses, and one byte at a time; panics unless all three find the
 /// same heads (end offsets and flags), and unless no head ends within the empty lines
 /// before a request line. Must never panic otherwise, loop or allocate without bound.
 pub fn exercise_head_scan(data: &[u8]) {
-    use crate::connection::HeadScan;
+    use crate::server::head_scan::HeadScan;
 
     /// Each head found: where it ends in `data`, whether it was ambiguous, had a body.
     fn heads(

@@ -9,7 +9,10 @@
 //! A request flows top to bottom through these modules:
 //!
 //! * [`server`] — the shell: accept loop, HTTP/1.1 + h2c connections, graceful drain;
-//!   [`connection`] holds each connection to its head, keep-alive and stall deadlines.
+//!   [`server::deadline`] holds each connection to its head, keep-alive and stall deadlines,
+//!   [`server::reclaim`] closes idle ones at `MAX_CONNECTIONS`, [`server::inflight`] counts
+//!   requests in flight, [`server::head_scan`] spots `Content-Length` + `Transfer-Encoding`
+//!   heads, and [`server::io`] wraps the client stream that feeds them.
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
 //!   headers between the two sides.
@@ -24,7 +27,9 @@
 //!   pooled clients; [`error`] maps failures to 502/503/504.
 //! * [`ops`] — the operator listener (`/status`, `/metrics`), off the proxy port;
 //!   [`metrics`] holds the counters.
-//! * [`supervise`] — accept with backoff, and restarts of background tasks that panic.
+//! * [`supervise`] — accept with backoff, restarts of background tasks that panic, and the
+//!   one cancellation tree ([`supervise::Background`]) all background work runs under:
+//!   cancelled and awaited at shutdown, so a panic then is reported, not lost.
 //! * [`config`] — environment variables to a validated [`config::Config`].
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
 
@@ -32,7 +37,6 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
-pub mod connection;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -51,17 +55,26 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 /// Runs the proxy on an already bound `listener` (and the operator routes on `ops`, when
-/// given) until `shutdown` resolves and in-flight requests have drained.
+/// given) until `shutdown` resolves, in-flight requests have drained and background work
+/// (expiry, health probes, refreshes, the operator listener and its connections) has been
+/// cancelled and has ended. Errs if any of that background work panicked during shutdown
+/// (each panic is in the error log); the daemon then exits 1.
 pub async fn run(
     listener: TcpListener,
     ops: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Result<(), supervise::PanickedInShutdown> {
     let proxy = Arc::new(proxy::Proxy::new(config));
-    let ops = ops.map(|l| tokio::spawn(ops::serve(l, proxy.clone())));
-    server::serve(listener, proxy, shutdown).await;
-    if let Some(task) = ops {
-        task.abort();
+    if let Some(l) = ops {
+        // On the background tree: up while connections drain, cancelled with the rest.
+        proxy
+            .background
+            .spawn("operator_listener", ops::serve(l, proxy.clone()));
+    }
+    server::serve(listener, proxy.clone(), shutdown).await;
+    match proxy.background.panicked_in_shutdown() {
+        0 => Ok(()),
+        n => Err(supervise::PanickedInShutdown(n)),
     }
 }

@@ -86,8 +86,13 @@ fn main() -> ExitCode {
             admin = config.admin_key.is_some(),
             "edgecache listening"
         );
-        edgecache::run(listener, ops, config, shutdown_signal(signals)).await;
-        ExitCode::SUCCESS
+        match edgecache::run(listener, ops, config, shutdown_signal(signals)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edgecache: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

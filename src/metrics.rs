@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::connection::Expired;
+use crate::server::deadline::Expired;
 
 /// Latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [

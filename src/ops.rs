@@ -19,14 +19,17 @@ use crate::metrics::Listener;
 use crate::proxy::respond;
 use crate::proxy::Proxy;
 
-/// Serves the operator routes until the task is aborted. A failing accept (out of file
-/// descriptors) is logged, counted and backed off from, as on the proxy port.
+/// Serves the operator routes until the proxy's background tree is cancelled (run it with
+/// [`crate::supervise::Background::spawn`]; its connections are spawned there too, so they
+/// end with it). A failing accept (out of file descriptors) is logged, counted and backed off
+/// from, as on the proxy port.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
         let (stream, _) =
             crate::supervise::accept(&listener, &proxy.metrics, Listener::Operator).await;
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
+        let conn_proxy = proxy.clone();
+        proxy.background.spawn("operator_connection", async move {
+            let proxy = conn_proxy;
             let svc = service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(route(&proxy, req)) }

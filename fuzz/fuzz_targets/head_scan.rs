@@ -1,5 +1,5 @@
-//! Fuzz target: the connection layer's request head scan, whole, split and byte by byte
-//! (see `edgecache::fuzzing::exercise_head_scan`).
+//! Fuzz target: the request head scanner (`edgecache::server::head_scan`), whole, split and
+//! byte by byte (see `edgecache::fuzzing::exercise_head_scan`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

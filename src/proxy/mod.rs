@@ -52,6 +52,9 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Wrong admin keys per client address.
     pub admin_throttle: crate::admin::Throttle,
+    /// Background work (refreshes spawned here; the expiry task, probes and operator
+    /// listener the server starts) under one cancellation tree, awaited at shutdown.
+    pub background: crate::supervise::Background,
     /// Background refreshes (expiry, stale serving, admin) share these `REFRESH_CONCURRENCY`
     /// slots, so a refresh of many keys never becomes a herd of its own.
     refresh_slots: Arc<tokio::sync::Semaphore>,
@@ -75,6 +78,7 @@ impl Proxy {
             upstream,
             metrics: Metrics::default(),
             admin_throttle: Default::default(),
+            background: crate::supervise::Background::new(),
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
             config,
         }
@@ -402,7 +406,7 @@ impl Proxy {
                     base: Some(entry.clone()),
                 };
                 let proxy = self.clone();
-                tokio::spawn(async move {
+                self.background.spawn("refresh", async move {
                     // The semaphore is never closed; without a slot the refresh runs anyway.
                     let _slot = proxy.refresh_slots.clone().acquire_owned().await;
                     let fetched = proxy.fetch_for_cache(fetch).await;

@@ -1,11 +1,32 @@
 //! The server shell: accept loop, one hyper connection task per client (HTTP/1.1 and h2c on
 //! the same port), and graceful drain on shutdown; the expiry task and the health probes
-//! run alongside, restarted if they panic ([`crate::supervise`]).
+//! run alongside on the proxy's background tree, restarted if they panic, cancelled and
+//! awaited once connections have drained ([`crate::supervise`]).
+//!
+//! Each connection is held to its deadlines and watched for ambiguous request framing by
+//! these parts:
+//!
+//! * [`deadline`] — the per-connection state machine ([`deadline::Activity`]: head, keep-alive
+//!   and stall deadlines, time passed in) and the future that enforces it
+//!   ([`deadline::Watched`]);
+//! * [`reclaim`] — the registry of open connections, which closes idle keep-alive ones at
+//!   `MAX_CONNECTIONS`;
+//! * [`inflight`] — a request counted as in flight until its response body is dropped;
+//! * [`head_scan`] — the pure HTTP/1 head scanner that spots `Content-Length` together with
+//!   `Transfer-Encoding` (fuzzed: `fuzz/fuzz_targets/head_scan.rs`);
+//! * [`io`] — the stream wrapper that feeds all of the above from the bytes moved.
+
+pub mod deadline;
+pub mod head_scan;
+pub mod inflight;
+pub mod io;
+pub mod reclaim;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,42 +35,51 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
 
-use crate::connection::{Deadlines, Registry, Tracked, TrackedIo, Watched};
 use crate::metrics::{Listener, Task};
 use crate::proxy::Proxy;
 use crate::supervise::{accept, supervise};
+use deadline::{Deadlines, Watched};
+use inflight::{RequestGuard, Tracked};
+use io::TrackedIo;
+use reclaim::Registry;
 
 /// Idle keep-alive connections asked to close each time the accept loop finds every
 /// `MAX_CONNECTIONS` slot taken (nginx reclaims 32 at a time too).
 const RECLAIM_BATCH: usize = 32;
 
+/// The least time background tasks get to stop after the drain, however much of
+/// `SHUTDOWN_GRACE_SECS` it used: a cancelled task ends at its next poll, so this only
+/// matters for one stuck in a blocking call.
+const BACKGROUND_STOP_MIN: Duration = Duration::from_secs(1);
+
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting and lets
-/// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`.
+/// in-flight requests finish for up to `SHUTDOWN_GRACE_SECS`; then cancels the proxy's
+/// background work (expiry, probes, refreshes, the operator listener) and returns once it
+/// has ended (within what is left of the grace period, at least a second). Panics during
+/// that shutdown are logged and counted ([`crate::supervise::Background::shutdown`]).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     // Supervised: a panic is logged, counted and the task restarted. The expiry queue lives
     // in the cache, so a restarted expiry task carries on where the last one stopped.
-    let expiry = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
-        })
-    };
-    let health_checks: Vec<_> = proxy
-        .upstream
-        .health_checks()
-        .into_iter()
-        .map(|probe| {
-            let proxy = proxy.clone();
-            tokio::spawn(async move { supervise(Task::HealthCheck, &proxy.metrics, probe).await })
-        })
-        .collect();
+    let expiry_proxy = proxy.clone();
+    proxy.background.spawn(Task::Expiry.as_str(), async move {
+        let proxy = expiry_proxy;
+        supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
+    });
+    for probe in proxy.upstream.health_checks() {
+        let probe_proxy = proxy.clone();
+        proxy
+            .background
+            .spawn(Task::HealthCheck.as_str(), async move {
+                supervise(Task::HealthCheck, &probe_proxy.metrics, probe).await;
+            });
+    }
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &proxy.config.limits;
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Off: hyper's would also time idle keep-alive connections. `connection` enforces
+        // Off: hyper's would also time idle keep-alive connections. `deadline` enforces
         // HEADER_READ_TIMEOUT_SECS and KEEPALIVE_TIMEOUT_SECS separately.
         .header_read_timeout(None)
         // Request line + headers larger than this get 431 (or 414 for the URI).
@@ -114,7 +144,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let ambiguous = requests.next_head_is_ambiguous();
-            let guard = requests.request_started();
+            let guard = RequestGuard::start(&requests);
             async move {
                 let resp = if ambiguous {
                     refuse_ambiguous_framing(peer)
@@ -147,6 +177,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     }
 
     drop(listener);
+    let drain_started = tokio::time::Instant::now();
     let grace = proxy.config.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
@@ -156,10 +187,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
-    expiry.abort();
-    for probe in &health_checks {
-        probe.abort();
-    }
+    let left = grace
+        .saturating_sub(drain_started.elapsed())
+        .max(BACKGROUND_STOP_MIN);
+    proxy.background.shutdown(left).await;
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112
