@@ -386,3 +386,32 @@ async fn second_sigterm_during_drain_exits_at_once() {
     assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
     drop(slow);
 }
+
+/// The mock origin's JSON bodies escape what a client controls: an id, a header value and a
+/// request path holding `"` and `\` come back intact from `/data`, `/echo` and `/stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_origin_json_escapes_quotes_and_backslashes() {
+    let origin = MockOrigin::start();
+    let parse = |got: common::Got| -> serde_json::Value {
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        serde_json::from_str(&got.text()).unwrap_or_else(|e| panic!("{e}: {}", got.text()))
+    };
+    let data = parse(get(origin.addr, "/data?id=a%22b%5Cc", &[]).await);
+    assert_eq!(data["id"], "a\"b\\c");
+    assert_eq!(data["updated_at"], 1);
+    assert_eq!(data["value"], "a\"b\\c at version 1");
+
+    let echo = parse(get(origin.addr, "/echo", &[("x-quote", "say \"hi\" \\o/")]).await);
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["uri"], "/echo");
+    assert_eq!(echo["headers"]["x-quote"], "say \"hi\" \\o/");
+    assert_eq!(echo["body_len"], 0);
+    // A raw `"` and `\` are valid in a request path (the origin answers 404 but counts it).
+    assert_eq!(get(origin.addr, "/a\"b\\c", &[]).await.status, 404);
+
+    let stats = parse(get(origin.addr, "/stats", &[]).await);
+    assert_eq!(stats["by_path"]["/data?id=a%22b%5Cc"], 1, "{stats}");
+    assert_eq!(stats["by_path"]["/a\"b\\c"], 1, "{stats}");
+    assert_eq!(stats["total"], 3, "{stats}");
+}
