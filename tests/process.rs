@@ -6,7 +6,6 @@ mod common;
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::process::*;
@@ -16,32 +15,41 @@ use tokio::io::AsyncWriteExt;
 /// Runs `edgecache` with `env` and asserts it stops before serving: exit code 2 and exactly one
 /// stderr line that names `variable`, never a panic. Returns that line.
 fn assert_refused(dir: &TempDir, env: &[(&str, &str)], variable: &str) -> String {
+    assert_refused_with(dir, env, &[], variable)
+}
+
+/// [`assert_refused`] with command-line arguments.
+fn assert_refused_with(
+    dir: &TempDir,
+    env: &[(&str, &str)],
+    args: &[&str],
+    variable: &str,
+) -> String {
     let mut cmd = edgecache_cmd(&dir.path, env);
-    let out = dir.path.join("stderr.txt");
-    cmd.stdout(Stdio::null())
-        .stderr(fs::File::create(&out).unwrap());
-    let mut child = Guard::spawn("edgecache", cmd);
-    let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
-        panic!("{env:?}: edgecache still running after {DEADLINE:?}; expected exit 2")
-    });
-    let stderr = fs::read_to_string(&out).unwrap();
+    cmd.args(args);
+    let Finished {
+        status,
+        stdout,
+        stderr,
+    } = run_to_exit(dir, "edgecache", cmd);
     assert_eq!(
         status.code(),
         Some(2),
-        "{env:?}: {status}; stderr:\n{stderr}"
+        "{env:?} {args:?}: {status}; stderr:\n{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{env:?}: panic:\n{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(
         lines.len(),
         1,
-        "{env:?}: want one stderr line, got:\n{stderr}"
+        "{env:?} {args:?}: want one stderr line, got:\n{stderr}"
     );
     assert!(
         lines[0].contains(variable),
-        "{env:?}: the message should name {variable}: {}",
+        "{env:?} {args:?}: the message should name {variable}: {}",
         lines[0]
     );
+    assert_eq!(stdout, "", "{env:?} {args:?}: nothing on stdout");
     stderr
 }
 
@@ -414,4 +422,181 @@ async fn mock_origin_json_escapes_quotes_and_backslashes() {
     assert_eq!(stats["by_path"]["/data?id=a%22b%5Cc"], 1, "{stats}");
     assert_eq!(stats["by_path"]["/a\"b\\c"], 1, "{stats}");
     assert_eq!(stats["total"], 3, "{stats}");
+}
+
+/// The settings of `.env.example` (its uncommented `NAME=` lines).
+fn env_example_settings() -> Vec<&'static str> {
+    include_str!("../.env.example")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .collect()
+}
+
+/// `edgecache --help` exits 0 without starting, and lists every setting of `.env.example`
+/// as a flag (the lower-kebab form of its variable) and as its variable, with `--check`.
+#[test]
+fn help_lists_every_setting() {
+    let dir = TempDir::new("help");
+    let mut cmd = edgecache_cmd(&dir.path, &[("CLEAR_CACHE_KEY", "s3cret")]);
+    cmd.arg("--help");
+    let done = run_to_exit(&dir, "edgecache", cmd);
+    assert!(done.status.success(), "{done:?}");
+    let settings = env_example_settings();
+    assert!(settings.len() > 30, "{settings:?}");
+    for name in settings {
+        let flag = format!("--{} <VALUE>", name.to_ascii_lowercase().replace('_', "-"));
+        assert!(
+            done.stdout.contains(&flag),
+            "{flag} missing:\n{}",
+            done.stdout
+        );
+        let env = format!("[env: {name}]");
+        assert!(
+            done.stdout.contains(&env),
+            "{env} missing:\n{}",
+            done.stdout
+        );
+    }
+    for text in ["--check", "--version", "[default: 10]", "[default: 256MiB]"] {
+        assert!(
+            done.stdout.contains(text),
+            "{text} missing:\n{}",
+            done.stdout
+        );
+    }
+    assert!(!done.stdout.contains("s3cret"), "{}", done.stdout);
+}
+
+/// `--version` prints the name and version and exits 0; an unknown flag is clap's usage
+/// error, exit 2, before any configuration is read.
+#[test]
+fn version_and_unknown_flags() {
+    let dir = TempDir::new("version");
+    let mut cmd = edgecache_cmd(&dir.path, &[]);
+    cmd.arg("--version");
+    let done = run_to_exit(&dir, "edgecache", cmd);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(
+        done.stdout,
+        format!("edgecache {}\n", env!("CARGO_PKG_VERSION"))
+    );
+
+    let mut cmd = edgecache_cmd(&dir.path, &[("UPSTREAM_URL", "http://127.0.0.1:9")]);
+    cmd.arg("--upstream");
+    let done = run_to_exit(&dir, "edgecache", cmd);
+    assert_eq!(done.status.code(), Some(2), "{done:?}");
+    assert!(done.stderr.contains("--upstream"), "{done:?}");
+}
+
+/// `--check` with the predecessor's `.env`: exit 0, every setting as `KEY=value` (defaults
+/// filled in, the admin key redacted), then `configuration ok`; nothing is served.
+#[test]
+fn check_prints_the_effective_settings() {
+    let dir = TempDir::new("check-ok");
+    fs::write(
+        dir.path.join(".env"),
+        "DEFAULT_CACHE_EXPIRY_TIME_SECS=2\n\
+         DEFAULT_REFRESH_WINDOW_SECS=60\n\
+         REQ_TIMEOUT=2\n\
+         UPSTREAM_URL=http://host.docker.internal:3006\n\
+         CLEAR_CACHE_KEY=Secret\n",
+    )
+    .unwrap();
+    let mut cmd = edgecache_cmd(&dir.path, &[]);
+    cmd.arg("--check");
+    let done = run_to_exit(&dir, "edgecache", cmd);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(done.stderr, "", "{done:?}");
+    let lines: Vec<&str> = done.stdout.lines().collect();
+    assert_eq!(lines.last(), Some(&"configuration ok"), "{}", done.stdout);
+    let names: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert_eq!(names, env_example_settings(), "{}", done.stdout);
+    for line in [
+        "UPSTREAM_URL=http://host.docker.internal:3006",
+        "REQ_TIMEOUT=2",
+        "CLEAR_CACHE_KEY=<redacted>",
+        "CACHE_MAX_BYTES=256MiB",
+        "LISTEN_ADDR=0.0.0.0:8000",
+        // edgecache_cmd's test settings, from the environment.
+        "ADMIN_LISTEN_ADDR=127.0.0.1:0",
+        "HEALTH_CHECK_INTERVAL_SECS=0",
+    ] {
+        assert!(lines.contains(&line), "{line} missing:\n{}", done.stdout);
+    }
+    assert!(!done.stdout.contains("Secret"), "{}", done.stdout);
+}
+
+/// `--check` with an invalid setting: exit 2 and the one-line error, as when starting.
+#[test]
+fn check_refuses_a_bad_setting() {
+    let dir = TempDir::new("check-bad");
+    let env = [
+        ("UPSTREAM_URL", "http://127.0.0.1:9"),
+        ("CACHE_MAX_BYTES", "lots"),
+    ];
+    let checked = assert_refused_with(&dir, &env, &["--check"], "CACHE_MAX_BYTES");
+    let started = assert_refused(&dir, &env, "CACHE_MAX_BYTES");
+    assert_eq!(checked, started);
+}
+
+/// A flag wins over the environment and `.env`, and is validated exactly like the variable:
+/// the same one-line error naming the variable, exit 2.
+#[test]
+fn a_flag_overrides_the_environment() {
+    let dir = TempDir::new("flags");
+    fs::write(dir.path.join(".env"), "MAX_CONNECTIONS=7\n").unwrap();
+    let env = [
+        ("UPSTREAM_URL", "http://127.0.0.1:9"),
+        ("REQ_TIMEOUT", "abc"),
+    ];
+    let mut cmd = edgecache_cmd(&dir.path, &env);
+    cmd.args(["--check", "--req-timeout", "2.5", "--max-connections=9"]);
+    let done = run_to_exit(&dir, "edgecache", cmd);
+    assert!(done.status.success(), "{done:?}");
+    for line in ["REQ_TIMEOUT=2.5", "MAX_CONNECTIONS=9"] {
+        assert!(
+            done.stdout.lines().any(|l| l == line),
+            "{line}:\n{}",
+            done.stdout
+        );
+    }
+
+    let env = [("UPSTREAM_URL", "http://127.0.0.1:9")];
+    let from_env = assert_refused(&dir, &[env[0], ("REQ_TIMEOUT", "-1")], "REQ_TIMEOUT");
+    let from_flag = assert_refused_with(&dir, &env, &["--req-timeout", "-1"], "REQ_TIMEOUT");
+    assert_eq!(from_flag, from_env);
+    let from_flag = assert_refused_with(
+        &dir,
+        &[env[0], ("REQ_TIMEOUT", "5")],
+        &["--req-timeout=-1"],
+        "REQ_TIMEOUT",
+    );
+    assert_eq!(from_flag, from_env);
+}
+
+/// `mock-origin --help` describes `--listen` and the routes, and exits 0 without listening.
+#[test]
+fn mock_origin_help() {
+    let dir = TempDir::new("mock-help");
+    let mut cmd = std::process::Command::new(MOCK_ORIGIN);
+    cmd.env_clear().arg("--help");
+    let done = run_to_exit(&dir, "mock-origin", cmd);
+    assert!(done.status.success(), "{done:?}");
+    for text in [
+        "--listen <ADDR>",
+        "MOCK_ORIGIN_ADDR",
+        "/data?id=X",
+        "/stats",
+    ] {
+        assert!(done.stdout.contains(text), "{text}:\n{}", done.stdout);
+    }
+    assert!(
+        !done.stdout.starts_with("mock-origin listening"),
+        "{}",
+        done.stdout
+    );
 }

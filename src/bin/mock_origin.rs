@@ -5,6 +5,7 @@
 //! picks a free port). Once bound it prints exactly one stdout line,
 //! `mock-origin listening on http://IP:PORT`. Speaks HTTP/1.1 and h2c; exits cleanly on
 //! SIGINT/SIGTERM. Bad arguments or addresses exit with code 2, bind failures with 1.
+//! `--help` lists the option and the routes, `--version` prints the version.
 //!
 //! # Routes
 //!
@@ -495,23 +496,37 @@ async fn drain(mut body: Incoming) {
     while let Some(Ok(_)) = body.frame().await {}
 }
 
-fn listen_addr() -> Result<SocketAddr, String> {
-    let mut args = std::env::args().skip(1);
-    let mut addr = None;
-    while let Some(arg) = args.next() {
-        addr = Some(match arg.strip_prefix("--listen") {
-            Some("") => args.next().ok_or("--listen requires an address")?,
-            Some(rest) if rest.starts_with('=') => rest[1..].to_owned(),
-            _ => {
-                return Err(format!(
-                    "unexpected argument `{arg}` (usage: mock-origin [--listen ADDR])"
-                ))
-            }
-        });
-    }
-    let addr = addr
-        .or_else(|| std::env::var("MOCK_ORIGIN_ADDR").ok())
-        .unwrap_or_else(|| DEFAULT_ADDR.to_owned());
+/// The command line: `--listen ADDR` (else `$MOCK_ORIGIN_ADDR`, else the default),
+/// `--help`, `--version`. Usage errors exit 2 (clap's convention).
+fn command() -> clap::Command {
+    clap::Command::new("mock-origin")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("The deterministic demo/test origin of edgecache's quick start, tests and benchmarks.")
+        .after_help(ROUTES)
+        .arg(
+            clap::Arg::new("listen")
+                .long("listen")
+                .value_name("ADDR")
+                .env("MOCK_ORIGIN_ADDR")
+                .default_value(DEFAULT_ADDR)
+                .help("Address to listen on, IP:PORT (port 0 picks a free port); prints `mock-origin listening on http://IP:PORT` once bound"),
+        )
+}
+
+/// The routes, for `--help` (the module documentation has the details).
+const ROUTES: &str = "Routes:
+  GET|HEAD /data?id=X[&max_age=M]   JSON {id, updated_at, value} with ETag, Last-Modified; 304 on a match
+  PUT|POST /data?id=X               bump the id's version
+  /health-check                     200 ok, or 503 while toggled off by POST /admin/health?ok=false
+  GET|HEAD /bytes?size=N            N deterministic bytes (at most 16 GiB), streamed
+  /echo                             the request as JSON (method, version, uri, host, headers, body_len, body_sha256)
+  GET /stats[?path=KEY]             request counts; POST /stats/reset zeroes them
+Every route but /stats takes delay_ms=D, status=S, cc=VALUE, set_cookie=1, vary=NAME, etag=0.";
+
+fn listen_addr(args: &clap::ArgMatches) -> Result<SocketAddr, String> {
+    let addr = args
+        .get_one::<String>("listen")
+        .map_or(DEFAULT_ADDR, String::as_str);
     addr.parse()
         .map_err(|_| format!("invalid listen address `{addr}` (expected IP:PORT)"))
 }
@@ -541,7 +556,8 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .init();
 
-    let addr = match listen_addr() {
+    let args = command().get_matches();
+    let addr = match listen_addr(&args) {
         Ok(addr) => addr,
         Err(err) => {
             eprintln!("mock-origin: {err}");

@@ -135,6 +135,35 @@ impl MockOrigin {
     }
 }
 
+/// What a process that ran to its end printed, and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdout and stderr into files in `dir`) and waits up to [`DEADLINE`] for it
+/// to exit; panics if it is still running then (it is killed).
+pub fn run_to_exit(dir: &TempDir, name: &str, mut cmd: Command) -> Finished {
+    let (out, err) = (dir.path.join("stdout.txt"), dir.path.join("stderr.txt"));
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap());
+    let mut child = Guard::spawn(name, cmd);
+    let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
+        panic!(
+            "{name} still running after {DEADLINE:?}; stderr:\n{}",
+            fs::read_to_string(&err).unwrap_or_default()
+        )
+    });
+    Finished {
+        status,
+        stdout: fs::read_to_string(&out).unwrap(),
+        stderr: fs::read_to_string(&err).unwrap(),
+    }
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, if still running.
 pub struct Guard(pub Child);
 
