@@ -94,11 +94,19 @@ fn main() -> ExitCode {
                 }
             },
         };
+        // The bound addresses, with the real port when the setting asked for port 0.
         let addr = listener
             .local_addr()
             .map_or_else(|_| config.listen_addr.to_string(), |a| a.to_string());
+        let admin_listen = match (&ops, config.admin_listen_addr) {
+            (Some(l), Some(configured)) => l
+                .local_addr()
+                .map_or_else(|_| configured.to_string(), |a| a.to_string()),
+            _ => "off".to_owned(),
+        };
         tracing::info!(
             listen = %addr,
+            admin_listen = %admin_listen,
             backends = config.backends.len(),
             upstream = %config.backends.iter().map(|b| b.url.authority.as_str()).collect::<Vec<_>>().join(","),
             default_ttl_secs = config.default_ttl.map_or(0.0, |d| d.as_secs_f64()),
@@ -106,9 +114,30 @@ fn main() -> ExitCode {
             admin = config.admin_key.is_some(),
             "edgecache listening"
         );
+        // The same on stdout, in one fixed line whatever RUST_LOG and LOG_FORMAT say, for
+        // whoever started the daemon with port 0 (the tests, a supervisor script), as
+        // mock-origin does.
+        announce(&addr, &admin_listen);
         edgecache::run(listener, ops, config, shutdown_signal(signals)).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Prints `edgecache listening on http://ADDR (operator: http://ADDR)` (`operator: off` when
+/// `ADMIN_LISTEN_ADDR=off`) and flushes it. A closed stdout is no reason to stop.
+fn announce(addr: &str, admin_listen: &str) {
+    use std::io::Write as _;
+    let operator = if admin_listen == "off" {
+        "off".to_owned()
+    } else {
+        format!("http://{admin_listen}")
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "edgecache listening on http://{addr} (operator: {operator})"
+    )
+    .and_then(|()| stdout.flush());
 }
 
 /// What is wrong with `.env`, in one line that never quotes the file: dotenvy's own message

@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::process::*;
@@ -188,12 +188,9 @@ fn an_unparseable_dotenv_line_is_not_printed() {
 async fn largest_settings_start_and_serve() {
     let origin = MockOrigin::start();
     let dir = TempDir::new("largest");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listen = addr.to_string();
     let (day, year) = ("86400", "31536000");
     let env = [
         ("UPSTREAM_URL", origin.url.as_str()),
-        ("LISTEN_ADDR", listen.as_str()),
         ("DEFAULT_CACHE_EXPIRY_TIME_SECS", year),
         ("DEFAULT_REFRESH_WINDOW_SECS", year),
         ("STALE_RETENTION_SECS", year),
@@ -217,7 +214,8 @@ async fn largest_settings_start_and_serve() {
         ("MAX_HEADER_BYTES", "1MiB"),
         ("MAX_REQUEST_BODY_BYTES", "1TiB"),
     ];
-    let proxy = Edgecache::start(&dir, &env, addr).await;
+    let proxy = Edgecache::start(&dir, &env).await;
+    let addr = proxy.addr;
     for cache in ["MISS", "HIT"] {
         let got = get(addr, "/data?id=largest", &[]).await;
         assert_eq!(got.status, 200, "{got:?}; stderr:\n{}", proxy.stderr());
@@ -227,30 +225,32 @@ async fn largest_settings_start_and_serve() {
 }
 
 /// `.env` in the working directory is read, and a real environment variable wins over it:
-/// `.env` sets `UPSTREAM_URL` (the mock origin) and one `LISTEN_ADDR`, the environment
-/// another `LISTEN_ADDR`. The daemon listens on the environment's address only, and a request
-/// through it reaches the upstream named in `.env`.
+/// `.env` sets `UPSTREAM_URL` (the mock origin) and `LISTEN_ADDR` on 127.0.0.2, the
+/// environment `LISTEN_ADDR` on 127.0.0.1. The daemon listens on the environment's address,
+/// and a request through it reaches the upstream named in `.env`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dotenv_is_read_and_the_environment_wins() {
     let origin = MockOrigin::start();
     let dir = TempDir::new("dotenv");
-    let (env_port, dotenv_port) = (free_port(), free_port());
     fs::write(
         dir.path.join(".env"),
         format!(
             "# written by tests/process.rs\n\
              UPSTREAM_URL={}\n\
-             LISTEN_ADDR=127.0.0.1:{dotenv_port}\n\
+             LISTEN_ADDR=127.0.0.2:0\n\
              SHUTDOWN_GRACE_SECS=1\n",
             origin.url
         ),
     )
     .unwrap();
-    let env_addr = SocketAddr::from(([127, 0, 0, 1], env_port));
-    let env_listen = env_addr.to_string();
-    let mut proxy = Edgecache::start(&dir, &[("LISTEN_ADDR", &env_listen)], env_addr).await;
+    let mut proxy = Edgecache::start(&dir, &[("LISTEN_ADDR", "127.0.0.1:0")]).await;
+    assert_eq!(
+        proxy.addr.ip(),
+        std::net::Ipv4Addr::LOCALHOST,
+        "the .env LISTEN_ADDR must not be used when the environment sets one"
+    );
 
-    let got = get(env_addr, "/health-check", &[]).await;
+    let got = get(proxy.addr, "/health-check", &[]).await;
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(got.text(), "ok");
     assert_eq!(got.cache(), "MISS", "served by edgecache: {got:?}");
@@ -258,10 +258,6 @@ async fn dotenv_is_read_and_the_environment_wins() {
         origin.stats("/health-check").await,
         1,
         "the request reached the .env upstream"
-    );
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", dotenv_port)).is_err(),
-        "the .env LISTEN_ADDR must not be used when the environment sets one"
     );
     proxy.terminate();
     let status = proxy
@@ -278,14 +274,12 @@ async fn dotenv_is_read_and_the_environment_wins() {
 async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let origin = MockOrigin::start();
     let dir = TempDir::new("graceful");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listen = addr.to_string();
     let env = [
         ("UPSTREAM_URL", origin.url.as_str()),
-        ("LISTEN_ADDR", listen.as_str()),
         ("SHUTDOWN_GRACE_SECS", "10"),
     ];
-    let mut proxy = Edgecache::start(&dir, &env, addr).await;
+    let mut proxy = Edgecache::start(&dir, &env).await;
+    let addr = proxy.addr;
 
     let slow_path = "/data?id=slow&delay_ms=1500";
     let slow = tokio::spawn(get(addr, slow_path, &[]));
@@ -342,15 +336,13 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
 async fn second_sigterm_during_drain_exits_at_once() {
     let origin = MockOrigin::start();
     let dir = TempDir::new("second-signal");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listen = addr.to_string();
     let env = [
         ("UPSTREAM_URL", origin.url.as_str()),
-        ("LISTEN_ADDR", listen.as_str()),
         ("SHUTDOWN_GRACE_SECS", "60"),
         ("REQ_TIMEOUT", "60"),
     ];
-    let mut proxy = Edgecache::start(&dir, &env, addr).await;
+    let mut proxy = Edgecache::start(&dir, &env).await;
+    let addr = proxy.addr;
 
     // Raw TCP, kept open to the end: the request stays in flight however the process ends.
     let slow_path = "/data?id=stuck&delay_ms=30000";
@@ -520,8 +512,8 @@ fn check_prints_the_effective_settings() {
         "REQ_TIMEOUT=2",
         "CLEAR_CACHE_KEY=<redacted>",
         "CACHE_MAX_BYTES=256MiB",
-        "LISTEN_ADDR=0.0.0.0:8000",
         // edgecache_cmd's test settings, from the environment.
+        "LISTEN_ADDR=127.0.0.1:0",
         "ADMIN_LISTEN_ADDR=127.0.0.1:0",
         "HEALTH_CHECK_INTERVAL_SECS=0",
     ] {
@@ -599,4 +591,60 @@ fn mock_origin_help() {
         "{}",
         done.stdout
     );
+}
+
+/// With port 0 the daemon reports the ports it bound, on stdout (read by the harness) and in
+/// its `edgecache listening` log line (text and JSON); `ADMIN_LISTEN_ADDR=off` shows as off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_ports_are_reported() {
+    let dir = TempDir::new("ports");
+    let upstream = ("UPSTREAM_URL", "http://127.0.0.1:9");
+    let proxy = Edgecache::start(&dir, &[upstream]).await;
+    let (addr, ops) = (proxy.addr, proxy.ops());
+    assert_ne!(addr.port(), 0);
+    assert_ne!(ops.port(), 0);
+    assert_eq!(get(ops, "/health", &[]).await.text(), "ok\n");
+    assert_eq!(get(addr, "/x", &[]).await.status, 502, "the proxy answers");
+    let log = strip_ansi(&proxy.stderr());
+    let line = log
+        .lines()
+        .find(|l| l.contains("edgecache listening"))
+        .unwrap_or_else(|| panic!("no listening line in\n{log}"));
+    assert!(line.contains(&format!("listen={addr} ")), "{line}");
+    assert!(line.contains(&format!("admin_listen={ops} ")), "{line}");
+    drop(proxy);
+
+    let env = [
+        upstream,
+        ("ADMIN_LISTEN_ADDR", "off"),
+        ("LOG_FORMAT", "json"),
+    ];
+    let proxy = Edgecache::start(&dir, &env).await;
+    assert_eq!(proxy.ops, None);
+    let log = proxy.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("edgecache listening"))
+        .unwrap_or_else(|| panic!("no listening line in\n{log}"));
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(json["listen"], proxy.addr.to_string(), "{line}");
+    assert_eq!(json["admin_listen"], "off", "{line}");
+}
+
+/// The text without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
