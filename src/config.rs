@@ -1024,6 +1024,20 @@ mod tests {
         }
     }
 
+    /// `--help` states each duration's range as the code does.
+    #[test]
+    fn help_states_every_duration_range() {
+        for (name, min, max) in DURATIONS {
+            let setting = SETTINGS.iter().find(|s| s.name == name);
+            let help = setting.map_or("", |s| s.help);
+            let range = format!("({min}-{max})");
+            assert!(
+                help.contains(&range),
+                "{name}: --help should say {range}: {help}"
+            );
+        }
+    }
+
     /// Counts and byte sizes have ranges too.
     #[test]
     fn counts_and_sizes_have_ranges() {
