@@ -232,6 +232,84 @@ impl IpNet {
     }
 }
 
+impl fmt::Display for IpNet {
+    /// `addr` alone for a single address, else `addr/prefix`: what [`IpNet::parse`] reads.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let single = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == single {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+/// One setting: its environment variable (the flag is its lower-kebab form, `--req-timeout`),
+/// its default as the operator would write it (empty: unset), and one line on what it does.
+/// `edgecache --help` is generated from [`SETTINGS`]; the README's settings table is the
+/// reference with the details.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// The command-line flag without its dashes: `REQ_TIMEOUT` → `req-timeout`.
+    pub fn flag(&self) -> String {
+        self.name.to_ascii_lowercase().replace('_', "-")
+    }
+}
+
+const fn setting(name: &'static str, default: &'static str, help: &'static str) -> Setting {
+    Setting {
+        name,
+        default,
+        help,
+    }
+}
+
+/// Every setting the daemon reads, in the order of `.env.example`.
+pub const SETTINGS: &[Setting] = &[
+    setting("UPSTREAM_URL", "", "Base URL of the upstream, http://host:port[/prefix] (h2c:// for HTTP/2 with prior knowledge); required unless UPSTREAM_URLS is set"),
+    setting("DEFAULT_CACHE_EXPIRY_TIME_SECS", "2", "Freshness in seconds for storable responses without explicit freshness; 0 = RFC 9111 rules only (0-31536000)"),
+    setting("DEFAULT_REFRESH_WINDOW_SECS", "60", "An entry requested within this many seconds before expiry is refreshed in the background, otherwise dropped; 0 = never refresh (0-31536000)"),
+    setting("REQ_TIMEOUT", "10", "Upstream timeout in seconds, decimals allowed; exceeded -> 504 (0.001-86400)"),
+    setting("CLEAR_CACHE_KEY", "", "Admin password for Clear-Cache requests (Clear-Cache-Key header); empty = admin requests get 403"),
+    setting("LISTEN_ADDR", "0.0.0.0:8000", "Address the proxy listens on (IP:port; port 0 picks a free one, logged at startup)"),
+    setting("LOG_FORMAT", "text", "Log output format: text or json"),
+    setting("RUST_LOG", "info", "Log filter (tracing EnvFilter syntax), e.g. info, debug, edgecache=debug"),
+    setting("SHUTDOWN_GRACE_SECS", "30", "On SIGTERM/SIGINT, seconds in-flight requests may take to finish; a second signal exits at once (0-86400)"),
+    setting("TRUSTED_PROXIES", "127.0.0.1,::1", "Comma-separated IPs/CIDRs whose X-Forwarded-* headers are believed; none = nobody"),
+    setting("ALLOWED_HOSTS", "", "Comma-separated hosts served (.example.com covers subdomains); others get 421. Empty: every host"),
+    setting("REFRESH_CONCURRENCY", "16", "Background refreshes running at once at most (1-10000)"),
+    setting("CACHE_MAX_OBJECT_BYTES", "8MiB", "Larger responses are streamed through, not stored; at most CACHE_MAX_BYTES (unset: 8MiB or CACHE_MAX_BYTES if smaller)"),
+    setting("STALE_RETENTION_SECS", "0", "Keep expired entries with validators this long after last use, to revalidate (304) instead of refetch (0-31536000)"),
+    setting("STALE_IF_ERROR_SECS", "0", "On upstream failure, serve a stored copy up to this many seconds past expiry instead of the error; 0 = off (0-31536000)"),
+    setting("CLIENT_CACHE_CONTROL", "safe", "Request Cache-Control directives obeyed: safe (no client can force origin fetches) or full"),
+    setting("UPSTREAM_URLS", "", "Several backends instead of UPSTREAM_URL: \"http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080 h2\"; takes precedence"),
+    setting("ADMIN_LISTEN_ADDR", "127.0.0.1:9000", "Operator listener for GET /status and /metrics (IP:port, port 0 allowed); off disables it"),
+    setting("CONNECT_TIMEOUT_SECS", "5", "TCP connect timeout to a backend, seconds (0.001-86400)"),
+    setting("HEALTH_CHECK_PATH", "/health-check", "Path probed with GET on every backend; 2xx is healthy"),
+    setting("HEALTH_CHECK_INTERVAL_SECS", "10", "Seconds between health probes; 0 = no active checks (0-86400)"),
+    setting("HEALTH_CHECK_TIMEOUT_SECS", "2", "A probe slower than this many seconds failed (0.001-86400)"),
+    setting("HEALTH_CHECK_FAILURE_THRESHOLD", "3", "Consecutive failed probes before a backend is taken out (1-1000)"),
+    setting("HEALTH_CHECK_RECOVERY_THRESHOLD", "2", "Consecutive good probes before it is back (1-1000)"),
+    setting("HEALTH_PANIC_THRESHOLD", "50", "Below this percentage of backends up by health checks, all take traffic; 0 = off (0-100)"),
+    setting("BREAKER_FAILURE_THRESHOLD", "5", "Consecutive live-traffic failures that open a backend's circuit breaker (1-1000000)"),
+    setting("BREAKER_COOLDOWN_SECS", "10", "Seconds an open breaker keeps a backend out before one trial request (0-86400)"),
+    setting("UPSTREAM_MAX_IDLE_PER_HOST", "64", "Idle keep-alive connections kept per backend (1-100000)"),
+    setting("UPSTREAM_IDLE_TIMEOUT_SECS", "4", "Seconds an idle backend connection is kept (0-86400)"),
+    setting("UPSTREAM_RETRIES", "1", "Extra tries of an idempotent bodiless request that failed before any response byte (0-10)"),
+    setting("CACHE_MAX_BYTES", "256MiB", "Hard bound on the bytes the cache holds; units B, KiB, MiB, GiB, TiB (64KiB-1TiB)"),
+    setting("HEADER_READ_TIMEOUT_SECS", "10", "A request head must arrive within this many seconds, else the connection is closed (0.001-86400)"),
+    setting("KEEPALIVE_TIMEOUT_SECS", "75", "Idle keep-alive connections are closed after this many seconds (0.001-86400)"),
+    setting("MAX_HEADER_BYTES", "64KiB", "Request line + headers above this: 431/414 (8KiB-1MiB)"),
+    setting("MAX_CONNECTIONS", "10000", "Open client connections at most; more wait in the listen backlog (1-1000000)"),
+    setting("MAX_REQUEST_BODY_BYTES", "0", "Pass-through request bodies above this: 413; 0 = no limit (0-1TiB)"),
+];
+
 /// A configuration error: which variable, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -491,6 +569,128 @@ impl Config {
             max_object_bytes,
             max_bytes,
         })
+    }
+}
+
+impl Config {
+    /// The effective value of every setting [`Config::from_lookup`] reads, as `(name, value)`
+    /// in the order of [`SETTINGS`], written so that reading them back gives this
+    /// configuration again. `CLEAR_CACHE_KEY` is `<redacted>` when set. (`RUST_LOG` is not
+    /// part of a `Config`; the caller adds it.)
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| d.as_secs_f64().to_string();
+        let bytes = |n: usize| show_bytes(n as u64);
+        let url = |b: &BackendConfig| {
+            let scheme = if b.http2 { "h2c" } else { "http" };
+            format!("{scheme}://{}{}", b.url.authority, b.url.path_prefix)
+        };
+        let (upstream_url, upstream_urls) = match self.backends.as_slice() {
+            [one] if one.weight == 1 => (url(one), String::new()),
+            list => (
+                String::new(),
+                list.iter()
+                    .map(|b| format!("{} weight={}", url(b), b.weight))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        };
+        let join = |items: Vec<String>, empty: &str| {
+            if items.is_empty() {
+                empty.to_owned()
+            } else {
+                items.join(",")
+            }
+        };
+        let pool = &self.pool;
+        let limits = &self.limits;
+        let mut out = vec![
+            ("UPSTREAM_URL", upstream_url),
+            (
+                "DEFAULT_CACHE_EXPIRY_TIME_SECS",
+                secs(self.default_ttl.unwrap_or_default()),
+            ),
+            ("DEFAULT_REFRESH_WINDOW_SECS", secs(self.refresh_window)),
+            ("REQ_TIMEOUT", secs(self.upstream_timeout)),
+            (
+                "CLEAR_CACHE_KEY",
+                self.admin_key
+                    .as_ref()
+                    .map_or_else(String::new, |_| "<redacted>".into()),
+            ),
+            ("LISTEN_ADDR", self.listen_addr.to_string()),
+            (
+                "LOG_FORMAT",
+                match self.log_format {
+                    LogFormat::Text => "text".into(),
+                    LogFormat::Json => "json".into(),
+                },
+            ),
+            ("SHUTDOWN_GRACE_SECS", secs(self.shutdown_grace)),
+            (
+                "TRUSTED_PROXIES",
+                join(
+                    self.trusted_proxies
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    "none",
+                ),
+            ),
+            ("ALLOWED_HOSTS", join(self.allowed_hosts.clone(), "")),
+            ("REFRESH_CONCURRENCY", self.refresh_concurrency.to_string()),
+            ("CACHE_MAX_OBJECT_BYTES", bytes(self.max_object_bytes)),
+            ("STALE_RETENTION_SECS", secs(self.stale_retention)),
+            ("STALE_IF_ERROR_SECS", secs(self.stale_if_error)),
+            (
+                "CLIENT_CACHE_CONTROL",
+                match self.client_cache_control {
+                    ClientCacheControl::Safe => "safe".into(),
+                    ClientCacheControl::Full => "full".into(),
+                },
+            ),
+            ("UPSTREAM_URLS", upstream_urls),
+            (
+                "ADMIN_LISTEN_ADDR",
+                self.admin_listen_addr
+                    .map_or_else(|| "off".into(), |a| a.to_string()),
+            ),
+            ("CONNECT_TIMEOUT_SECS", secs(pool.connect_timeout)),
+            ("HEALTH_CHECK_PATH", pool.health_path.clone()),
+            ("HEALTH_CHECK_INTERVAL_SECS", secs(pool.health_interval)),
+            ("HEALTH_CHECK_TIMEOUT_SECS", secs(pool.health_timeout)),
+            (
+                "HEALTH_CHECK_FAILURE_THRESHOLD",
+                pool.failure_threshold.to_string(),
+            ),
+            (
+                "HEALTH_CHECK_RECOVERY_THRESHOLD",
+                pool.recovery_threshold.to_string(),
+            ),
+            ("HEALTH_PANIC_THRESHOLD", pool.panic_threshold.to_string()),
+            (
+                "BREAKER_FAILURE_THRESHOLD",
+                pool.breaker_threshold.to_string(),
+            ),
+            ("BREAKER_COOLDOWN_SECS", secs(pool.breaker_cooldown)),
+            (
+                "UPSTREAM_MAX_IDLE_PER_HOST",
+                pool.max_idle_per_host.to_string(),
+            ),
+            ("UPSTREAM_IDLE_TIMEOUT_SECS", secs(pool.idle_timeout)),
+            ("UPSTREAM_RETRIES", pool.retries.to_string()),
+            ("CACHE_MAX_BYTES", bytes(self.max_bytes)),
+            ("HEADER_READ_TIMEOUT_SECS", secs(limits.header_read_timeout)),
+            ("KEEPALIVE_TIMEOUT_SECS", secs(limits.keepalive_timeout)),
+            ("MAX_HEADER_BYTES", bytes(limits.max_header_bytes)),
+            ("MAX_CONNECTIONS", limits.max_connections.to_string()),
+            (
+                "MAX_REQUEST_BODY_BYTES",
+                show_bytes(limits.max_request_body.unwrap_or(0)),
+            ),
+        ];
+        // In the order of SETTINGS (a name missing there would sort first; a test checks).
+        out.sort_by_key(|(name, _)| SETTINGS.iter().position(|s| s.name == *name));
+        out
     }
 }
 
@@ -824,6 +1024,20 @@ mod tests {
         }
     }
 
+    /// `--help` states each duration's range as the code does.
+    #[test]
+    fn help_states_every_duration_range() {
+        for (name, min, max) in DURATIONS {
+            let setting = SETTINGS.iter().find(|s| s.name == name);
+            let help = setting.map_or("", |s| s.help);
+            let range = format!("({min}-{max})");
+            assert!(
+                help.contains(&range),
+                "{name}: --help should say {range}: {help}"
+            );
+        }
+    }
+
     /// Counts and byte sizes have ranges too.
     #[test]
     fn counts_and_sizes_have_ranges() {
@@ -1044,5 +1258,115 @@ mod tests {
         assert!(IpNet::parse("127.0.0.1")
             .unwrap()
             .contains("::ffff:127.0.0.1".parse().unwrap()));
+    }
+
+    fn env_example_keys() -> Vec<&'static str> {
+        include_str!("../.env.example")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect()
+    }
+
+    /// `--help` lists exactly the settings of `.env.example`, in its order.
+    #[test]
+    fn settings_table_is_env_example() {
+        let names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        assert_eq!(names, env_example_keys());
+        assert_eq!(SETTINGS[3].flag(), "req-timeout");
+        for s in SETTINGS {
+            assert!(!s.help.is_empty() && !s.help.contains('\n'), "{}", s.name);
+        }
+    }
+
+    /// A default in the table is the parser's default: setting it explicitly changes nothing.
+    #[test]
+    fn table_defaults_are_the_parser_defaults() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let implicit = format!("{:?}", cfg(&[up]).unwrap());
+        for s in SETTINGS.iter().filter(|s| !s.default.is_empty()) {
+            let explicit = cfg(&[up, (s.name, s.default)])
+                .unwrap_or_else(|e| panic!("{}={}: {e}", s.name, s.default));
+            assert_eq!(
+                format!("{explicit:?}"),
+                implicit,
+                "{}={}",
+                s.name,
+                s.default
+            );
+        }
+    }
+
+    /// The README's settings table has a row for every setting, stating the same default.
+    #[test]
+    fn readme_documents_every_setting_and_default() {
+        let readme = include_str!("../README.md");
+        for s in SETTINGS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", s.name)))
+                .unwrap_or_else(|| panic!("{} is not in the README's settings table", s.name));
+            if !s.default.is_empty() {
+                let default = row.split('|').nth(2).unwrap_or_default();
+                assert!(
+                    default.contains(&format!("`{}`", s.default)),
+                    "{}: README default {default:?}, table {:?}",
+                    s.name,
+                    s.default
+                );
+            }
+        }
+    }
+
+    /// `--check` prints every setting's effective value; read back, they give the same
+    /// configuration. The admin key is never shown.
+    #[test]
+    fn effective_settings_read_back_to_the_same_config() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1/api/");
+        for pairs in [
+            vec![up],
+            vec![
+                ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "2"),
+                ("DEFAULT_REFRESH_WINDOW_SECS", "60"),
+                ("REQ_TIMEOUT", "2.5"),
+                ("UPSTREAM_URL", "h2c://host.docker.internal:3006"),
+                ("CLEAR_CACHE_KEY", "Secret"),
+            ],
+            vec![
+                up,
+                (
+                    "UPSTREAM_URLS",
+                    "http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080/p h2",
+                ),
+                ("LISTEN_ADDR", "[::1]:0"),
+                ("ADMIN_LISTEN_ADDR", "OFF"),
+                ("TRUSTED_PROXIES", "none"),
+                ("ALLOWED_HOSTS", "Example.com, .example.org"),
+                ("LOG_FORMAT", "JSON"),
+                ("CLIENT_CACHE_CONTROL", "full"),
+                ("CACHE_MAX_BYTES", "1MiB"),
+                ("MAX_HEADER_BYTES", "10000"),
+                ("MAX_REQUEST_BODY_BYTES", "2GiB"),
+                ("HEALTH_PANIC_THRESHOLD", "30%"),
+                ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0"),
+                ("KEEPALIVE_TIMEOUT_SECS", "0.001"),
+            ],
+            vec![up, ("TRUSTED_PROXIES", "10.0.0.0/8, ::1, 192.168.1.7/32")],
+        ] {
+            let config = cfg(&pairs).unwrap();
+            let shown = config.effective();
+            let names: Vec<&str> = shown.iter().map(|(k, _)| *k).collect();
+            let want: Vec<&str> = SETTINGS
+                .iter()
+                .map(|s| s.name)
+                .filter(|n| *n != "RUST_LOG")
+                .collect();
+            assert_eq!(names, want);
+            let text = format!("{shown:?}");
+            assert!(!text.contains("Secret"), "{text}");
+            let back: Vec<(&str, &str)> = shown.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let again = cfg(&back).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert_eq!(format!("{again:?}"), format!("{config:?}"), "{text}");
+        }
     }
 }

@@ -1,9 +1,11 @@
-//! The `edgecache` daemon: read `.env` and the environment, start logging, bind, run until
-//! SIGTERM/SIGINT. Everything else lives in the library.
+//! The `edgecache` daemon: read `.env`, the environment and the command line, start logging,
+//! bind, run until SIGTERM/SIGINT. Everything else lives in the library.
 
 use std::process::ExitCode;
 
-use edgecache::config::{Config, LogFormat};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use edgecache::config::{Config, LogFormat, SETTINGS};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than glibc malloc: memory from a burst of connections goes back to the OS
@@ -12,26 +14,44 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // `.env` fills in what the real environment does not set; real variables win.
-    match dotenvy::dotenv() {
-        Ok(_) => {}
-        Err(e) if e.not_found() => {}
-        Err(e) => {
-            eprintln!(
-                "edgecache: invalid configuration: .env: {}",
-                dotenv_problem(&e)
-            );
-            return ExitCode::from(2);
-        }
+    // `.env` fills in what the real environment does not set; real variables win. It is read
+    // before the command line, whose settings fall back to the environment; a broken `.env`
+    // is reported after the command line is parsed, so `--help` and `--version` still work.
+    let dotenv = match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(e),
+    };
+    // `--help`, `--version` and usage errors (unknown flags: exit 2) end here.
+    let args = command().get_matches();
+    if let Err(e) = dotenv {
+        eprintln!(
+            "edgecache: invalid configuration: .env: {}",
+            dotenv_problem(&e)
+        );
+        return ExitCode::from(2);
     }
-    let config = match Config::from_env() {
+    // A flag's value, else the environment's (clap reads it), else unset: validated alike.
+    let lookup = |name: &str| setting_value(&args, name);
+    let config = match Config::from_lookup(lookup) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgecache: {e}");
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
+    let log_filter = lookup("RUST_LOG").filter(|v| !v.trim().is_empty());
+    if args.get_flag("check") {
+        for (name, value) in config.effective() {
+            println!("{name}={value}");
+            if name == "LOG_FORMAT" {
+                println!("RUST_LOG={}", log_filter.as_deref().unwrap_or("info"));
+            }
+        }
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format, log_filter.as_deref());
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,11 +94,19 @@ fn main() -> ExitCode {
                 }
             },
         };
+        // The bound addresses, with the real port when the setting asked for port 0.
         let addr = listener
             .local_addr()
             .map_or_else(|_| config.listen_addr.to_string(), |a| a.to_string());
+        let admin_listen = match (&ops, config.admin_listen_addr) {
+            (Some(l), Some(configured)) => l
+                .local_addr()
+                .map_or_else(|_| configured.to_string(), |a| a.to_string()),
+            _ => "off".to_owned(),
+        };
         tracing::info!(
             listen = %addr,
+            admin_listen = %admin_listen,
             backends = config.backends.len(),
             upstream = %config.backends.iter().map(|b| b.url.authority.as_str()).collect::<Vec<_>>().join(","),
             default_ttl_secs = config.default_ttl.map_or(0.0, |d| d.as_secs_f64()),
@@ -86,6 +114,10 @@ fn main() -> ExitCode {
             admin = config.admin_key.is_some(),
             "edgecache listening"
         );
+        // The same on stdout, in one fixed line whatever RUST_LOG and LOG_FORMAT say, for
+        // whoever started the daemon with port 0 (the tests, a supervisor script), as
+        // mock-origin does.
+        announce(&addr, &admin_listen);
         match edgecache::run(listener, ops, config, shutdown_signal(signals)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -94,6 +126,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Prints `edgecache listening on http://ADDR (operator: http://ADDR)` (`operator: off` when
+/// `ADMIN_LISTEN_ADDR=off`) and flushes it. A closed stdout is no reason to stop.
+fn announce(addr: &str, admin_listen: &str) {
+    use std::io::Write as _;
+    let operator = if admin_listen == "off" {
+        "off".to_owned()
+    } else {
+        format!("http://{admin_listen}")
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "edgecache listening on http://{addr} (operator: {operator})"
+    )
+    .and_then(|()| stdout.flush());
 }
 
 /// What is wrong with `.env`, in one line that never quotes the file: dotenvy's own message
@@ -172,8 +221,58 @@ impl Signals {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// The command line: `--check`, and one flag per setting of [`SETTINGS`], the lower-kebab
+/// form of its variable (`--req-timeout` for `REQ_TIMEOUT`), falling back to the variable.
+fn command() -> Command {
+    let mut cmd = Command::new("edgecache")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("A caching reverse proxy: single-flight misses, background refresh of hot keys, edge ETag/304, password-guarded purge.")
+        .after_help(
+            "Every setting is a flag and an environment variable of the name shown; `.env` in \
+             the working directory fills in variables the environment does not set. A flag wins \
+             over both. An invalid value stops the daemon with one line naming the variable \
+             (exit 2). The README's settings table has the details.",
+        )
+        .arg(
+            Arg::new("check")
+                .long("check")
+                .action(ArgAction::SetTrue)
+                .help("Validate the configuration, print the effective settings (secrets redacted) and exit: 0 if it is valid, 2 with the error"),
+        );
+    for setting in SETTINGS {
+        let mut arg = Arg::new(setting.name)
+            .long(setting.flag())
+            .value_name("VALUE")
+            // `--req-timeout -1` reaches the validation (and its error naming REQ_TIMEOUT).
+            .allow_hyphen_values(true)
+            .env(setting.name)
+            // `--help` must not print the environment's values: CLEAR_CACHE_KEY is a secret.
+            .hide_env_values(true)
+            .help(setting.help);
+        if !setting.default.is_empty() {
+            arg = arg.default_value(setting.default);
+        }
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// A setting's value from the command line or the environment; `None` when only clap's
+/// default (shown in `--help`) applies, so that [`Config::from_lookup`] applies its own.
+fn setting_value(args: &ArgMatches, name: &str) -> Option<String> {
+    match args.value_source(name) {
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable) => {
+            args.get_one::<String>(name).cloned()
+        }
+        _ => None,
+    }
+}
+
+/// `filter` is `RUST_LOG` (flag or environment); unset or invalid, `info`.
+fn init_logging(format: LogFormat, filter: Option<&str>) {
+    let filter = filter
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

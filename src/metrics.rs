@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::server::deadline::Expired;
+use crate::proxy::respond::CacheStatus;
 
 /// Latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -60,7 +61,81 @@ pub enum Eviction {
     Invalidated,
 }
 
-const EVICTION_REASONS: [&str; 4] = ["expired", "capacity", "admin", "invalidated"];
+impl Eviction {
+    /// Every reason, in discriminant order (the metrics index by it).
+    pub const ALL: [Eviction; 4] = [
+        Eviction::Expired,
+        Eviction::Capacity,
+        Eviction::Admin,
+        Eviction::Invalidated,
+    ];
+
+    /// The `reason` label of `edgecache_evictions_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eviction::Expired => "expired",
+            Eviction::Capacity => "capacity",
+            Eviction::Admin => "admin",
+            Eviction::Invalidated => "invalidated",
+        }
+    }
+}
+
+/// What a downstream request is counted under in `edgecache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestClass {
+    /// What the cache did, labelled as its `X-Cache-Status` header.
+    Cache(CacheStatus),
+    /// An admin (`Clear-Cache`) request.
+    Admin,
+    /// Answered before the cache was consulted (a refused request, say).
+    Other,
+}
+
+impl RequestClass {
+    /// Every class, in the order of the metric's series.
+    pub const ALL: [RequestClass; 7] = [
+        RequestClass::Cache(CacheStatus::Hit),
+        RequestClass::Cache(CacheStatus::Miss),
+        RequestClass::Cache(CacheStatus::Stale),
+        RequestClass::Cache(CacheStatus::Refresh),
+        RequestClass::Cache(CacheStatus::Bypass),
+        RequestClass::Admin,
+        RequestClass::Other,
+    ];
+
+    /// The class of a request: admin requests count as such whatever the cache did.
+    pub fn of(cache: Option<CacheStatus>, admin: bool) -> Self {
+        match (cache, admin) {
+            (_, true) => RequestClass::Admin,
+            (Some(status), false) => RequestClass::Cache(status),
+            (None, false) => RequestClass::Other,
+        }
+    }
+
+    /// The `cache_status` label: the `X-Cache-Status` value, `ADMIN` or `NONE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestClass::Cache(status) => status.as_str(),
+            RequestClass::Admin => "ADMIN",
+            RequestClass::Other => "NONE",
+        }
+    }
+
+    /// The position in [`RequestClass::ALL`] (an exhaustive match: no reliance on the
+    /// order of `CacheStatus`'s variants).
+    fn index(self) -> usize {
+        match self {
+            RequestClass::Cache(CacheStatus::Hit) => 0,
+            RequestClass::Cache(CacheStatus::Miss) => 1,
+            RequestClass::Cache(CacheStatus::Stale) => 2,
+            RequestClass::Cache(CacheStatus::Refresh) => 3,
+            RequestClass::Cache(CacheStatus::Bypass) => 4,
+            RequestClass::Admin => 5,
+            RequestClass::Other => 6,
+        }
+    }
+}
 
 /// The listeners whose accept errors are counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +182,11 @@ impl Task {
 /// The proxy's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    /// Requests by `X-Cache-Status`: hit, miss, stale, refresh, bypass, then admin and other.
-    requests: [AtomicU64; 7],
+    /// Requests, indexed by [`RequestClass::index`].
+    requests: [AtomicU64; RequestClass::ALL.len()],
     pub coalesced: AtomicU64,
-    evictions: [AtomicU64; 4],
+    /// Entries evicted, indexed by [`Eviction`].
+    evictions: [AtomicU64; Eviction::ALL.len()],
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
     /// Admin requests by outcome label.
@@ -125,9 +201,6 @@ pub struct Metrics {
     task_restarts: [AtomicU64; Task::ALL.len()],
 }
 
-/// Labels of `requests`, in index order.
-pub const REQUEST_LABELS: [&str; 7] =
-    ["HIT", "MISS", "STALE", "REFRESH", "BYPASS", "ADMIN", "NONE"];
 /// Labels of `admin`, in index order.
 pub const ADMIN_LABELS: [&str; 7] = [
     "throttled",
@@ -140,10 +213,17 @@ pub const ADMIN_LABELS: [&str; 7] = [
 ];
 
 impl Metrics {
-    /// Counts a request under the index of its label in [`REQUEST_LABELS`].
-    pub fn request(&self, label_index: usize) {
-        if let Some(c) = self.requests.get(label_index) {
-            c.fetch_add(1, Ordering::Relaxed);
+    /// Counts a downstream request.
+    pub fn count_request(&self, class: RequestClass) {
+        self.requests[class.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request by its position in [`RequestClass::ALL`]; out of range is ignored.
+    /// Kept for `src/proxy/mod.rs` until it calls [`Metrics::count_request`] with
+    /// [`RequestClass::of`].
+    pub fn request(&self, class_index: usize) {
+        if let Some(&class) = RequestClass::ALL.get(class_index) {
+            self.count_request(class);
         }
     }
 
@@ -183,8 +263,9 @@ impl Metrics {
             "counter",
             "Downstream requests by cache status.",
         );
-        for (i, label) in REQUEST_LABELS.iter().enumerate() {
-            let v = self.requests[i].load(Ordering::Relaxed);
+        for class in RequestClass::ALL {
+            let label = class.as_str();
+            let v = self.requests[class.index()].load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
                 "edgecache_requests_total{{cache_status=\"{label}\"}} {v}"
@@ -202,8 +283,9 @@ impl Metrics {
             "counter",
             "Stored responses removed, by reason.",
         );
-        for (i, reason) in EVICTION_REASONS.iter().enumerate() {
-            let v = self.evictions[i].load(Ordering::Relaxed);
+        for reason in Eviction::ALL {
+            let v = self.evictions[reason as usize].load(Ordering::Relaxed);
+            let reason = reason.as_str();
             let _ = writeln!(out, "edgecache_evictions_total{{reason=\"{reason}\"}} {v}");
         }
         series(
@@ -325,7 +407,7 @@ mod tests {
     #[test]
     fn renders_every_series_with_type() {
         let m = Metrics::default();
-        m.request(0);
+        m.count_request(RequestClass::Cache(CacheStatus::Hit));
         m.evicted(Eviction::Capacity, 2);
         m.admin("cleared");
         let mut out = String::new();
@@ -334,5 +416,55 @@ mod tests {
         assert!(out.contains("edgecache_evictions_total{reason=\"capacity\"} 2"));
         assert!(out.contains("edgecache_admin_requests_total{outcome=\"cleared\"} 1"));
         assert!(out.contains("# TYPE edgecache_open_connections gauge"));
+    }
+
+    /// Every request class and eviction reason has its own series, labelled by its enum:
+    /// the cache statuses exactly as the `X-Cache-Status` header spells them.
+    #[test]
+    fn labels_come_from_the_enums() {
+        let m = Metrics::default();
+        for (n, class) in RequestClass::ALL.into_iter().enumerate() {
+            assert_eq!(class.index(), n, "{class:?}");
+            for _ in 0..=n {
+                m.count_request(class);
+            }
+        }
+        for (n, reason) in Eviction::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, n, "{reason:?}");
+            m.evicted(reason, n + 10);
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        for (label, n) in [
+            ("HIT", 1),
+            ("MISS", 2),
+            ("STALE", 3),
+            ("REFRESH", 4),
+            ("BYPASS", 5),
+            ("ADMIN", 6),
+            ("NONE", 7),
+        ] {
+            let line = format!("edgecache_requests_total{{cache_status=\"{label}\"}} {n}\n");
+            assert!(out.contains(&line), "{line} missing from\n{out}");
+        }
+        for (reason, n) in [
+            ("expired", 10),
+            ("capacity", 11),
+            ("admin", 12),
+            ("invalidated", 13),
+        ] {
+            let line = format!("edgecache_evictions_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(out.contains(&line), "{line} missing from\n{out}");
+        }
+        // The index-based entry point the proxy still uses agrees with the enum.
+        assert_eq!(
+            RequestClass::of(Some(CacheStatus::Stale), false),
+            RequestClass::ALL[CacheStatus::Stale as usize]
+        );
+        assert_eq!(
+            RequestClass::of(Some(CacheStatus::Hit), true),
+            RequestClass::Admin
+        );
+        assert_eq!(RequestClass::of(None, false), RequestClass::Other);
     }
 }

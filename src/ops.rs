@@ -18,6 +18,7 @@ use crate::body::ProxyBody;
 use crate::metrics::Listener;
 use crate::proxy::respond;
 use crate::proxy::Proxy;
+use crate::upstream::BackendStatus;
 
 /// Serves the operator routes until the proxy's background tree is cancelled (run it with
 /// [`crate::supervise::Background::spawn`]; its connections are spawned there too, so they
@@ -91,14 +92,32 @@ pub fn metrics_text(proxy: &Proxy) -> String {
     out
 }
 
+/// The `GET /status` body (the field names are the JSON keys).
+#[derive(serde::Serialize)]
+struct Status {
+    backends: Vec<BackendStatus>,
+    panic_mode: bool,
+    cache: CacheSummary,
+}
+
+#[derive(serde::Serialize)]
+struct CacheSummary {
+    entries: usize,
+    bytes: usize,
+    in_flight: usize,
+}
+
 /// `{"backends":[…],"panic_mode":false,"cache":{"entries":N,"bytes":N,"in_flight":N}}`
 pub fn status_json(proxy: &Proxy) -> String {
-    format!(
-        r#"{{"backends":{},"panic_mode":{},"cache":{{"entries":{},"bytes":{},"in_flight":{}}}}}"#,
-        proxy.upstream.status_json(),
-        proxy.upstream.panic_mode(),
-        proxy.cache.store.len(),
-        proxy.cache.store.bytes(),
-        proxy.cache.flights.len(),
-    )
+    let status = Status {
+        backends: proxy.upstream.status(),
+        panic_mode: proxy.upstream.panic_mode(),
+        cache: CacheSummary {
+            entries: proxy.cache.store.len(),
+            bytes: proxy.cache.store.bytes(),
+            in_flight: proxy.cache.flights.len(),
+        },
+    };
+    // Plain structs of strings, numbers and booleans: serializing them cannot fail.
+    serde_json::to_string(&status).unwrap_or_else(|_| "{}".into())
 }

@@ -91,30 +91,8 @@ async fn ten_gib_upstream_body_streams_through_in_bounded_memory() {
 
 async fn stream_through(size: u64) {
     use http_body_util::BodyExt;
-    use std::io::BufRead;
-
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mock-origin"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let origin = line
-        .trim()
-        .strip_prefix("mock-origin listening on ")
-        .unwrap()
-        .to_string();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
+    let mock = process::MockOrigin::start();
+    let origin = mock.url.clone();
 
     let proxy = ProxyHandle::start(
         &origin,

@@ -141,3 +141,26 @@ async fn counters_move_with_traffic() {
         status.text()
     );
 }
+
+/// `/status` keeps its exact shape: the field names, their order and the value types.
+#[tokio::test]
+async fn status_has_its_documented_shape() {
+    let origin = Origin::start(|_req| async { reply(200, &[], "s") }).await;
+    let proxy = ProxyHandle::start(&origin.url(), &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = listener.local_addr().unwrap();
+    tokio::spawn(edgecache::ops::serve(listener, proxy.proxy.clone()));
+
+    let got = get(ops, "/status", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    let want = format!(
+        concat!(
+            r#"{{"backends":[{{"url":"{}","weight":1,"http2":false,"state":"up","#,
+            r#""requests":0,"failures":0,"retries":0,"idle_timeout_ms":4000}}],"#,
+            r#""panic_mode":false,"cache":{{"entries":0,"bytes":0,"in_flight":0}}}}"#
+        ),
+        origin.url()
+    );
+    assert_eq!(got.text(), want);
+}

@@ -153,24 +153,20 @@ async fn serves_normally(addr: SocketAddr, n: usize, each: Duration) -> bool {
 async fn ten_times_the_connection_limit_degrades_and_recovers() {
     let origin = MockOrigin::start();
     let dir = TempDir::new("overload");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let max = MAX_CONNECTIONS.to_string();
-    let ops = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut proxy = Edgecache::start(
         &dir,
         &[
             ("UPSTREAM_URL", origin.url.as_str()),
-            ("LISTEN_ADDR", &addr.to_string()),
             ("MAX_CONNECTIONS", &max),
             ("CACHE_MAX_BYTES", "2MiB"),
             ("HEADER_READ_TIMEOUT_SECS", "1"),
             ("KEEPALIVE_TIMEOUT_SECS", "2"),
-            ("ADMIN_LISTEN_ADDR", &ops.to_string()),
             ("RUST_LOG", "error"),
         ],
-        addr,
     )
     .await;
+    let (addr, ops) = (proxy.addr, proxy.ops());
     let pid = proxy.child.0.id().to_string();
     assert!(serves_normally(addr, 20, Duration::from_secs(2)).await);
     let rss_before = rss_kib(&pid);

@@ -5,6 +5,7 @@
 //! picks a free port). Once bound it prints exactly one stdout line,
 //! `mock-origin listening on http://IP:PORT`. Speaks HTTP/1.1 and h2c; exits cleanly on
 //! SIGINT/SIGTERM. Bad arguments or addresses exit with code 2, bind failures with 1.
+//! `--help` lists the option and the routes, `--version` prints the version.
 //!
 //! # Routes
 //!
@@ -48,7 +49,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -236,32 +236,47 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     )
 }
 
-fn json(body: String) -> Response<Body> {
-    respond(
-        StatusCode::OK,
-        "application/json",
-        Full::new(body.into()).boxed(),
-    )
+/// A `200` with `value` serialized as its JSON body.
+fn json(value: &impl serde::Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(
+            StatusCode::OK,
+            "application/json",
+            Full::new(body.into()).boxed(),
+        ),
+        Err(err) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot serialize the response: {err}\n"),
+        ),
+    }
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The `/data` body.
+#[derive(serde::Serialize)]
+struct DataBody<'a> {
+    id: &'a str,
+    updated_at: u64,
+    value: String,
+}
+
+/// The `/echo` body (the field order is the JSON order).
+#[derive(serde::Serialize)]
+struct EchoBody<'a> {
+    method: &'a str,
+    version: String,
+    uri: &'a str,
+    host: Option<String>,
+    headers: BTreeMap<&'a str, String>,
+    body_len: u64,
+    body_sha256: String,
+}
+
+/// The `/stats` body.
+#[derive(serde::Serialize)]
+struct StatsBody<'a> {
+    total: u64,
+    connections: u64,
+    by_path: BTreeMap<&'a str, u64>,
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -375,12 +390,11 @@ fn data(
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         resp
     } else {
-        let n = item.updated_at;
-        let value = json_str(&format!("{id} at version {n}"));
-        json(format!(
-            "{{\"id\":{},\"updated_at\":{n},\"value\":{value}}}",
-            json_str(id)
-        ))
+        json(&DataBody {
+            id,
+            updated_at: item.updated_at,
+            value: format!("{id} at version {}", item.updated_at),
+        })
     };
     let headers = resp.headers_mut();
     let mut set = |name, value: String| {
@@ -440,26 +454,19 @@ async fn echo(req: Request<Incoming>, query: &Query) -> Response<Body> {
         }
         joined.push_str(&value);
     }
-    let headers: Vec<String> = headers
-        .iter()
-        .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
-        .collect();
     let host = match parts.headers.get(header::HOST) {
-        Some(host) => json_str(&String::from_utf8_lossy(host.as_bytes())),
-        None => parts
-            .uri
-            .authority()
-            .map_or("null".into(), |a| json_str(a.as_str())),
+        Some(host) => Some(String::from_utf8_lossy(host.as_bytes()).into_owned()),
+        None => parts.uri.authority().map(|a| a.as_str().to_owned()),
     };
-    json(format!(
-        "{{\"method\":{},\"version\":{},\"uri\":{},\"host\":{host},\"headers\":{{{}}},\
-         \"body_len\":{body_len},\"body_sha256\":\"{:x}\"}}",
-        json_str(parts.method.as_str()),
-        json_str(&format!("{:?}", parts.version)),
-        json_str(parts.uri.path_and_query().map_or("/echo", |pq| pq.as_str())),
-        headers.join(","),
-        hasher.finalize()
-    ))
+    json(&EchoBody {
+        method: parts.method.as_str(),
+        version: format!("{:?}", parts.version),
+        uri: parts.uri.path_and_query().map_or("/echo", |pq| pq.as_str()),
+        host,
+        headers,
+        body_len,
+        body_sha256: format!("{:x}", hasher.finalize()),
+    })
 }
 
 fn stats(state: &State, method: &Method, path: &str, query: &Query) -> Response<Body> {
@@ -469,19 +476,11 @@ fn stats(state: &State, method: &Method, path: &str, query: &Query) -> Response<
             StatusCode::OK,
             by_path.get(key).copied().unwrap_or(0).to_string(),
         ),
-        (&Method::GET, "/stats", None) => {
-            let sorted: BTreeMap<_, _> = by_path.iter().collect();
-            let entries: Vec<String> = sorted
-                .iter()
-                .map(|(k, v)| format!("{}:{v}", json_str(k)))
-                .collect();
-            json(format!(
-                "{{\"total\":{},\"connections\":{},\"by_path\":{{{}}}}}",
-                state.total.load(Ordering::Relaxed),
-                state.connections.load(Ordering::Relaxed),
-                entries.join(",")
-            ))
-        }
+        (&Method::GET, "/stats", None) => json(&StatsBody {
+            total: state.total.load(Ordering::Relaxed),
+            connections: state.connections.load(Ordering::Relaxed),
+            by_path: by_path.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        }),
         (&Method::POST, "/stats/reset", _) => {
             by_path.clear();
             state.total.store(0, Ordering::Relaxed);
@@ -497,23 +496,37 @@ async fn drain(mut body: Incoming) {
     while let Some(Ok(_)) = body.frame().await {}
 }
 
-fn listen_addr() -> Result<SocketAddr, String> {
-    let mut args = std::env::args().skip(1);
-    let mut addr = None;
-    while let Some(arg) = args.next() {
-        addr = Some(match arg.strip_prefix("--listen") {
-            Some("") => args.next().ok_or("--listen requires an address")?,
-            Some(rest) if rest.starts_with('=') => rest[1..].to_owned(),
-            _ => {
-                return Err(format!(
-                    "unexpected argument `{arg}` (usage: mock-origin [--listen ADDR])"
-                ))
-            }
-        });
-    }
-    let addr = addr
-        .or_else(|| std::env::var("MOCK_ORIGIN_ADDR").ok())
-        .unwrap_or_else(|| DEFAULT_ADDR.to_owned());
+/// The command line: `--listen ADDR` (else `$MOCK_ORIGIN_ADDR`, else the default),
+/// `--help`, `--version`. Usage errors exit 2 (clap's convention).
+fn command() -> clap::Command {
+    clap::Command::new("mock-origin")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("The deterministic demo/test origin of edgecache's quick start, tests and benchmarks.")
+        .after_help(ROUTES)
+        .arg(
+            clap::Arg::new("listen")
+                .long("listen")
+                .value_name("ADDR")
+                .env("MOCK_ORIGIN_ADDR")
+                .default_value(DEFAULT_ADDR)
+                .help("Address to listen on, IP:PORT (port 0 picks a free port); prints `mock-origin listening on http://IP:PORT` once bound"),
+        )
+}
+
+/// The routes, for `--help` (the module documentation has the details).
+const ROUTES: &str = "Routes:
+  GET|HEAD /data?id=X[&max_age=M]   JSON {id, updated_at, value} with ETag, Last-Modified; 304 on a match
+  PUT|POST /data?id=X               bump the id's version
+  /health-check                     200 ok, or 503 while toggled off by POST /admin/health?ok=false
+  GET|HEAD /bytes?size=N            N deterministic bytes (at most 16 GiB), streamed
+  /echo                             the request as JSON (method, version, uri, host, headers, body_len, body_sha256)
+  GET /stats[?path=KEY]             request counts; POST /stats/reset zeroes them
+Every route but /stats takes delay_ms=D, status=S, cc=VALUE, set_cookie=1, vary=NAME, etag=0.";
+
+fn listen_addr(args: &clap::ArgMatches) -> Result<SocketAddr, String> {
+    let addr = args
+        .get_one::<String>("listen")
+        .map_or(DEFAULT_ADDR, String::as_str);
     addr.parse()
         .map_err(|_| format!("invalid listen address `{addr}` (expected IP:PORT)"))
 }
@@ -543,7 +556,8 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .init();
 
-    let addr = match listen_addr() {
+    let args = command().get_matches();
+    let addr = match listen_addr(&args) {
         Ok(addr) => addr,
         Err(err) => {
             eprintln!("mock-origin: {err}");

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,12 +18,13 @@ pub const MOCK_ORIGIN: &str = env!("CARGO_BIN_EXE_mock-origin");
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
 /// `edgecache` with only PATH and `env` in its environment, run in `dir` (so the only `.env`
-/// it can read is one the test wrote there).
+/// it can read is one the test wrote there). Both listeners are on `127.0.0.1:0` unless `env`
+/// says otherwise: the daemon reports the ports it got ([`Edgecache::start`]).
 pub fn edgecache_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(EDGECACHE);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        // Tests run in parallel: no fixed operator port (a test may still set one).
+        .env("LISTEN_ADDR", "127.0.0.1:0")
         .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
         // Health probes would show up in the mock origin's request counts.
         .env("HEALTH_CHECK_INTERVAL_SECS", "0")
@@ -36,38 +37,65 @@ pub fn edgecache_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
 /// A running `edgecache` whose stderr goes to a file in its directory.
 pub struct Edgecache {
     pub child: Guard,
+    /// The proxy's bound address, as the daemon reported it.
+    pub addr: SocketAddr,
+    /// The operator listener's bound address; `None` with `ADMIN_LISTEN_ADDR=off`.
+    pub ops: Option<SocketAddr>,
     stderr_path: PathBuf,
+    /// Kept open: the daemon's stdout stays a live pipe.
+    _stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl Edgecache {
-    /// Starts it and polls until `addr` accepts connections.
-    pub async fn start(dir: &TempDir, env: &[(&str, &str)], addr: SocketAddr) -> Edgecache {
+    /// Starts it and waits for the line it prints once both listeners are bound,
+    /// `edgecache listening on http://ADDR (operator: http://ADDR|off)`: no port is picked
+    /// (and possibly taken by someone else) before the daemon binds it.
+    pub async fn start(dir: &TempDir, env: &[(&str, &str)]) -> Edgecache {
         let stderr_path = dir.path.join("edgecache.stderr");
         let mut cmd = edgecache_cmd(&dir.path, env);
-        cmd.stdout(Stdio::null())
+        cmd.stdout(Stdio::piped())
             .stderr(fs::File::create(&stderr_path).unwrap());
-        let mut proxy = Edgecache {
-            child: Guard::spawn("edgecache", cmd),
-            stderr_path,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = proxy.child.0.try_wait().unwrap() {
-                panic!(
-                    "edgecache exited at startup ({status}); stderr:\n{}",
-                    proxy.stderr()
-                );
-            }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return proxy;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgecache did not listen on {addr} within {DEADLINE:?}; stderr:\n{}",
-                proxy.stderr()
+        let mut child = Guard::spawn("edgecache", cmd);
+        let stdout = BufReader::new(child.0.stdout.take().unwrap());
+        let (stdout, line) = read_line_within(stdout, DEADLINE).await;
+        let stderr = || fs::read_to_string(&stderr_path).unwrap_or_default();
+        let Some(line) = line else {
+            panic!(
+                "edgecache did not report listening within {DEADLINE:?}; stderr:\n{}",
+                stderr()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let parsed = line
+            .trim_end()
+            .strip_prefix("edgecache listening on http://")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .and_then(|rest| rest.split_once(" (operator: "))
+            .and_then(|(addr, ops)| {
+                let ops = match ops {
+                    "off" => None,
+                    ops => Some(ops.strip_prefix("http://")?.parse().ok()?),
+                };
+                Some((addr.parse().ok()?, ops))
+            });
+        let Some((addr, ops)) = parsed else {
+            let status = child.0.try_wait().ok().flatten();
+            panic!(
+                "unexpected edgecache output {line:?} (exit: {status:?}); stderr:\n{}",
+                stderr()
+            );
+        };
+        Edgecache {
+            child,
+            addr,
+            ops,
+            stderr_path,
+            _stdout: stdout,
         }
+    }
+
+    /// The operator listener's address; panics when it is off.
+    pub fn ops(&self) -> SocketAddr {
+        self.ops.expect("ADMIN_LISTEN_ADDR is off")
     }
 
     pub fn terminate(&self) {
@@ -80,6 +108,25 @@ impl Edgecache {
 
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+/// Reads one line on a thread of its own, waiting at most `within`; `None` on a timeout, or
+/// at EOF (the process exited) with nothing read. Gives the reader back to keep the pipe open.
+async fn read_line_within<R: BufRead + Send + 'static>(
+    mut reader: R,
+    within: Duration,
+) -> (Option<R>, Option<String>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = reader.read_line(&mut line);
+        let _ = tx.send((reader, read.map(|_| line)));
+    });
+    match tokio::time::timeout(within, rx).await {
+        Ok(Ok((reader, Ok(line)))) if !line.is_empty() => (Some(reader), Some(line)),
+        Ok(Ok((reader, _))) => (Some(reader), None),
+        _ => (None, None),
     }
 }
 
@@ -132,6 +179,35 @@ impl MockOrigin {
         let got = get(self.addr, &format!("/stats?path={encoded}"), &[]).await;
         assert_eq!(got.status, 200, "{got:?}");
         got.text().trim().parse().unwrap()
+    }
+}
+
+/// What a process that ran to its end printed, and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdout and stderr into files in `dir`) and waits up to [`DEADLINE`] for it
+/// to exit; panics if it is still running then (it is killed).
+pub fn run_to_exit(dir: &TempDir, name: &str, mut cmd: Command) -> Finished {
+    let (out, err) = (dir.path.join("stdout.txt"), dir.path.join("stderr.txt"));
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap());
+    let mut child = Guard::spawn(name, cmd);
+    let status = child.wait_exit(DEADLINE).unwrap_or_else(|| {
+        panic!(
+            "{name} still running after {DEADLINE:?}; stderr:\n{}",
+            fs::read_to_string(&err).unwrap_or_default()
+        )
+    });
+    Finished {
+        status,
+        stdout: fs::read_to_string(&out).unwrap(),
+        stderr: fs::read_to_string(&err).unwrap(),
     }
 }
 
@@ -196,13 +272,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
     }
-}
-
-/// A free loopback port: bind port 0, note the port, release it.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
