@@ -6,8 +6,39 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::server::deadline::Expired;
 use crate::proxy::respond::CacheStatus;
+
+/// Why a connection was closed by its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// The request head did not arrive in time (slowloris).
+    Header,
+    /// No new request within the keep-alive timeout.
+    Idle,
+    /// A request in flight moved no bytes for too long (a client that stopped reading).
+    Stalled,
+    /// Idle keep-alive, closed to make room at `MAX_CONNECTIONS`.
+    Reclaimed,
+}
+
+impl Expired {
+    /// Every reason, in discriminant order (the metrics index by it).
+    pub const ALL: [Expired; 4] = [
+        Expired::Header,
+        Expired::Idle,
+        Expired::Stalled,
+        Expired::Reclaimed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expired::Header => "header_timeout",
+            Expired::Idle => "keepalive_timeout",
+            Expired::Stalled => "stalled",
+            Expired::Reclaimed => "reclaimed",
+        }
+    }
+}
 
 /// Latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [

@@ -17,6 +17,7 @@
 //! It also closes a connection the reclaim [`super::reclaim::Registry`] asked to close, if the
 //! connection is still idle.
 
+pub use crate::metrics::Expired;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -36,38 +37,6 @@ pub struct Deadlines {
     pub keepalive: Duration,
     /// With a request in flight, the longest time without a byte read or written.
     pub stall: Duration,
-}
-
-/// Why a connection was closed by its deadlines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expired {
-    /// The request head did not arrive in time (slowloris).
-    Header,
-    /// No new request within the keep-alive timeout.
-    Idle,
-    /// A request in flight moved no bytes for too long (a client that stopped reading).
-    Stalled,
-    /// Idle keep-alive, closed to make room at `MAX_CONNECTIONS`.
-    Reclaimed,
-}
-
-impl Expired {
-    /// Every reason, in discriminant order (the metrics index by it).
-    pub const ALL: [Expired; 4] = [
-        Expired::Header,
-        Expired::Idle,
-        Expired::Stalled,
-        Expired::Reclaimed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Expired::Header => "header_timeout",
-            Expired::Idle => "keepalive_timeout",
-            Expired::Stalled => "stalled",
-            Expired::Reclaimed => "reclaimed",
-        }
-    }
 }
 
 const NONE: u64 = u64::MAX;
