@@ -18,11 +18,12 @@
 //! connection is still idle.
 
 pub use crate::metrics::Expired;
+use atomic_waker::AtomicWaker;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -69,7 +70,7 @@ pub struct Activity {
     pub(super) phase: AtomicU8,
     /// Set by the [`super::reclaim::Registry`]: close if idle. The connection task is woken through `waker`.
     pub(super) reclaim: AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    waker: AtomicWaker,
     /// Index (in arrival order) of a request head with both `Content-Length` and
     /// `Transfer-Encoding`; `NONE` when there is none.
     pub(super) ambiguous_head: AtomicU64,
@@ -98,7 +99,7 @@ impl Activity {
             partial_head: AtomicBool::new(false),
             phase: AtomicU8::new(PHASE_FIRST),
             reclaim: AtomicBool::new(false),
-            waker: Mutex::new(None),
+            waker: AtomicWaker::new(),
             ambiguous_head: AtomicU64::new(NONE),
             heads_seen: AtomicU64::new(0),
             room_wanted,
@@ -196,11 +197,7 @@ impl Activity {
     /// Asks the connection to close if it is idle when its task next runs, and wakes it.
     pub(super) fn ask_to_close(&self) {
         self.reclaim.store(true, Ordering::Relaxed);
-        if let Ok(waker) = self.waker.lock() {
-            if let Some(w) = waker.as_ref() {
-                w.wake_by_ref();
-            }
-        }
+        self.waker.wake();
     }
 
     /// The connection's current deadline and what passing it means. Reads no clock: cheap
@@ -253,7 +250,6 @@ pub struct Watched<C> {
     armed: Instant,
     activity: Arc<Activity>,
     limits: Deadlines,
-    waker_stored: bool,
 }
 
 impl<C> Watched<C> {
@@ -265,7 +261,6 @@ impl<C> Watched<C> {
             armed,
             activity,
             limits,
-            waker_stored: false,
         }
     }
 }
@@ -275,13 +270,8 @@ impl<C: Future> Future for Watched<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        if !this.waker_stored {
-            // The task's waker is stable: store it once, for the registry to wake it.
-            if let Ok(mut w) = this.activity.waker.lock() {
-                *w = Some(cx.waker().clone());
-            }
-            this.waker_stored = true;
-        }
+        // For the registry to wake this task (a clone only when the waker changed).
+        this.activity.waker.register(cx.waker());
         if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
