@@ -29,8 +29,8 @@ use sha2::{Digest, Sha256};
 
 use crate::body::ProxyBody;
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::{origin_host, path_and_query, split_key};
-use crate::cache::FetchOutcome;
+use crate::cache::key::{origin_host, path_and_query};
+use crate::cache::{FetchOutcome, Target};
 use crate::config::AdminKey;
 use crate::metrics::Eviction;
 use crate::proxy::headers::{
@@ -264,17 +264,16 @@ async fn exact(
     hosts: &HostFilter,
     mode: Mode,
 ) -> (&'static str, Response<ProxyBody>) {
-    let keys = proxy
+    let selected = proxy
         .cache
-        .store
-        .keys_for_path(path, |o| hosts.matches_origin(o));
+        .select(Target::Path(path), |o| hosts.matches_origin(o));
     let mut cleared = 0;
     let mut waiters = Vec::new();
-    for key in &keys {
-        for entry in proxy.cache.store.variants(key) {
+    for (key, variants) in selected {
+        for entry in variants {
             if wants_refresh(proxy, &entry, mode) {
                 waiters.push((key.clone(), proxy.refresh(key.clone(), entry)));
-            } else if proxy.cache.store.remove_version(key, entry.id) {
+            } else if proxy.cache.invalidate_version(&key, entry.id) {
                 cleared += 1;
             }
         }
@@ -296,7 +295,7 @@ async fn exact(
                 // The upstream no longer lets it be shared: the old copy must go too.
                 proxy
                     .metrics
-                    .evicted(Eviction::Admin, proxy.cache.store.remove(&key));
+                    .evicted(Eviction::Admin, proxy.cache.invalidate(&key));
                 refreshed += 1;
             }
             Some(FetchOutcome::Failed(e)) => failure = Some(e),
@@ -329,19 +328,17 @@ fn many(
     mode: Mode,
 ) -> (&'static str, Response<ProxyBody>) {
     let (mut cleared, mut refreshing) = (0, 0);
-    let selected = |key: &str| {
-        let (origin, path) = split_key(key);
-        path.starts_with(prefix) && hosts.matches_origin(origin)
-    };
+    let target = Target::Prefix(prefix);
+    let origin = |o: &str| hosts.matches_origin(o);
     if mode == Mode::Clear {
-        cleared = proxy.cache.store.remove_matching(selected);
+        cleared = proxy.cache.purge(target, origin);
     } else {
-        for (key, variants) in proxy.cache.store.matching(selected) {
+        for (key, variants) in proxy.cache.select(target, origin) {
             for entry in variants {
                 if wants_refresh(proxy, &entry, mode) {
                     drop(proxy.refresh(key.clone(), entry));
                     refreshing += 1;
-                } else if proxy.cache.store.remove_version(&key, entry.id) {
+                } else if proxy.cache.invalidate_version(&key, entry.id) {
                     cleared += 1;
                 }
             }

@@ -60,6 +60,7 @@ fn route(proxy: &Proxy, req: Request<Incoming>) -> Response<ProxyBody> {
 
 /// All series in the Prometheus text exposition format.
 pub fn metrics_text(proxy: &Proxy) -> String {
+    let stats = proxy.cache.stats();
     let mut out = String::with_capacity(8192);
     proxy.metrics.render(&mut out);
     let gauge = |out: &mut String, name: &str, help: &str, v: usize| {
@@ -70,19 +71,19 @@ pub fn metrics_text(proxy: &Proxy) -> String {
         &mut out,
         "edgecache_cache_entries",
         "Stored responses (variants).",
-        proxy.cache.store.len(),
+        stats.entries,
     );
     gauge(
         &mut out,
         "edgecache_cache_bytes",
         "Accounted bytes of stored responses.",
-        proxy.cache.store.bytes(),
+        stats.bytes,
     );
     gauge(
         &mut out,
         "edgecache_inflight_fetches",
         "Upstream fetches other requests can join.",
-        proxy.cache.flights.len(),
+        stats.in_flight,
     );
     proxy.upstream.render_metrics(&mut out);
     out
@@ -90,12 +91,13 @@ pub fn metrics_text(proxy: &Proxy) -> String {
 
 /// `{"backends":[…],"panic_mode":false,"cache":{"entries":N,"bytes":N,"in_flight":N}}`
 pub fn status_json(proxy: &Proxy) -> String {
+    let stats = proxy.cache.stats();
     format!(
         r#"{{"backends":{},"panic_mode":{},"cache":{{"entries":{},"bytes":{},"in_flight":{}}}}}"#,
         proxy.upstream.status_json(),
         proxy.upstream.panic_mode(),
-        proxy.cache.store.len(),
-        proxy.cache.store.bytes(),
-        proxy.cache.flights.len(),
+        stats.entries,
+        stats.bytes,
+        stats.in_flight,
     )
 }

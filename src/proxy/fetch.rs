@@ -267,7 +267,7 @@ impl Proxy {
         ));
         if cc.no_store || cc.private {
             // The origin withdrew permission to share: forget it, answer this requester only.
-            self.cache.store.remove_version(&req.key, base.id);
+            self.cache.invalidate_version(&req.key, base.id);
             let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
             *resp.status_mut() = entry.status;
             *resp.headers_mut() = entry.headers.clone();

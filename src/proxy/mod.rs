@@ -170,7 +170,7 @@ impl Proxy {
         let head = req.method() == Method::HEAD;
         let now = Instant::now();
         let client = self.client_directives(req.headers());
-        let base = self.cache.store.get(&key, req.headers());
+        let base = self.cache.lookup(&key, req.headers()).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
             if entry.is_fresh(now) && client_accepts_fresh(&client, entry, now) {
@@ -182,7 +182,7 @@ impl Proxy {
                 // While refreshes of this copy keep failing, clients do not start more of
                 // them than the backoff allows.
                 if entry.may_start_refresh() {
-                    if let Some(key) = self.cache.store.key_arc(&key) {
+                    if let Some(key) = self.cache.shared_key(&key) {
                         drop(self.refresh(key, entry.clone()));
                     }
                 }
@@ -253,8 +253,7 @@ impl Proxy {
         let (parts, _body) = req.into_parts();
         let key: Arc<str> = self
             .cache
-            .store
-            .key_arc(&key)
+            .shared_key(&key)
             .unwrap_or_else(|| Arc::from(key));
         let fetch = FetchRequest {
             key: key.clone(),
@@ -272,16 +271,16 @@ impl Proxy {
 
         let vary_names = match &base {
             Some(b) => b.vary.names().to_vec(),
-            None => self.cache.store.vary_names(&key),
+            None => self.cache.vary_names(&key),
         };
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, &vary_names, &parts.headers);
 
-        match self.cache.flights.join(flight_key) {
+        match self.cache.join_flight(flight_key) {
             Role::Leader(guard) => {
                 // Someone may have stored it between our lookup and taking the flight.
-                if let Some(entry) = self.cache.store.get(&key, &parts.headers) {
+                if let Some(entry) = self.cache.lookup(&key, &parts.headers).map(|hit| hit.entry) {
                     let now = Instant::now();
                     if entry.is_fresh(now) && base.as_ref().is_none_or(|b| b.id != entry.id) {
                         guard.publish(FetchOutcome::Stored(entry.clone()));
@@ -391,7 +390,7 @@ impl Proxy {
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
-        match self.cache.flights.join(flight_key) {
+        match self.cache.join_flight(flight_key) {
             Role::Follower(waiter) => waiter,
             Role::Leader(guard) => {
                 let waiter = guard.waiter();
@@ -502,7 +501,7 @@ impl Proxy {
         let mut key = String::with_capacity(origin.len() + path.len());
         key.push_str(origin);
         key.push_str(path);
-        let mut removed = self.cache.store.remove(&key);
+        let mut removed = self.cache.invalidate(&key);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -517,7 +516,7 @@ impl Proxy {
             if same_origin && uri.path().starts_with('/') {
                 key.truncate(origin.len());
                 key.push_str(path_and_query(&uri));
-                removed += self.cache.store.remove(&key);
+                removed += self.cache.invalidate(&key);
             }
         }
         self.metrics.evicted(Eviction::Invalidated, removed);
@@ -577,13 +576,13 @@ impl Proxy {
             fn drop(&mut self) {
                 let now = Instant::now();
                 for (key, id) in self.due.by_ref() {
-                    self.cache.expiry.schedule(now, key, id);
+                    self.cache.recheck(now, key, id);
                 }
             }
         }
         loop {
             let mut batch = Batch {
-                due: self.cache.expiry.next_due().await.into_iter(),
+                due: self.cache.next_due().await.into_iter(),
                 cache: &self.cache,
             };
             for (key, id) in batch.due.by_ref() {
@@ -593,7 +592,7 @@ impl Proxy {
     }
 
     fn on_deadline(self: &Arc<Self>, key: Arc<str>, id: u64) {
-        let Some(entry) = self.cache.store.get_by_id(&key, id) else {
+        let Some(entry) = self.cache.lookup_version(&key, id) else {
             return; // replaced or removed since
         };
         let now = Instant::now();
@@ -609,12 +608,12 @@ impl Proxy {
             } else {
                 entry.refresh_wait().max(Duration::from_millis(10))
             };
-            self.cache.expiry.schedule(now + again, key, id);
+            self.cache.recheck(now + again, key, id);
             return;
         }
         if entry.is_fresh(now) {
             // Cold when a refresh would have started: decide again at expiry.
-            self.cache.expiry.schedule(entry.expires_at(), key, id);
+            self.cache.recheck(entry.expires_at(), key, id);
             return;
         }
         let stale_allowance = entry
@@ -631,10 +630,10 @@ impl Proxy {
             keep_until = keep_until.max(now + self.config.stale_retention.saturating_sub(idle));
         }
         if now < keep_until {
-            self.cache.expiry.schedule(keep_until, key, id);
+            self.cache.recheck(keep_until, key, id);
             return;
         }
-        if self.cache.store.remove_version(&key, id) {
+        if self.cache.invalidate_version(&key, id) {
             self.metrics.evicted(Eviction::Expired, 1);
         }
         tracing::debug!(key = %key, "expired entry dropped");
