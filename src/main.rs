@@ -64,12 +64,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let ops = match config.admin_listen_addr {
+        let ops = match config.ops_listen_addr {
             None => None,
             Some(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    eprintln!("edgecache: invalid configuration: ADMIN_LISTEN_ADDR: cannot listen on {addr}: {e}");
+                    eprintln!("edgecache: invalid configuration: OPS_LISTEN_ADDR: cannot listen on {addr}: {e}");
                     return ExitCode::from(2);
                 }
             },

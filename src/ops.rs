@@ -1,4 +1,4 @@
-//! The operator listener (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
+//! The operator listener (`OPS_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
 //! by default): `GET /status` — backends with their health and breaker state, and cache size
 //! — as JSON, and `GET /metrics` in the Prometheus text format. Kept off the proxy port so no
 //! client can reach it through the proxy.

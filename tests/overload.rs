@@ -165,7 +165,7 @@ async fn ten_times_the_connection_limit_degrades_and_recovers() {
             ("CACHE_MAX_BYTES", "2MiB"),
             ("HEADER_READ_TIMEOUT_SECS", "1"),
             ("KEEPALIVE_TIMEOUT_SECS", "2"),
-            ("ADMIN_LISTEN_ADDR", &ops.to_string()),
+            ("OPS_LISTEN_ADDR", &ops.to_string()),
             ("RUST_LOG", "error"),
         ],
         addr,

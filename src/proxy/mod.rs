@@ -1,7 +1,7 @@
 //! The request pipeline, in the order a request meets it:
 //!
-//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`crate::admin`] and never
-//!    upstream; GET/HEAD go through the cache; everything else is passed through.
+//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`purge`] (parsed and
+//!    authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the cache; everything else is passed through.
 //! 2. `lookup` — the stored variant the request selects: fresh → `HIT`; stale but servable
 //!    (refresh window, `stale-while-revalidate`) → `STALE` plus a background refresh.
 //! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
@@ -13,6 +13,7 @@
 
 pub mod fetch;
 pub mod headers;
+pub mod purge;
 pub mod respond;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use crate::admin::CLEAR_CACHE;
 use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::entry::{clock_ms, CachedResponse};
@@ -39,7 +41,6 @@ use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{
     set_forwarded, set_forwarded_origin, strip_client_conditionals, strip_hop_by_hop, Downstream,
-    CLEAR_CACHE,
 };
 use respond::CacheStatus;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -127,7 +128,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         if req.headers().contains_key(CLEAR_CACHE) {
             trace.admin = true;
-            return crate::admin::handle(self, req, down).await;
+            return self.purge(req, down).await;
         }
         let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
             Ok(key) => key,

@@ -24,7 +24,7 @@ pub fn edgecache_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         // Tests run in parallel: no fixed operator port (a test may still set one).
-        .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("OPS_LISTEN_ADDR", "127.0.0.1:0")
         // Health probes would show up in the mock origin's request counts.
         .env("HEALTH_CHECK_INTERVAL_SECS", "0")
         .envs(env.iter().copied())
