@@ -18,6 +18,8 @@
 //!   the JSON report.
 //! * [`cache`] — the cache itself, reached only through the [`cache::Cache`] facade (lookup,
 //!   insert-with-timer, invalidate, purge, stats): [`cache::policy`] (pure RFC 9111 rules),
+//!   [`cache::decide`] (pure: serve fresh/stale/revalidate, stale-on-error, timer time, the
+//!   expiry task's refresh/recheck/drop),
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
 //!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single

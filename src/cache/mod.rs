@@ -1,6 +1,6 @@
 //! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
 //! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
-//! [`key`]).
+//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop).
 //!
 //! [`Cache`] is the only way in from the rest of the crate: its store, timers and flights are
 //! private, so "every stored version has a timer" is enforced here rather than by convention
@@ -10,6 +10,7 @@
 
 pub mod coalesce;
 pub mod conditional;
+pub mod decide;
 pub mod entry;
 pub mod eviction;
 pub mod expiry;

@@ -1,15 +1,18 @@
 //! The request pipeline, in the order a request meets it:
 //!
 //! 1. `route` — admin requests (a `Clear-Cache` header) go to [`purge`] (parsed and
-//!    authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the cache; everything else is passed through.
-//! 2. `lookup` — the stored variant the request selects: fresh → `HIT`; stale but servable
-//!    (refresh window, `stale-while-revalidate`) → `STALE` plus a background refresh.
+//!    authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the cache;
+//!    everything else is passed through.
+//! 2. `lookup` — the stored variant the request selects, and what to do with it
+//!    ([`decide::serve`]): fresh → `HIT`; stale but servable (refresh window,
+//!    `stale-while-revalidate`) → `STALE` plus a background refresh.
 //! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
 //!    runs in its own task so it survives the leader's client going away.
 //! 4. `fetch_for_cache` / `store` ([`fetch`]) and `respond` ([`respond`]).
 //!
-//! The expiry task ([`Proxy::run_expiry`]) refreshes hot keys when they expire and drops
-//! cold ones.
+//! The expiry task ([`Proxy::run_expiry`]) executes [`decide::on_deadline`]: it refreshes hot
+//! keys when they expire and drops cold ones. Every decision is a pure function in
+//! [`crate::cache::decide`]; this module only carries them out.
 
 pub mod fetch;
 pub mod headers;
@@ -18,7 +21,7 @@ pub mod respond;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -28,6 +31,7 @@ use tokio::sync::oneshot;
 use crate::admin::CLEAR_CACHE;
 use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
+use crate::cache::decide::{self, ExpiryAction, Now, OnError, Serve, Settings};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{
     host_allowed, origin_host, path_and_query, push_flight_suffix, request_key, split_key,
@@ -53,6 +57,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Wrong admin keys per client address.
     pub admin_throttle: crate::admin::Throttle,
+    /// The settings the cache's decisions ([`decide`]) read, taken from `config` once.
+    settings: Settings,
     /// Background refreshes (expiry, stale serving, admin) share these `REFRESH_CONCURRENCY`
     /// slots, so a refresh of many keys never becomes a herd of its own.
     refresh_slots: Arc<tokio::sync::Semaphore>,
@@ -77,6 +83,7 @@ impl Proxy {
             metrics: Metrics::default(),
             admin_throttle: Default::default(),
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
+            settings: Settings::from(&config),
             config,
         }
     }
@@ -174,15 +181,18 @@ impl Proxy {
         let base = self.cache.lookup(&key, req.headers()).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
-            if entry.is_fresh(now) && client_accepts_fresh(&client, entry, now) {
+        }
+        // `serve` answers Fresh or Stale only for a stored entry.
+        match (
+            decide::serve(base.as_deref(), &client, &self.settings, Now::at(now)),
+            &base,
+        ) {
+            (Serve::Fresh, Some(entry)) => {
                 trace.cache = Some(CacheStatus::Hit);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Hit, now);
             }
-            if !entry.is_fresh(now) && !client.no_cache && self.may_serve_stale(entry, &client, now)
-            {
-                // While refreshes of this copy keep failing, clients do not start more of
-                // them than the backoff allows.
-                if entry.may_start_refresh() {
+            (Serve::Stale { refresh }, Some(entry)) => {
+                if refresh {
                     if let Some(key) = self.cache.shared_key(&key) {
                         drop(self.refresh(key, entry.clone()));
                     }
@@ -190,6 +200,7 @@ impl Proxy {
                 trace.cache = Some(CacheStatus::Stale);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
             }
+            _ => {}
         }
         if client.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored → 504, without contacting the origin.
@@ -223,21 +234,6 @@ impl Proxy {
             cc.min_fresh = None;
         }
         cc
-    }
-
-    /// Whether a stale entry may be served (and refreshed in the background): within the
-    /// response's `stale-while-revalidate`, within the client's `max-stale`, or — for entries
-    /// whose freshness is the operator's default, not the origin's — within the refresh
-    /// window. Never when the response forbids serving it stale (RFC 9111 §4.2.4).
-    fn may_serve_stale(&self, entry: &CachedResponse, client: &CacheControl, now: Instant) -> bool {
-        if entry.forbids_stale {
-            return false;
-        }
-        let stale_for = entry.stale_for(now);
-        let window = self.config.refresh_window;
-        stale_for <= entry.stale_while_revalidate
-            || client.max_stale.is_some_and(|m| stale_for.as_secs() <= m)
-            || (entry.operator_ttl && !window.is_zero() && stale_for <= window)
     }
 
     /// Fetches a missing or stale entry once for all concurrent requesters.
@@ -362,20 +358,15 @@ impl Proxy {
         base: Option<&CachedResponse>,
     ) -> Response<ProxyBody> {
         let now = Instant::now();
-        if let Some(base) = base.filter(|b| self.may_serve_stale_on_error(b, now)) {
+        let serve_stale = |b: &&CachedResponse| {
+            decide::on_upstream_error(b, &self.settings, now) == OnError::ServeStale
+        };
+        if let Some(base) = base.filter(serve_stale) {
             tracing::warn!(error = %err, "upstream request failed; serving the stale copy");
             return respond::from_entry(base, head, req, CacheStatus::Stale, now);
         }
         tracing::warn!(error = %err, "upstream request failed");
         respond::upstream_error(err)
-    }
-
-    /// RFC 5861 §4 `stale-if-error` from the response (which overrides `must-revalidate`), or
-    /// the operator's `STALE_IF_ERROR_SECS` for responses that do not forbid serving stale.
-    fn may_serve_stale_on_error(&self, entry: &CachedResponse, now: Instant) -> bool {
-        let stale_for = entry.stale_for(now);
-        (!entry.stale_if_error.is_zero() && stale_for <= entry.stale_if_error)
-            || (!entry.forbids_stale && stale_for <= self.config.stale_if_error)
     }
 
     /// Starts (or joins) a background refresh of one stored variant. The returned waiter can
@@ -541,21 +532,12 @@ impl Proxy {
         h
     }
 
-    /// Stores `entry` and arms its timer: at expiry, or a little before it (a tenth of its
-    /// lifetime, at most `REQ_TIMEOUT`) when hot keys are refreshed, so that the new copy
-    /// usually lands before the old one goes stale.
+    /// Stores `entry` and arms its timer ([`decide::timer_at`]); evicts for room, expired cold
+    /// entries first ([`decide::evict_first`]).
     pub(crate) fn store(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
-        let expires = entry.expires_at();
-        let at = if self.config.refresh_window.is_zero() || entry.lifetime.is_zero() {
-            expires
-        } else {
-            let lead = (entry.lifetime / 10).min(self.config.upstream_timeout);
-            expires.checked_sub(lead).unwrap_or(expires)
-        };
-        let window = self.config.refresh_window;
-        let now = Instant::now();
-        // Expired and not asked for within the refresh window: evicted before anything else.
-        let past_window = |e: &CachedResponse| !e.is_fresh(now) && !e.requested_within(window);
+        let at = decide::timer_at(&entry, &self.settings);
+        let now = Now::at(Instant::now());
+        let past_window = |e: &CachedResponse| decide::evict_first(e, &self.settings, now);
         let evicted = self.cache.insert(key, entry, at, &past_window);
         self.metrics.evicted(Eviction::Capacity, evicted);
     }
@@ -596,61 +578,18 @@ impl Proxy {
         let Some(entry) = self.cache.lookup_version(&key, id) else {
             return; // replaced or removed since
         };
-        let now = Instant::now();
-        let window = self.config.refresh_window;
-        let stale_for = entry.stale_for(now);
-        let hot = !window.is_zero() && entry.requested_within(window);
-        if hot && !entry.lifetime.is_zero() && stale_for <= window {
-            // Look again later: if the refresh failed, this version is still here and the
-            // refresh is retried after the entry's backoff (1 s doubling to 10 s).
-            let again = if entry.may_start_refresh() {
-                drop(self.refresh(key.clone(), entry.clone()));
-                entry.refresh_backoff()
-            } else {
-                entry.refresh_wait().max(Duration::from_millis(10))
-            };
-            self.cache.recheck(now + again, key, id);
-            return;
-        }
-        if entry.is_fresh(now) {
-            // Cold when a refresh would have started: decide again at expiry.
-            self.cache.recheck(entry.expires_at(), key, id);
-            return;
-        }
-        let stale_allowance = entry
-            .stale_while_revalidate
-            .max(entry.stale_if_error)
-            .max(self.config.stale_if_error);
-        let mut keep_until = entry.expires_at() + stale_allowance;
-        if entry.revalidatable() {
-            let idle = entry.idle_for();
-            if hot {
-                // Always-revalidate entries (no-cache, max-age=0) stay while they are used.
-                keep_until = keep_until.max(now + window.saturating_sub(idle));
+        match decide::on_deadline(&entry, &self.settings, Now::at(Instant::now())) {
+            ExpiryAction::Refresh { recheck } => {
+                drop(self.refresh(key.clone(), entry));
+                self.cache.recheck(recheck, key, id);
             }
-            keep_until = keep_until.max(now + self.config.stale_retention.saturating_sub(idle));
+            ExpiryAction::Recheck(at) => self.cache.recheck(at, key, id),
+            ExpiryAction::Drop => {
+                if self.cache.invalidate_version(&key, id) {
+                    self.metrics.evicted(Eviction::Expired, 1);
+                }
+                tracing::debug!(key = %key, "expired entry dropped");
+            }
         }
-        if now < keep_until {
-            self.cache.recheck(keep_until, key, id);
-            return;
-        }
-        if self.cache.invalidate_version(&key, id) {
-            self.metrics.evicted(Eviction::Expired, 1);
-        }
-        tracing::debug!(key = %key, "expired entry dropped");
     }
-}
-
-/// RFC 9111 §5.2.1.1 and §5.2.1.3: the client's `max-age` / `min-fresh` / `no-cache` may
-/// refuse a fresh entry (only under `CLIENT_CACHE_CONTROL=full`).
-fn client_accepts_fresh(client: &CacheControl, entry: &CachedResponse, now: Instant) -> bool {
-    if client.no_cache {
-        return false;
-    }
-    if client.max_age.is_none() && client.min_fresh.is_none() {
-        return true; // the usual request: nothing to compute on the hit path
-    }
-    let age = entry.age(now).as_secs();
-    let remaining = entry.expires_at().saturating_duration_since(now).as_secs();
-    client.max_age.is_none_or(|m| age <= m) && client.min_fresh.is_none_or(|m| remaining >= m)
 }
