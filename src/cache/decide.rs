@@ -5,7 +5,9 @@
 //! an enum — no clock is read here, so every branch is a plain unit test. The pipeline
 //! ([`crate::proxy`]) only executes the answers.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::entry::{ms_at, CachedResponse};
 use super::policy::CacheControl;

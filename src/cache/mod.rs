@@ -20,7 +20,7 @@ pub mod range;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderName};
 

@@ -21,7 +21,7 @@ pub mod respond;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -591,5 +591,74 @@ impl Proxy {
                 tracing::debug!(key = %key, "expired entry dropped");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Lets spawned tasks woken by the last time advance run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn proxy(vars: &[(&str, &str)]) -> Arc<Proxy> {
+        let config = Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+                .or_else(|| (k == "UPSTREAM_URL").then(|| "http://127.0.0.1:1".into()))
+        })
+        .expect("test config");
+        Arc::new(Proxy::new(config))
+    }
+
+    /// The expiry task under paused time: a cold entry (fresh for 60 s) is kept past expiry
+    /// while `STALE_IF_ERROR_SECS=30` allows, then dropped and counted — without the test
+    /// waiting 90 real seconds.
+    #[tokio::test(start_paused = true)]
+    async fn cold_entries_are_kept_for_stale_if_error_then_dropped() {
+        let proxy = proxy(&[
+            ("DEFAULT_REFRESH_WINDOW_SECS", "0"),
+            ("STALE_IF_ERROR_SECS", "30"),
+        ]);
+        let expiry = tokio::spawn(proxy.clone().run_expiry());
+        let entry = crate::cache::entry::test_entry(10);
+        let key: Arc<str> = Arc::from("http://a/x");
+        proxy.store(key.clone(), entry.clone());
+        let stored = |p: &Proxy| p.cache.lookup_version(&key, entry.id).is_some();
+
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        settle().await;
+        assert!(stored(&proxy), "fresh");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert!(stored(&proxy), "expired, kept for stale-if-error");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        settle().await;
+        assert!(!stored(&proxy), "dropped 30 s past expiry");
+        assert!(crate::ops::metrics_text(&proxy)
+            .contains("edgecache_evictions_total{reason=\"expired\"} 1"));
+        expiry.abort();
+    }
+
+    /// Without any allowance a cold entry goes at expiry, not before.
+    #[tokio::test(start_paused = true)]
+    async fn cold_entries_are_dropped_at_expiry() {
+        let proxy = proxy(&[("DEFAULT_REFRESH_WINDOW_SECS", "0")]);
+        let expiry = tokio::spawn(proxy.clone().run_expiry());
+        let entry = crate::cache::entry::test_entry(10);
+        proxy.store(Arc::from("http://a/y"), entry.clone());
+        tokio::time::sleep(Duration::from_millis(59_999)).await;
+        settle().await;
+        assert!(!proxy.cache.is_empty());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(proxy.cache.is_empty());
+        expiry.abort();
     }
 }

@@ -4,7 +4,7 @@
 //! outcome. Compare pingora's `proxy_purge.rs`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response};
