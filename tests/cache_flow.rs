@@ -56,7 +56,9 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     // No client request: the expiry timer alone triggers the refetch.
     assert!(
-        eventually(Duration::from_secs(5), || origin.hits("/k") >= 2).await,
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.hits("/k") >= 2)
+            .await,
         "refreshed by the timer"
     );
     assert!(
@@ -121,7 +123,9 @@ async fn stale_copy_is_served_while_refresh_runs() {
     .await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     assert!(
-        eventually(Duration::from_secs(5), || origin.hits("/k") == 2).await,
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.hits("/k") == 2)
+            .await,
         "refresh started"
     );
     // The refresh started ahead of expiry; until it lands (2 s) every client gets v1: HIT

@@ -420,11 +420,12 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || origin
-            .started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await
+        origin
+            .wait_until(Duration::from_secs(5), |o| o
+                .started
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 1)
+            .await
     );
     // A third has to wait for a slot: neither open connection is idle between requests.
     let third = tokio::spawn(raw(
@@ -511,11 +512,12 @@ async fn connections_going_idle_while_a_client_waits_make_room() {
         open.push(s);
     }
     assert!(
-        eventually(Duration::from_secs(5), || origin
-            .started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 2)
-        .await
+        origin
+            .wait_until(Duration::from_secs(5), |o| o
+                .started
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 2)
+            .await
     );
     let waiting = tokio::spawn(raw(
         proxy.addr,

@@ -641,8 +641,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         settle().await;
         assert!(!stored(&proxy), "dropped 30 s past expiry");
-        assert!(crate::ops::metrics_text(&proxy)
-            .contains("edgecache_evictions_total{reason=\"expired\"} 1"));
+        let mut metrics = String::new();
+        proxy.metrics.render(&mut metrics);
+        assert!(metrics.contains("edgecache_evictions_total{reason=\"expired\"} 1"));
         expiry.abort();
     }
 
