@@ -18,7 +18,7 @@ total_after() {
     port_p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     "$bindir/mock-origin" --listen "127.0.0.1:$port_o" >/dev/null 2>&1 &
     mo=$!
-    UPSTREAM_URL=http://127.0.0.1:$port_o LISTEN_ADDR=127.0.0.1:$port_p ADMIN_LISTEN_ADDR=off \
+    UPSTREAM_URL=http://127.0.0.1:$port_o LISTEN_ADDR=127.0.0.1:$port_p OPS_LISTEN_ADDR=off \
         RUST_LOG=off DEFAULT_CACHE_EXPIRY_TIME_SECS=600 HEALTH_CHECK_INTERVAL_SECS=0 \
         SHUTDOWN_GRACE_SECS=1 \
         valgrind --tool=callgrind --callgrind-out-file="$out" "$bindir/edgecache" >/dev/null 2>&1 &

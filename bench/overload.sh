@@ -63,7 +63,7 @@ done
 
 port=$("$herd_bin" --free-port)
 (cd "$rundir" && exec env -i PATH="$PATH" UPSTREAM_URL="$origin" LISTEN_ADDR="127.0.0.1:$port" \
-    ADMIN_LISTEN_ADDR=off RUST_LOG=warn NO_COLOR=1 "$edgecache_bin") >"$rundir/edgecache.log" 2>&1 &
+    OPS_LISTEN_ADDR=off RUST_LOG=warn NO_COLOR=1 "$edgecache_bin") >"$rundir/edgecache.log" 2>&1 &
 edge_pid=$!
 pids+=("$edge_pid")
 for _ in $(seq 200); do

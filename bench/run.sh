@@ -201,7 +201,7 @@ start_edgecache() {
     (cd "$rundir" && exec env -i PATH="$PATH" \
         UPSTREAM_URL="http://127.0.0.1:$origin_port" \
         LISTEN_ADDR="127.0.0.1:$edge_port" \
-        ADMIN_LISTEN_ADDR=off \
+        OPS_LISTEN_ADDR=off \
         DEFAULT_CACHE_EXPIRY_TIME_SECS=0 \
         DEFAULT_REFRESH_WINDOW_SECS=0 \
         CACHE_MAX_BYTES=2GiB \

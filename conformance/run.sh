@@ -157,7 +157,7 @@ start_edgecache() {
         DEFAULT_REFRESH_WINDOW_SECS=0 \
         STALE_RETENTION_SECS=3600 \
         STALE_IF_ERROR_SECS=60 \
-        ADMIN_LISTEN_ADDR=off \
+        OPS_LISTEN_ADDR=off \
         REQ_TIMEOUT=10 \
         LOG_FORMAT=text \
         RUST_LOG=warn \

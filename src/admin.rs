@@ -1,4 +1,7 @@
-//! Admin requests: clear or refresh cached entries on the upstream service's say-so.
+//! Admin requests, the pure half: parse an admin request, authorise it, decide per entry
+//! whether it is refreshed or dropped, and shape the JSON report. Executing it (store
+//! lookups, refreshes, eviction metrics) is [`crate::proxy::purge`]'s job, so this module
+//! never imports the pipeline that calls it.
 //!
 //! Any request carrying a `Clear-Cache` header is an admin request and never goes upstream
 //! (compatible with the proxy edgecache replaces). `Clear-Cache-Key` must equal
@@ -15,29 +18,34 @@
 //! `Clear-Cache-Scope: all` to every key. Entries are keyed by host too (see
 //! [`crate::cache::key`]), but the upstream calls under its own address, so an admin request
 //! reaches its path under **every** host; `Clear-Cache-Host: example.com` narrows it to one.
-//! The answer is a small JSON object.
+//! The answer is a small JSON object whose `action` is an [`Action`], the same word the
+//! `edgecache_admin_requests_total` metric counts it under.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::body::ProxyBody;
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::{origin_host, path_and_query, split_key};
-use crate::cache::FetchOutcome;
+use crate::cache::key::origin_host;
+use crate::cache::Target;
 use crate::config::AdminKey;
-use crate::metrics::Eviction;
-use crate::proxy::headers::{
-    Downstream, CLEAR_CACHE, CLEAR_CACHE_HOST, CLEAR_CACHE_KEY, CLEAR_CACHE_SCOPE,
-};
-use crate::proxy::respond;
-use crate::proxy::Proxy;
+use crate::error::UpstreamError;
+
+/// Marks a request as an admin request; its value is the [`Mode`].
+pub const CLEAR_CACHE: HeaderName = HeaderName::from_static("clear-cache");
+/// The admin password (`CLEAR_CACHE_KEY`).
+pub const CLEAR_CACHE_KEY: HeaderName = HeaderName::from_static("clear-cache-key");
+/// `exact` (default), `prefix` or `all`: the [`Scope`].
+pub const CLEAR_CACHE_SCOPE: HeaderName = HeaderName::from_static("clear-cache-scope");
+/// Narrows the request to one host: the [`HostFilter`].
+pub const CLEAR_CACHE_HOST: HeaderName = HeaderName::from_static("clear-cache-host");
 
 /// What the `Clear-Cache` value asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +65,17 @@ impl Mode {
             Mode::Refresh
         } else {
             Mode::ByWindow
+        }
+    }
+
+    /// Whether `entry` is refreshed (else dropped): always under `refresh`, never under
+    /// `clear`, and by default when a client asked for it within the refresh `window`
+    /// (`DEFAULT_REFRESH_WINDOW_SECS`; zero turns refreshing off).
+    pub fn refreshes(self, entry: &CachedResponse, window: Duration) -> bool {
+        match self {
+            Mode::Clear => false,
+            Mode::Refresh => true,
+            Mode::ByWindow => !window.is_zero() && entry.requested_within(window),
         }
     }
 }
@@ -85,14 +104,15 @@ impl Scope {
 
 /// Failed key attempts allowed per client address within [`THROTTLE_WINDOW`].
 const THROTTLE_ATTEMPTS: u32 = 5;
-const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at most: expired windows are pruned first, then the oldest window goes,
 /// so a flood of addresses cannot grow the table (IPv6 clients count per /64, the smallest
 /// network one client usually holds).
 const THROTTLE_TRACKED: usize = 10_000;
 
 /// Slows down key guessing: after `THROTTLE_ATTEMPTS` wrong keys from one client address
-/// (derived from `X-Forwarded-For` behind a trusted proxy, see [`Downstream`]) within
+/// (derived from `X-Forwarded-For` behind a trusted proxy, see
+/// [`crate::proxy::headers::Downstream`]) within
 /// `THROTTLE_WINDOW`, that address gets 429 without its key being checked until the window
 /// ends.
 #[derive(Default)]
@@ -195,210 +215,316 @@ impl HostFilter {
     pub fn matches_origin(&self, origin: &str) -> bool {
         self.0.as_deref().is_none_or(|h| origin_host(origin) == h)
     }
-}
 
-/// Handles an admin request (one that carries `Clear-Cache`).
-pub async fn handle(
-    proxy: &Arc<Proxy>,
-    req: Request<Incoming>,
-    down: &Downstream<'_>,
-) -> Response<ProxyBody> {
-    let path = path_and_query(req.uri()).to_owned();
-    let client = down.client(req.headers());
-    let Some(configured) = &proxy.config.admin_key else {
-        tracing::warn!(%path, %client, "admin request refused: CLEAR_CACHE_KEY is not set");
-        proxy.metrics.admin("disabled");
-        return respond::json(
-            StatusCode::FORBIDDEN,
-            r#"{"error":"admin disabled: CLEAR_CACHE_KEY is not set"}"#.into(),
-        );
-    };
-    let now = Instant::now();
-    if let Some(retry_after) = proxy.admin_throttle.blocked(client, now) {
-        proxy.metrics.admin("throttled");
-        let mut resp = respond::json(
-            StatusCode::TOO_MANY_REQUESTS,
-            r#"{"error":"too many wrong keys; try later"}"#.into(),
-        );
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
-        return resp;
-    }
-    if !key_matches(configured, req.headers().get(CLEAR_CACHE_KEY)) {
-        if proxy.admin_throttle.failed(client, now) {
-            tracing::warn!(%client, "admin key guessing: throttling this address for {}s", THROTTLE_WINDOW.as_secs());
-        }
-        tracing::warn!(%path, %client, "admin request with a missing or wrong Clear-Cache-Key");
-        proxy.metrics.admin("unauthorized");
-        return respond::json(
-            StatusCode::UNAUTHORIZED,
-            r#"{"error":"unauthorized"}"#.into(),
-        );
-    }
-    let mode = req
-        .headers()
-        .get(CLEAR_CACHE)
-        .map_or(Mode::ByWindow, Mode::parse);
-    let Ok(scope) = Scope::parse(req.headers().get(CLEAR_CACHE_SCOPE)) else {
-        return respond::json(
-            StatusCode::BAD_REQUEST,
-            r#"{"error":"Clear-Cache-Scope must be exact, prefix or all"}"#.into(),
-        );
-    };
-    let hosts = HostFilter::parse(req.headers().get(CLEAR_CACHE_HOST));
-    let (action, resp) = match scope {
-        Scope::Exact => exact(proxy, &path, &hosts, mode).await,
-        Scope::Prefix => many(proxy, &path, &hosts, mode),
-        Scope::All => many(proxy, "", &hosts, mode),
-    };
-    proxy.metrics.admin(action);
-    tracing::info!(%path, ?mode, ?scope, host = hosts.0.as_deref().unwrap_or("*"), action, status = resp.status().as_u16(), "admin request");
-    resp
-}
-
-/// One path (under every host the filter lets through): clear or refresh each stored
-/// variant, waiting for refreshes to land.
-async fn exact(
-    proxy: &Arc<Proxy>,
-    path: &str,
-    hosts: &HostFilter,
-    mode: Mode,
-) -> (&'static str, Response<ProxyBody>) {
-    let keys = proxy
-        .cache
-        .store
-        .keys_for_path(path, |o| hosts.matches_origin(o));
-    let mut cleared = 0;
-    let mut waiters = Vec::new();
-    for key in &keys {
-        for entry in proxy.cache.store.variants(key) {
-            if wants_refresh(proxy, &entry, mode) {
-                waiters.push((key.clone(), proxy.refresh(key.clone(), entry)));
-            } else if proxy.cache.store.remove_version(key, entry.id) {
-                cleared += 1;
-            }
-        }
-    }
-    proxy.metrics.evicted(Eviction::Admin, cleared);
-    if waiters.is_empty() {
-        let action = if cleared > 0 { "cleared" } else { "not_cached" };
-        return (
-            action,
-            respond::json(StatusCode::OK, report(path, action, cleared)),
-        );
-    }
-    let mut refreshed = 0;
-    let mut failure = None;
-    for (key, w) in waiters {
-        match w.wait().await {
-            Some(FetchOutcome::Stored(_)) => refreshed += 1,
-            Some(FetchOutcome::NotShared) => {
-                // The upstream no longer lets it be shared: the old copy must go too.
-                proxy
-                    .metrics
-                    .evicted(Eviction::Admin, proxy.cache.store.remove(&key));
-                refreshed += 1;
-            }
-            Some(FetchOutcome::Failed(e)) => failure = Some(e),
-            None => {
-                failure = Some(crate::error::UpstreamError::BadResponse(
-                    "refresh abandoned".into(),
-                ))
-            }
-        }
-    }
-    match failure {
-        Some(e) if refreshed == 0 => {
-            let mut body = report(path, "refresh_failed", 0);
-            body.pop();
-            let _ = write!(body, r#","error":"{}","kept":"previous"}}"#, e.as_str());
-            ("refresh_failed", respond::json(e.status(), body))
-        }
-        _ => (
-            "refreshed",
-            respond::json(StatusCode::OK, report(path, "refreshed", refreshed)),
-        ),
+    /// The host it narrows to (`None`: every host), for logs.
+    pub fn host(&self) -> Option<&str> {
+        self.0.as_deref()
     }
 }
 
-/// Many keys (prefix or all): clears happen now, refreshes start in the background.
-fn many(
-    proxy: &Arc<Proxy>,
-    prefix: &str,
-    hosts: &HostFilter,
-    mode: Mode,
-) -> (&'static str, Response<ProxyBody>) {
-    let (mut cleared, mut refreshing) = (0, 0);
-    let selected = |key: &str| {
-        let (origin, path) = split_key(key);
-        path.starts_with(prefix) && hosts.matches_origin(origin)
+/// How an admin request ended: the `action` of its JSON reply and the `outcome` label of
+/// `edgecache_admin_requests_total` (refusals have no reply `action`, only the label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Variants were dropped.
+    Cleared,
+    /// Exact scope: the refreshes were awaited and landed.
+    Refreshed,
+    /// Prefix or all: refreshes were started in the background.
+    Refreshing,
+    /// Nothing stored matched.
+    NotCached,
+    /// Exact scope: every refresh failed; the previous copies are kept.
+    RefreshFailed,
+    /// Missing or wrong `Clear-Cache-Key`.
+    Unauthorized,
+    /// Too many wrong keys from this client.
+    Throttled,
+    /// `CLEAR_CACHE_KEY` is not set.
+    Disabled,
+    /// An unknown `Clear-Cache-Scope`.
+    BadRequest,
+}
+
+impl Action {
+    /// Every action, in the order the metric's series are rendered.
+    pub const ALL: [Action; 9] = [
+        Action::Throttled,
+        Action::Cleared,
+        Action::Refreshed,
+        Action::Refreshing,
+        Action::NotCached,
+        Action::RefreshFailed,
+        Action::Unauthorized,
+        Action::Disabled,
+        Action::BadRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Cleared => "cleared",
+            Action::Refreshed => "refreshed",
+            Action::Refreshing => "refreshing",
+            Action::NotCached => "not_cached",
+            Action::RefreshFailed => "refresh_failed",
+            Action::Unauthorized => "unauthorized",
+            Action::Throttled => "throttled",
+            Action::Disabled => "disabled",
+            Action::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// A parsed, authorised admin request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRequest {
+    pub mode: Mode,
+    pub scope: Scope,
+    pub hosts: HostFilter,
+    /// The request's path and query: the key's path part (or its prefix).
+    pub path: String,
+}
+
+impl AdminRequest {
+    /// The stored keys it addresses.
+    pub fn target(&self) -> Target<'_> {
+        match self.scope {
+            Scope::Exact => Target::Path(&self.path),
+            Scope::Prefix => Target::Prefix(&self.path),
+            Scope::All => Target::Prefix(""),
+        }
+    }
+}
+
+/// Why an admin request is refused before anything is looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// `CLEAR_CACHE_KEY` is not set: 403.
+    Disabled,
+    /// The client is throttled for this many more seconds: 429 with `Retry-After`.
+    Throttled { retry_after_secs: u64 },
+    /// A missing or wrong key: 401. `throttling_started` when this attempt used up the
+    /// client's allowance.
+    Unauthorized { throttling_started: bool },
+    /// `Clear-Cache-Scope` is not `exact`, `prefix` or `all`: 400.
+    BadScope,
+}
+
+impl AdminRefusal {
+    pub fn action(self) -> Action {
+        match self {
+            AdminRefusal::Disabled => Action::Disabled,
+            AdminRefusal::Throttled { .. } => Action::Throttled,
+            AdminRefusal::Unauthorized { .. } => Action::Unauthorized,
+            AdminRefusal::BadScope => Action::BadRequest,
+        }
+    }
+
+    /// The reply the client gets.
+    pub fn reply(self) -> Reply {
+        let (status, error, retry_after) = match self {
+            AdminRefusal::Disabled => (
+                StatusCode::FORBIDDEN,
+                "admin disabled: CLEAR_CACHE_KEY is not set",
+                None,
+            ),
+            AdminRefusal::Throttled { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many wrong keys; try later",
+                Some(retry_after_secs),
+            ),
+            AdminRefusal::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            AdminRefusal::BadScope => (
+                StatusCode::BAD_REQUEST,
+                "Clear-Cache-Scope must be exact, prefix or all",
+                None,
+            ),
+        };
+        Reply {
+            status,
+            body: to_json(&ErrorReport { error }),
+            retry_after,
+            action: self.action(),
+        }
+    }
+}
+
+/// Parses and authorises an admin request from its path and query and headers. `configured`
+/// is `CLEAR_CACHE_KEY`; a wrong key counts against `client` in `throttle` at `now`.
+pub fn authorise(
+    path_and_query: &str,
+    headers: &HeaderMap,
+    configured: Option<&AdminKey>,
+    throttle: &Throttle,
+    client: IpAddr,
+    now: Instant,
+) -> Result<AdminRequest, AdminRefusal> {
+    let Some(configured) = configured else {
+        return Err(AdminRefusal::Disabled);
     };
-    if mode == Mode::Clear {
-        cleared = proxy.cache.store.remove_matching(selected);
-    } else {
-        for (key, variants) in proxy.cache.store.matching(selected) {
-            for entry in variants {
-                if wants_refresh(proxy, &entry, mode) {
-                    drop(proxy.refresh(key.clone(), entry));
-                    refreshing += 1;
-                } else if proxy.cache.store.remove_version(&key, entry.id) {
-                    cleared += 1;
+    if let Some(retry_after_secs) = throttle.blocked(client, now) {
+        return Err(AdminRefusal::Throttled { retry_after_secs });
+    }
+    if !key_matches(configured, headers.get(CLEAR_CACHE_KEY)) {
+        let throttling_started = throttle.failed(client, now);
+        return Err(AdminRefusal::Unauthorized { throttling_started });
+    }
+    let mode = headers.get(CLEAR_CACHE).map_or(Mode::ByWindow, Mode::parse);
+    let scope =
+        Scope::parse(headers.get(CLEAR_CACHE_SCOPE)).map_err(|()| AdminRefusal::BadScope)?;
+    Ok(AdminRequest {
+        mode,
+        scope,
+        hosts: HostFilter::parse(headers.get(CLEAR_CACHE_HOST)),
+        path: path_and_query.to_owned(),
+    })
+}
+
+/// What executing an admin request did, as [`crate::proxy::purge`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exact scope. `refreshes` is `None` when no variant was to be refreshed.
+    Path {
+        cleared: usize,
+        refreshes: Option<Refreshes>,
+    },
+    /// Prefix or all scope: clears done, refreshes started.
+    Many { cleared: usize, refreshing: usize },
+}
+
+/// The awaited refreshes of an exact-scope request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refreshes {
+    /// Refreshes that landed (or found the response no longer shareable, and dropped it).
+    pub ok: usize,
+    /// The last failure, if any failed.
+    pub failure: Option<UpstreamError>,
+}
+
+impl Outcome {
+    pub fn action(&self) -> Action {
+        match self {
+            Outcome::Path {
+                cleared,
+                refreshes: None,
+            } => {
+                if *cleared > 0 {
+                    Action::Cleared
+                } else {
+                    Action::NotCached
+                }
+            }
+            Outcome::Path {
+                refreshes: Some(r), ..
+            } => {
+                if r.ok == 0 && r.failure.is_some() {
+                    Action::RefreshFailed
+                } else {
+                    Action::Refreshed
+                }
+            }
+            Outcome::Many {
+                cleared,
+                refreshing,
+            } => {
+                if *refreshing > 0 {
+                    Action::Refreshing
+                } else if *cleared > 0 {
+                    Action::Cleared
+                } else {
+                    Action::NotCached
                 }
             }
         }
     }
-    proxy.metrics.evicted(Eviction::Admin, cleared);
-    let action = if refreshing > 0 {
-        "refreshing"
-    } else if cleared > 0 {
-        "cleared"
-    } else {
-        "not_cached"
+}
+
+/// The reply to an admin request: status, JSON body, and the `Retry-After` seconds of a
+/// throttled one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: String,
+    pub retry_after: Option<u64>,
+    pub action: Action,
+}
+
+/// `{"path":…,"action":…,"variants":N}` (plus `"error"` and `"kept":"previous"` when every
+/// refresh failed), or for prefix and all `{"prefix":…,"action":…,"cleared":N,"refreshing":N}`.
+pub fn report(req: &AdminRequest, outcome: &Outcome) -> Reply {
+    let action = outcome.action();
+    let (status, body) = match outcome {
+        Outcome::Path { cleared, refreshes } => {
+            let (variants, failure) = match refreshes {
+                None => (*cleared, None),
+                Some(r) if action == Action::RefreshFailed => (0, r.failure.as_ref()),
+                Some(r) => (r.ok, None),
+            };
+            let body = PathReport {
+                path: &req.path,
+                action,
+                variants,
+                error: failure.map(UpstreamError::as_str),
+                kept: failure.map(|_| "previous"),
+            };
+            (
+                failure.map_or(StatusCode::OK, UpstreamError::status),
+                to_json(&body),
+            )
+        }
+        Outcome::Many {
+            cleared,
+            refreshing,
+        } => {
+            let prefix = match req.target() {
+                Target::Path(p) | Target::Prefix(p) => p,
+            };
+            let body = ManyReport {
+                prefix,
+                action,
+                cleared: *cleared,
+                refreshing: *refreshing,
+            };
+            (StatusCode::OK, to_json(&body))
+        }
     };
-    let mut body = String::new();
-    let _ = write!(
+    Reply {
+        status,
         body,
-        r#"{{"prefix":"{}","action":"{action}","cleared":{cleared},"refreshing":{refreshing}}}"#,
-        json_escape(prefix),
-    );
-    (
-        if refreshing > 0 { "refreshed" } else { action },
-        respond::json(StatusCode::OK, body),
-    )
-}
-
-fn wants_refresh(proxy: &Proxy, entry: &CachedResponse, mode: Mode) -> bool {
-    match mode {
-        Mode::Clear => false,
-        Mode::Refresh => true,
-        Mode::ByWindow => {
-            let window = proxy.config.refresh_window;
-            !window.is_zero() && entry.requested_within(window)
-        }
+        retry_after: None,
+        action,
     }
 }
 
-fn report(path: &str, action: &str, variants: usize) -> String {
-    format!(
-        r#"{{"path":"{}","action":"{action}","variants":{variants}}}"#,
-        json_escape(path)
-    )
+/// Field order is the wire order.
+#[derive(Serialize)]
+struct PathReport<'a> {
+    path: &'a str,
+    action: Action,
+    variants: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept: Option<&'static str>,
 }
 
-/// Escapes a string for a JSON string literal.
-fn json_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
+#[derive(Serialize)]
+struct ManyReport<'a> {
+    prefix: &'a str,
+    action: Action,
+    cleared: usize,
+    refreshing: usize,
+}
+
+#[derive(Serialize)]
+struct ErrorReport {
+    error: &'static str,
+}
+
+/// Compact JSON. Serialising these plain structs cannot fail; `{}` is a guard, not a path.
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "{}".into())
 }
 
 #[cfg(test)]
@@ -476,8 +602,182 @@ mod tests {
         );
     }
 
+    fn request(scope: Scope, path: &str) -> AdminRequest {
+        AdminRequest {
+            mode: Mode::Refresh,
+            scope,
+            hosts: HostFilter::parse(None),
+            path: path.into(),
+        }
+    }
+
     #[test]
-    fn escaping() {
-        assert_eq!(json_escape("/a\"b\\c\n"), "/a\\\"b\\\\c\\u000a");
+    fn path_reports_keep_their_wire_format() {
+        let req = request(Scope::Exact, "/a\"b?x=1");
+        let cleared = report(
+            &req,
+            &Outcome::Path {
+                cleared: 3,
+                refreshes: None,
+            },
+        );
+        assert_eq!(cleared.status, StatusCode::OK);
+        assert_eq!(
+            cleared.body,
+            r#"{"path":"/a\"b?x=1","action":"cleared","variants":3}"#
+        );
+        let none = report(
+            &req,
+            &Outcome::Path {
+                cleared: 0,
+                refreshes: None,
+            },
+        );
+        assert_eq!(none.action, Action::NotCached);
+        assert!(none.body.contains(r#""action":"not_cached","variants":0}"#));
+        let refreshed = Outcome::Path {
+            cleared: 1,
+            refreshes: Some(Refreshes {
+                ok: 2,
+                failure: Some(UpstreamError::Timeout),
+            }),
+        };
+        assert!(report(&req, &refreshed)
+            .body
+            .ends_with(r#""action":"refreshed","variants":2}"#));
+        let failed = report(
+            &req,
+            &Outcome::Path {
+                cleared: 0,
+                refreshes: Some(Refreshes {
+                    ok: 0,
+                    failure: Some(UpstreamError::Timeout),
+                }),
+            },
+        );
+        assert_eq!(failed.action, Action::RefreshFailed);
+        assert_eq!(failed.status, UpstreamError::Timeout.status());
+        assert_eq!(
+            failed.body,
+            format!(
+                r#"{{"path":"/a\"b?x=1","action":"refresh_failed","variants":0,"error":"{}","kept":"previous"}}"#,
+                UpstreamError::Timeout.as_str()
+            )
+        );
+    }
+
+    #[test]
+    fn prefix_and_all_reports() {
+        let many = |scope, cleared, refreshing| {
+            report(
+                &request(scope, "/p"),
+                &Outcome::Many {
+                    cleared,
+                    refreshing,
+                },
+            )
+        };
+        assert_eq!(
+            many(Scope::Prefix, 2, 1).body,
+            r#"{"prefix":"/p","action":"refreshing","cleared":2,"refreshing":1}"#
+        );
+        assert_eq!(
+            many(Scope::All, 2, 0).body,
+            r#"{"prefix":"","action":"cleared","cleared":2,"refreshing":0}"#
+        );
+        assert_eq!(many(Scope::All, 0, 0).action, Action::NotCached);
+        assert_eq!(many(Scope::Prefix, 0, 4).action, Action::Refreshing);
+    }
+
+    #[test]
+    fn authorisation_order_and_refusals() {
+        let key = AdminKey("Secret".into());
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let t = Throttle::default();
+        let now = Instant::now();
+        let mut h = HeaderMap::new();
+        h.insert(CLEAR_CACHE, HeaderValue::from_static("clear"));
+        assert_eq!(
+            authorise("/x", &h, None, &t, ip, now),
+            Err(AdminRefusal::Disabled)
+        );
+        assert_eq!(
+            authorise("/x", &h, Some(&key), &t, ip, now),
+            Err(AdminRefusal::Unauthorized {
+                throttling_started: false
+            })
+        );
+        h.insert(CLEAR_CACHE_KEY, HeaderValue::from_static("Secret"));
+        h.insert(CLEAR_CACHE_SCOPE, HeaderValue::from_static("Prefix"));
+        h.insert(CLEAR_CACHE_HOST, HeaderValue::from_static("a.example"));
+        let ok = authorise("/x?y", &h, Some(&key), &t, ip, now).unwrap();
+        assert_eq!(
+            (ok.mode, ok.scope, ok.path.as_str()),
+            (Mode::Clear, Scope::Prefix, "/x?y")
+        );
+        assert_eq!(ok.hosts.host(), Some("a.example"));
+        assert_eq!(ok.target(), Target::Prefix("/x?y"));
+        h.insert(CLEAR_CACHE_SCOPE, HeaderValue::from_static("some"));
+        let bad = authorise("/x", &h, Some(&key), &t, ip, now).unwrap_err();
+        assert_eq!(
+            (bad, bad.reply().status),
+            (AdminRefusal::BadScope, StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(bad.action(), Action::BadRequest);
+        // Wrong keys (one was counted above) until the throttle starts; then even the right
+        // key is refused.
+        h.insert(CLEAR_CACHE_KEY, HeaderValue::from_static("guess"));
+        let started: Vec<bool> = (1..THROTTLE_ATTEMPTS)
+            .map(|_| match authorise("/x", &h, Some(&key), &t, ip, now) {
+                Err(AdminRefusal::Unauthorized { throttling_started }) => throttling_started,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(started.iter().filter(|s| **s).count(), 1);
+        assert!(started[started.len() - 1]);
+        h.insert(CLEAR_CACHE_KEY, HeaderValue::from_static("Secret"));
+        let throttled = authorise("/x", &h, Some(&key), &t, ip, now).unwrap_err();
+        let reply = throttled.reply();
+        assert_eq!(
+            (reply.status, reply.retry_after, reply.body.as_str()),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(60),
+                r#"{"error":"too many wrong keys; try later"}"#
+            )
+        );
+        assert_eq!(
+            AdminRefusal::Disabled.reply().body,
+            r#"{"error":"admin disabled: CLEAR_CACHE_KEY is not set"}"#
+        );
+        assert_eq!(
+            AdminRefusal::Unauthorized {
+                throttling_started: true
+            }
+            .reply()
+            .body,
+            r#"{"error":"unauthorized"}"#
+        );
+    }
+
+    #[test]
+    fn action_labels_are_the_reply_words() {
+        for a in Action::ALL {
+            assert_eq!(
+                serde_json::to_string(&a).unwrap(),
+                format!("\"{}\"", a.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn by_window_refreshes_only_recently_requested_entries() {
+        let e = crate::cache::entry::test_entry(1);
+        e.touch();
+        let w = Duration::from_secs(60);
+        assert!(Mode::Refresh.refreshes(&e, Duration::ZERO));
+        assert!(!Mode::Clear.refreshes(&e, w));
+        assert!(Mode::ByWindow.refreshes(&e, w));
+        assert!(!Mode::ByWindow.refreshes(&e, Duration::ZERO));
     }
 }

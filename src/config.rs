@@ -27,9 +27,9 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Health checking, circuit breaking and connection pooling of the backends.
     pub pool: PoolConfig,
-    /// Address of the operator listener (`/status`, `/metrics`); `None` when `ADMIN_LISTEN_ADDR`
-    /// is `off` (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`).
-    pub admin_listen_addr: Option<SocketAddr>,
+    /// Address of the operator listener (`/status`, `/metrics`): `OPS_LISTEN_ADDR` (old name
+    /// `ADMIN_LISTEN_ADDR`, still read), default `127.0.0.1:9000`; `None` when `off`.
+    pub ops_listen_addr: Option<SocketAddr>,
     /// Freshness given to a storable response without explicit freshness
     /// (`DEFAULT_CACHE_EXPIRY_TIME_SECS`); `None` means RFC 9111 rules only.
     pub default_ttl: Option<Duration>,
@@ -289,7 +289,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("STALE_IF_ERROR_SECS", "0", "On upstream failure, serve a stored copy up to this many seconds past expiry instead of the error; 0 = off (0-31536000)"),
     setting("CLIENT_CACHE_CONTROL", "safe", "Request Cache-Control directives obeyed: safe (no client can force origin fetches) or full"),
     setting("UPSTREAM_URLS", "", "Several backends instead of UPSTREAM_URL: \"http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080 h2\"; takes precedence"),
-    setting("ADMIN_LISTEN_ADDR", "127.0.0.1:9000", "Operator listener for GET /status and /metrics (IP:port, port 0 allowed); off disables it"),
+    setting("OPS_LISTEN_ADDR", "127.0.0.1:9000", "Operator listener for GET /status and /metrics (IP:port, port 0 allowed); off disables it (old name ADMIN_LISTEN_ADDR still read)"),
     setting("CONNECT_TIMEOUT_SECS", "5", "TCP connect timeout to a backend, seconds (0.001-86400)"),
     setting("HEALTH_CHECK_PATH", "/health-check", "Path probed with GET on every backend; 2xx is healthy"),
     setting("HEALTH_CHECK_INTERVAL_SECS", "10", "Seconds between health probes; 0 = no active checks (0-86400)"),
@@ -489,16 +489,27 @@ impl Config {
                 },
             },
         };
-        let admin_listen_addr = match var("ADMIN_LISTEN_ADDR") {
-            None => Some(SocketAddr::from(([127, 0, 0, 1], 9000))),
-            Some(v) if v.eq_ignore_ascii_case("off") => None,
-            Some(v) => Some(v.parse().map_err(|_| {
-                bad(
-                    "ADMIN_LISTEN_ADDR",
-                    format!("`{v}` is not an IP:port address or `off`"),
-                )
-            })?),
+        // `ADMIN_LISTEN_ADDR` is the old name, kept as an alias: "admin" now means only the
+        // `Clear-Cache` requests on the proxy port.
+        let (ops_var, ops_value) = match (var("OPS_LISTEN_ADDR"), var("ADMIN_LISTEN_ADDR")) {
+            (Some(v), Some(old)) if v != old => {
+                return Err(bad(
+                    "OPS_LISTEN_ADDR",
+                    format!("`{v}` disagrees with its old name ADMIN_LISTEN_ADDR=`{old}`; set only OPS_LISTEN_ADDR"),
+                ))
+            }
+            (Some(v), _) => ("OPS_LISTEN_ADDR", Some(v)),
+            (None, Some(old)) => ("ADMIN_LISTEN_ADDR", Some(old)),
+            (None, None) => ("OPS_LISTEN_ADDR", None),
         };
+        let ops_listen_addr =
+            match ops_value {
+                None => Some(SocketAddr::from(([127, 0, 0, 1], 9000))),
+                Some(v) if v.eq_ignore_ascii_case("off") => None,
+                Some(v) => Some(v.parse().map_err(|_| {
+                    bad(ops_var, format!("`{v}` is not an IP:port address or `off`"))
+                })?),
+            };
         let limits = Limits {
             header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", 10.0, MILLISECOND..=DAY)?,
             keepalive_timeout: seconds("KEEPALIVE_TIMEOUT_SECS", 75.0, MILLISECOND..=DAY)?,
@@ -554,7 +565,7 @@ impl Config {
             limits,
             backends,
             pool,
-            admin_listen_addr,
+            ops_listen_addr,
             stale_retention,
             stale_if_error,
             client_cache_control,
@@ -650,8 +661,8 @@ impl Config {
             ),
             ("UPSTREAM_URLS", upstream_urls),
             (
-                "ADMIN_LISTEN_ADDR",
-                self.admin_listen_addr
+                "OPS_LISTEN_ADDR",
+                self.ops_listen_addr
                     .map_or_else(|| "off".into(), |a| a.to_string()),
             ),
             ("CONNECT_TIMEOUT_SECS", secs(pool.connect_timeout)),
@@ -938,6 +949,7 @@ mod tests {
             ("HEALTH_CHECK_FAILURE_THRESHOLD", "0"),
             ("CONNECT_TIMEOUT_SECS", "0"),
             ("ADMIN_LISTEN_ADDR", "nine-thousand"),
+            ("OPS_LISTEN_ADDR", "nine-thousand"),
             ("UPSTREAM_RETRIES", "-1"),
             ("UPSTREAM_RETRIES", "11"),
             ("HEALTH_PANIC_THRESHOLD", "101"),
@@ -1227,9 +1239,35 @@ mod tests {
             ]
         );
         assert_eq!(
-            c.admin_listen_addr,
+            c.ops_listen_addr,
             Some(SocketAddr::from(([127, 0, 0, 1], 9000)))
         );
+    }
+
+    #[test]
+    fn ops_listen_addr_keeps_its_old_name_as_an_alias() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let addr = |a: &str| Some(a.parse::<SocketAddr>().unwrap());
+        let new = cfg(&[up, ("OPS_LISTEN_ADDR", "127.0.0.1:9100")]).unwrap();
+        assert_eq!(new.ops_listen_addr, addr("127.0.0.1:9100"));
+        let old = cfg(&[up, ("ADMIN_LISTEN_ADDR", "127.0.0.1:9200")]).unwrap();
+        assert_eq!(old.ops_listen_addr, addr("127.0.0.1:9200"));
+        let off = cfg(&[up, ("ADMIN_LISTEN_ADDR", "off")]).unwrap();
+        assert_eq!(off.ops_listen_addr, None);
+        let same = cfg(&[
+            up,
+            ("OPS_LISTEN_ADDR", "127.0.0.1:9100"),
+            ("ADMIN_LISTEN_ADDR", "127.0.0.1:9100"),
+        ])
+        .unwrap();
+        assert_eq!(same.ops_listen_addr, addr("127.0.0.1:9100"));
+        let clash = cfg(&[
+            up,
+            ("OPS_LISTEN_ADDR", "127.0.0.1:9100"),
+            ("ADMIN_LISTEN_ADDR", "off"),
+        ])
+        .unwrap_err();
+        assert_eq!(clash.variable, "OPS_LISTEN_ADDR");
     }
 
     #[test]

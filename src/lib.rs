@@ -15,23 +15,31 @@
 //!   heads, and [`server::io`] wraps the client stream that feeds them.
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
-//!   headers between the two sides.
-//! * [`admin`] — `Clear-Cache` requests: clear/refresh by path (under every host), prefix or
-//!   everything.
-//! * [`cache`] — the cache itself: [`cache::policy`] (pure RFC 9111 rules),
+//!   headers between the two sides; [`proxy::purge`] executes admin requests.
+//! * [`admin`] — `Clear-Cache` requests, pure: parse and authorise them (clear/refresh by
+//!   path under every host, prefix or everything), decide refresh or drop per entry, shape
+//!   the JSON report.
+//! * [`cache`] — the cache itself, reached only through the [`cache::Cache`] facade (lookup,
+//!   insert-with-timer, invalidate, purge, stats): [`cache::policy`] (pure RFC 9111 rules),
+//!   [`cache::decide`] (pure: serve fresh/stale/revalidate, stale-on-error, timer time, the
+//!   expiry task's refresh/recheck/drop),
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
 //!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single
 //!   flight) and [`cache::expiry`] (one timer heap for all entries).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
 //!   pooled clients; [`error`] maps failures to 502/503/504.
-//! * [`ops`] — the operator listener (`/status`, `/metrics`), off the proxy port;
+//! * [`ops`] — the operator listener (`OPS_LISTEN_ADDR`: `/status`, `/metrics`), off the
+//!   proxy port;
 //!   [`metrics`] holds the counters.
 //! * [`supervise`] — accept with backoff, restarts of background tasks that panic, and the
 //!   one cancellation tree ([`supervise::Background`]) all background work runs under:
 //!   cancelled and awaited at shutdown, so a panic then is reported, not lost.
 //! * [`config`] — environment variables to a validated [`config::Config`].
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
+//!
+//! Imports point down this list and never back: `proxy` uses `admin` and `cache`; `admin`
+//! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`.
 
 pub mod admin;
 pub mod body;

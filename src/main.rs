@@ -32,7 +32,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     // A flag's value, else the environment's (clap reads it), else unset: validated alike.
-    let lookup = |name: &str| setting_value(&args, name);
+    // Names outside the table (the old `ADMIN_LISTEN_ADDR`) come from the environment only.
+    let lookup = |name: &str| {
+        if SETTINGS.iter().any(|s| s.name == name) {
+            setting_value(&args, name)
+        } else {
+            std::env::var(name).ok()
+        }
+    };
     let config = match Config::from_lookup(lookup) {
         Ok(c) => c,
         Err(e) => {
@@ -84,12 +91,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let ops = match config.admin_listen_addr {
+        let ops = match config.ops_listen_addr {
             None => None,
             Some(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    eprintln!("edgecache: invalid configuration: ADMIN_LISTEN_ADDR: cannot listen on {addr}: {e}");
+                    eprintln!("edgecache: invalid configuration: OPS_LISTEN_ADDR: cannot listen on {addr}: {e}");
                     return ExitCode::from(2);
                 }
             },
@@ -98,7 +105,7 @@ fn main() -> ExitCode {
         let addr = listener
             .local_addr()
             .map_or_else(|_| config.listen_addr.to_string(), |a| a.to_string());
-        let admin_listen = match (&ops, config.admin_listen_addr) {
+        let ops_listen = match (&ops, config.ops_listen_addr) {
             (Some(l), Some(configured)) => l
                 .local_addr()
                 .map_or_else(|_| configured.to_string(), |a| a.to_string()),
@@ -106,7 +113,7 @@ fn main() -> ExitCode {
         };
         tracing::info!(
             listen = %addr,
-            admin_listen = %admin_listen,
+            ops_listen = %ops_listen,
             backends = config.backends.len(),
             upstream = %config.backends.iter().map(|b| b.url.authority.as_str()).collect::<Vec<_>>().join(","),
             default_ttl_secs = config.default_ttl.map_or(0.0, |d| d.as_secs_f64()),
@@ -117,7 +124,7 @@ fn main() -> ExitCode {
         // The same on stdout, in one fixed line whatever RUST_LOG and LOG_FORMAT say, for
         // whoever started the daemon with port 0 (the tests, a supervisor script), as
         // mock-origin does.
-        announce(&addr, &admin_listen);
+        announce(&addr, &ops_listen);
         match edgecache::run(listener, ops, config, shutdown_signal(signals)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -129,13 +136,13 @@ fn main() -> ExitCode {
 }
 
 /// Prints `edgecache listening on http://ADDR (operator: http://ADDR)` (`operator: off` when
-/// `ADMIN_LISTEN_ADDR=off`) and flushes it. A closed stdout is no reason to stop.
-fn announce(addr: &str, admin_listen: &str) {
+/// `OPS_LISTEN_ADDR=off`) and flushes it. A closed stdout is no reason to stop.
+fn announce(addr: &str, ops_listen: &str) {
     use std::io::Write as _;
-    let operator = if admin_listen == "off" {
+    let operator = if ops_listen == "off" {
         "off".to_owned()
     } else {
-        format!("http://{admin_listen}")
+        format!("http://{ops_listen}")
     };
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(

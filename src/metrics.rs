@@ -1,11 +1,12 @@
 //! Counters and gauges, rendered in the Prometheus text format on the operator listener
-//! (`GET /metrics` on `ADMIN_LISTEN_ADDR`). Everything is a relaxed atomic: recording costs one
+//! (`GET /metrics` on `OPS_LISTEN_ADDR`). Everything is a relaxed atomic: recording costs one
 //! uncontended-ish increment and never takes a lock.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::admin::Action;
 use crate::proxy::respond::CacheStatus;
 
 /// Why a connection was closed by its deadlines.
@@ -173,7 +174,7 @@ impl RequestClass {
 pub enum Listener {
     /// `LISTEN_ADDR`: the clients'.
     Proxy,
-    /// `ADMIN_LISTEN_ADDR`: `/status` and `/metrics`.
+    /// `OPS_LISTEN_ADDR`: `/status` and `/metrics`.
     Operator,
 }
 
@@ -220,8 +221,8 @@ pub struct Metrics {
     evictions: [AtomicU64; Eviction::ALL.len()],
     pub refreshes_ok: AtomicU64,
     pub refreshes_failed: AtomicU64,
-    /// Admin requests by outcome label.
-    admin: [AtomicU64; 7],
+    /// Admin requests by outcome, indexed by position in [`Action::ALL`].
+    admin: [AtomicU64; Action::ALL.len()],
     pub open_connections: AtomicI64,
     pub connections_total: AtomicU64,
     /// Connections closed by their deadlines, indexed by [`Expired`].
@@ -231,17 +232,6 @@ pub struct Metrics {
     /// Background tasks restarted after a panic, indexed by [`Task`].
     task_restarts: [AtomicU64; Task::ALL.len()],
 }
-
-/// Labels of `admin`, in index order.
-pub const ADMIN_LABELS: [&str; 7] = [
-    "throttled",
-    "cleared",
-    "refreshed",
-    "not_cached",
-    "refresh_failed",
-    "unauthorized",
-    "disabled",
-];
 
 impl Metrics {
     /// Counts a downstream request.
@@ -279,9 +269,9 @@ impl Metrics {
         }
     }
 
-    /// Counts an admin request by the label it answered with.
-    pub fn admin(&self, action: &str) {
-        if let Some(i) = ADMIN_LABELS.iter().position(|l| *l == action) {
+    /// Counts an admin request by how it ended (the `action` of its reply).
+    pub fn admin(&self, action: Action) {
+        if let Some(i) = Action::ALL.iter().position(|a| *a == action) {
             self.admin[i].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -341,7 +331,8 @@ impl Metrics {
             "counter",
             "Clear-Cache admin requests, by outcome.",
         );
-        for (i, action) in ADMIN_LABELS.iter().enumerate() {
+        for (i, action) in Action::ALL.iter().enumerate() {
+            let action = action.as_str();
             let v = self.admin[i].load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
@@ -440,12 +431,15 @@ mod tests {
         let m = Metrics::default();
         m.count_request(RequestClass::Cache(CacheStatus::Hit));
         m.evicted(Eviction::Capacity, 2);
-        m.admin("cleared");
+        m.admin(Action::Cleared);
+        m.admin(Action::Refreshing);
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("edgecache_requests_total{cache_status=\"HIT\"} 1"));
         assert!(out.contains("edgecache_evictions_total{reason=\"capacity\"} 2"));
         assert!(out.contains("edgecache_admin_requests_total{outcome=\"cleared\"} 1"));
+        assert!(out.contains("edgecache_admin_requests_total{outcome=\"refreshing\"} 1"));
+        assert!(out.contains("edgecache_admin_requests_total{outcome=\"bad_request\"} 0"));
         assert!(out.contains("# TYPE edgecache_open_connections gauge"));
     }
 

@@ -1,4 +1,4 @@
-//! The operator listener (`ADMIN_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
+//! The operator listener (`OPS_LISTEN_ADDR`, default `127.0.0.1:9000`, so it is not public
 //! by default): `GET /status` — backends with their health and breaker state, and cache size
 //! — as JSON, and `GET /metrics` in the Prometheus text format. Kept off the proxy port so no
 //! client can reach it through the proxy.
@@ -64,6 +64,7 @@ fn route(proxy: &Proxy, req: Request<Incoming>) -> Response<ProxyBody> {
 
 /// All series in the Prometheus text exposition format.
 pub fn metrics_text(proxy: &Proxy) -> String {
+    let stats = proxy.cache.stats();
     let mut out = String::with_capacity(8192);
     proxy.metrics.render(&mut out);
     let gauge = |out: &mut String, name: &str, help: &str, v: usize| {
@@ -74,19 +75,19 @@ pub fn metrics_text(proxy: &Proxy) -> String {
         &mut out,
         "edgecache_cache_entries",
         "Stored responses (variants).",
-        proxy.cache.store.len(),
+        stats.entries,
     );
     gauge(
         &mut out,
         "edgecache_cache_bytes",
         "Accounted bytes of stored responses.",
-        proxy.cache.store.bytes(),
+        stats.bytes,
     );
     gauge(
         &mut out,
         "edgecache_inflight_fetches",
         "Upstream fetches other requests can join.",
-        proxy.cache.flights.len(),
+        stats.in_flight,
     );
     proxy.upstream.render_metrics(&mut out);
     out
@@ -109,13 +110,14 @@ struct CacheSummary {
 
 /// `{"backends":[…],"panic_mode":false,"cache":{"entries":N,"bytes":N,"in_flight":N}}`
 pub fn status_json(proxy: &Proxy) -> String {
+    let stats = proxy.cache.stats();
     let status = Status {
         backends: proxy.upstream.status(),
         panic_mode: proxy.upstream.panic_mode(),
         cache: CacheSummary {
-            entries: proxy.cache.store.len(),
-            bytes: proxy.cache.store.bytes(),
-            in_flight: proxy.cache.flights.len(),
+            entries: stats.entries,
+            bytes: stats.bytes,
+            in_flight: stats.in_flight,
         },
     };
     // Plain structs of strings, numbers and booleans: serializing them cannot fail.

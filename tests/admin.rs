@@ -160,7 +160,7 @@ async fn prefix_and_all_scopes() {
     )
     .await;
     assert!(got.text().contains(r#""cleared":2"#), "{}", got.text());
-    assert!(proxy.proxy.cache.store.is_empty());
+    assert!(proxy.proxy.cache.is_empty());
     let bad = admin(
         &proxy,
         "/",

@@ -56,7 +56,9 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     // No client request: the expiry timer alone triggers the refetch.
     assert!(
-        eventually(Duration::from_secs(5), || origin.hits("/k") >= 2).await,
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.hits("/k") >= 2)
+            .await,
         "refreshed by the timer"
     );
     assert!(
@@ -64,9 +66,8 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
             proxy
                 .proxy
                 .cache
-                .store
-                .get(&proxy.key("/k"), &Default::default())
-                .is_some_and(|e| e.body != "v1")
+                .lookup(&proxy.key("/k"), &Default::default())
+                .is_some_and(|hit| hit.entry.body != "v1")
         })
         .await
     );
@@ -88,14 +89,9 @@ async fn expiry_drops_entries_not_requested_within_the_window() {
     )
     .await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.cache(), "MISS");
-    assert!(!proxy.proxy.cache.store.is_empty());
+    assert!(!proxy.proxy.cache.is_empty());
     assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .proxy
-            .cache
-            .store
-            .is_empty())
-        .await,
+        eventually(Duration::from_secs(5), || proxy.proxy.cache.is_empty()).await,
         "dropped"
     );
     assert_eq!(origin.hits("/k"), 1, "dropped, not refreshed");
@@ -127,7 +123,9 @@ async fn stale_copy_is_served_while_refresh_runs() {
     .await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     assert!(
-        eventually(Duration::from_secs(5), || origin.hits("/k") == 2).await,
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.hits("/k") == 2)
+            .await,
         "refresh started"
     );
     // The refresh started ahead of expiry; until it lands (2 s) every client gets v1: HIT
@@ -160,9 +158,9 @@ async fn explicit_freshness_wins_and_age_is_reported() {
     let entry = proxy
         .proxy
         .cache
-        .store
-        .get(&proxy.key("/a"), &Default::default())
-        .unwrap();
+        .lookup(&proxy.key("/a"), &Default::default())
+        .unwrap()
+        .entry;
     assert_eq!(entry.lifetime, Duration::from_secs(600));
     let hit = get(proxy.addr, "/a", &[]).await;
     assert_eq!(hit.cache(), "HIT");
@@ -277,9 +275,9 @@ async fn server_error_never_replaces_a_stored_response() {
     let kept = strict
         .proxy
         .cache
-        .store
-        .get(&strict.key("/p"), &Default::default())
-        .unwrap();
+        .lookup(&strict.key("/p"), &Default::default())
+        .unwrap()
+        .entry;
     assert_eq!(kept.body, "good");
 
     let origin = failing_after_first().await;

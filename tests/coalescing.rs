@@ -54,11 +54,10 @@ async fn leader_disconnect_does_not_fail_followers() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || origin
-            .started
-            .load(Ordering::SeqCst)
-            == 1)
-        .await
+        origin
+            .wait_until(Duration::from_secs(5), |o| o.started.load(Ordering::SeqCst)
+                == 1)
+            .await
     );
     let followers: Vec<_> = (0..5)
         .map(|_| tokio::spawn(get(proxy.addr, "/slow", &[])))

@@ -355,7 +355,7 @@ async fn broken_upstream_bodies_are_never_stored() {
                 &resp[..resp.len().min(60)]
             );
         }
-        assert!(proxy.proxy.cache.store.is_empty());
+        assert!(proxy.proxy.cache.is_empty());
     }
     let hang = broken_upstream(
         b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 100\r\n\r\nabc",
@@ -374,7 +374,7 @@ async fn broken_upstream_bodies_are_never_stored() {
         "{}",
         &resp[..resp.len().min(60)]
     );
-    assert!(proxy.proxy.cache.store.is_empty());
+    assert!(proxy.proxy.cache.is_empty());
 }
 
 /// No path normalisation on either side: the key is the exact path and query the origin is
@@ -420,11 +420,12 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || origin
-            .started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await
+        origin
+            .wait_until(Duration::from_secs(5), |o| o
+                .started
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 1)
+            .await
     );
     // A third has to wait for a slot: neither open connection is idle between requests.
     let third = tokio::spawn(raw(
@@ -511,11 +512,12 @@ async fn connections_going_idle_while_a_client_waits_make_room() {
         open.push(s);
     }
     assert!(
-        eventually(Duration::from_secs(5), || origin
-            .started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 2)
-        .await
+        origin
+            .wait_until(Duration::from_secs(5), |o| o
+                .started
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 2)
+            .await
     );
     let waiting = tokio::spawn(raw(
         proxy.addr,
@@ -708,7 +710,7 @@ async fn vary_star_is_never_stored() {
         }
         assert_eq!(origin.hits(path), 3, "{path} was stored");
     }
-    assert!(proxy.proxy.cache.store.is_empty());
+    assert!(proxy.proxy.cache.is_empty());
 }
 
 /// A response that varies on a header the first request lacked is stored for requests

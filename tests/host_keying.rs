@@ -310,7 +310,9 @@ async fn bulk_refresh_is_bounded_by_refresh_concurrency() {
     .await;
     assert!(got.text().contains(r#""refreshing":20"#), "{}", got.text());
     assert!(
-        eventually(std::time::Duration::from_secs(10), || origin.total() == 40).await,
+        origin
+            .wait_until(std::time::Duration::from_secs(10), |o| o.total() == 40)
+            .await,
         "every entry refreshed: {}",
         origin.total()
     );

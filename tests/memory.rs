@@ -17,18 +17,26 @@ async fn store_stays_within_the_budget_and_keeps_hot_keys() {
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CACHE_MAX_BYTES", "64KiB")]).await;
-    let store = &proxy.proxy.cache.store;
+    let cache = &proxy.proxy.cache;
     for i in 0..300 {
         get(proxy.addr, "/hot", &[]).await;
         assert_eq!(
             get(proxy.addr, &format!("/cold/{i}"), &[]).await.status,
             200
         );
-        assert!(store.bytes() <= 64 * 1024, "{} bytes stored", store.bytes());
+        assert!(
+            cache.stats().bytes <= 64 * 1024,
+            "{} bytes stored",
+            cache.stats().bytes
+        );
     }
     assert_eq!(get(proxy.addr, "/hot", &[]).await.cache(), "HIT");
     assert_eq!(origin.hits("/hot"), 1, "the hot key was never evicted");
-    assert!(store.len() < 64, "{} entries", store.len());
+    assert!(
+        cache.stats().entries < 64,
+        "{} entries",
+        cache.stats().entries
+    );
     let metrics = edgecache::ops::metrics_text(&proxy.proxy);
     let evicted: f64 = metrics
         .lines()
@@ -63,7 +71,7 @@ async fn oversized_responses_stream_without_being_stored() {
         assert!(got.body == expected, "intact body");
     }
     assert_eq!(origin.hits("/big"), 5);
-    assert!(proxy.proxy.cache.store.is_empty());
+    assert!(proxy.proxy.cache.is_empty());
 }
 
 /// A very large upstream body (256 MiB from the real mock origin, streamed in 64 KiB chunks)
@@ -125,7 +133,7 @@ async fn stream_through(size: u64) {
         }
     }
     assert_eq!(received, size, "every byte arrived");
-    assert!(proxy.proxy.cache.store.is_empty(), "not stored");
+    assert!(proxy.proxy.cache.is_empty(), "not stored");
     let growth_mib = (peak.saturating_sub(before)) / 1024;
     let secs = started.elapsed().as_secs_f64();
     println!(

@@ -7,7 +7,9 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 
@@ -138,9 +140,8 @@ async fn all_backends_down_is_503_or_stale() {
         proxy
             .proxy
             .cache
-            .store
-            .get(&proxy.key("/s"), &Default::default())
-            .is_some_and(|e| !e.is_fresh(Instant::now()))
+            .lookup(&proxy.key("/s"), &Default::default())
+            .is_some_and(|hit| !hit.entry.is_fresh(Instant::now()))
     });
     assert!(stale_now.await);
     let stale = get(proxy.addr, "/s", &[]).await;

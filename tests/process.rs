@@ -514,7 +514,7 @@ fn check_prints_the_effective_settings() {
         "CACHE_MAX_BYTES=256MiB",
         // edgecache_cmd's test settings, from the environment.
         "LISTEN_ADDR=127.0.0.1:0",
-        "ADMIN_LISTEN_ADDR=127.0.0.1:0",
+        "OPS_LISTEN_ADDR=127.0.0.1:0",
         "HEALTH_CHECK_INTERVAL_SECS=0",
     ] {
         assert!(lines.contains(&line), "{line} missing:\n{}", done.stdout);
@@ -594,7 +594,7 @@ fn mock_origin_help() {
 }
 
 /// With port 0 the daemon reports the ports it bound, on stdout (read by the harness) and in
-/// its `edgecache listening` log line (text and JSON); `ADMIN_LISTEN_ADDR=off` shows as off.
+/// its `edgecache listening` log line (text and JSON); `OPS_LISTEN_ADDR=off` shows as off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_ports_are_reported() {
     let dir = TempDir::new("ports");
@@ -611,14 +611,10 @@ async fn bound_ports_are_reported() {
         .find(|l| l.contains("edgecache listening"))
         .unwrap_or_else(|| panic!("no listening line in\n{log}"));
     assert!(line.contains(&format!("listen={addr} ")), "{line}");
-    assert!(line.contains(&format!("admin_listen={ops} ")), "{line}");
+    assert!(line.contains(&format!("ops_listen={ops} ")), "{line}");
     drop(proxy);
 
-    let env = [
-        upstream,
-        ("ADMIN_LISTEN_ADDR", "off"),
-        ("LOG_FORMAT", "json"),
-    ];
+    let env = [upstream, ("OPS_LISTEN_ADDR", "off"), ("LOG_FORMAT", "json")];
     let proxy = Edgecache::start(&dir, &env).await;
     assert_eq!(proxy.ops, None);
     let log = proxy.stderr();
@@ -628,7 +624,7 @@ async fn bound_ports_are_reported() {
         .unwrap_or_else(|| panic!("no listening line in\n{log}"));
     let json: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(json["listen"], proxy.addr.to_string(), "{line}");
-    assert_eq!(json["admin_listen"], "off", "{line}");
+    assert_eq!(json["ops_listen"], "off", "{line}");
 }
 
 /// The text without ANSI colour sequences (`ESC [ ... m`).

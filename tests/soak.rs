@@ -140,18 +140,18 @@ async fn soak_mixed_traffic() {
     }
     let rss_end = rss_kib("self");
     let total = requests.load(Ordering::Relaxed);
-    let store = &proxy.proxy.cache.store;
+    let cache = &proxy.proxy.cache;
     eprintln!(
         "soak: {secs} s, {total} requests ({:.0}/s), proxy-caused 5xx: {}, RSS after warm-up {} MiB, at end {} MiB, store {} entries / {} KiB (budget 4096 KiB)",
         total as f64 / secs as f64,
         proxy_5xx.load(Ordering::Relaxed),
         rss_after_warmup / 1024,
         rss_end / 1024,
-        store.len(),
-        store.bytes() / 1024,
+        cache.stats().entries,
+        cache.stats().bytes / 1024,
     );
     assert_eq!(proxy_5xx.load(Ordering::Relaxed), 0);
-    assert!(store.bytes() <= 4 << 20);
+    assert!(cache.stats().bytes <= 4 << 20);
     assert!(
         rss_end <= rss_after_warmup + 32 * 1024,
         "RSS grew from {rss_after_warmup} KiB to {rss_end} KiB"

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -157,18 +159,33 @@ impl CachedResponse {
 
     /// How long ago a client last asked for this entry.
     pub fn idle_for(&self) -> Duration {
-        Duration::from_millis(clock_ms().saturating_sub(self.last_access_ms()))
+        self.idle_for_at(clock_ms())
+    }
+
+    /// [`Self::idle_for`] at `now_ms` on the [`clock_ms`] clock.
+    pub fn idle_for_at(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.last_access_ms()))
     }
 
     /// Whether a background refresh may start now, or the last one failed too recently.
     pub fn may_start_refresh(&self) -> bool {
-        clock_ms() >= self.refresh_not_before_ms.load(Ordering::Relaxed)
+        self.may_start_refresh_at(clock_ms())
+    }
+
+    /// [`Self::may_start_refresh`] at `now_ms` on the [`clock_ms`] clock.
+    pub fn may_start_refresh_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.refresh_not_before_ms.load(Ordering::Relaxed)
     }
 
     /// How long until a refresh may start again (zero when it may now).
     pub fn refresh_wait(&self) -> Duration {
+        self.refresh_wait_at(clock_ms())
+    }
+
+    /// [`Self::refresh_wait`] at `now_ms` on the [`clock_ms`] clock.
+    pub fn refresh_wait_at(&self, now_ms: u64) -> Duration {
         let not_before = self.refresh_not_before_ms.load(Ordering::Relaxed);
-        Duration::from_millis(not_before.saturating_sub(clock_ms()))
+        Duration::from_millis(not_before.saturating_sub(now_ms))
     }
 
     /// The wait after the next failed refresh: 1 s, doubling per failure in a row, at most
@@ -180,23 +197,39 @@ impl CachedResponse {
 
     /// Records a failed background refresh: none starts again for the backoff.
     pub fn refresh_failed(&self) -> Duration {
+        self.refresh_failed_at(clock_ms())
+    }
+
+    /// [`Self::refresh_failed`] at `now_ms` on the [`clock_ms`] clock.
+    pub fn refresh_failed_at(&self, now_ms: u64) -> Duration {
         let backoff = self.refresh_backoff();
         self.refresh_failures.fetch_add(1, Ordering::Relaxed);
         self.refresh_not_before_ms
-            .store(clock_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+            .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
         backoff
     }
 
     /// Whether a client asked for this entry within `window` of now.
     pub fn requested_within(&self, window: Duration) -> bool {
-        clock_ms().saturating_sub(self.last_access_ms()) <= window.as_millis() as u64
+        self.requested_within_at(window, clock_ms())
+    }
+
+    /// [`Self::requested_within`] at `now_ms` on the [`clock_ms`] clock.
+    pub fn requested_within_at(&self, window: Duration, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_access_ms()) <= window.as_millis() as u64
     }
 }
 
 /// Milliseconds since the process's first call: a cheap monotonic clock for access times.
 pub fn clock_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// The [`clock_ms`] reading at `at` (zero before the clock's epoch).
+pub fn ms_at(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// A fresh 200 entry with a `body`-byte body, for unit tests of the store and eviction.

@@ -1,9 +1,16 @@
 //! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
 //! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
-//! [`key`]).
+//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop).
+//!
+//! [`Cache`] is the only way in from the rest of the crate: its store, timers and flights are
+//! private, so "every stored version has a timer" is enforced here rather than by convention
+//! (the only insert is [`Cache::insert`], which arms one). Lookups answer with the [`Tier`] that
+//! held the entry, so a second tier (disk, a shared cache) can later sit behind this facade
+//! without the pipeline changing.
 
 pub mod coalesce;
 pub mod conditional;
+pub mod decide;
 pub mod entry;
 pub mod eviction;
 pub mod expiry;
@@ -13,11 +20,15 @@ pub mod range;
 pub mod store;
 
 use std::sync::Arc;
+use tokio::time::Instant;
+
+use http::{HeaderMap, HeaderName};
 
 use crate::error::UpstreamError;
-use coalesce::Flights;
+use coalesce::{Flights, Role};
 use entry::CachedResponse;
 use expiry::ExpiryQueue;
+use key::split_key;
 use store::Store;
 
 /// What a single-flight fetch produced, as handed to every waiter.
@@ -32,11 +43,55 @@ pub enum FetchOutcome {
     Failed(UpstreamError),
 }
 
-/// Store, timers and in-flight fetches together.
+/// Where a looked-up entry came from. Only the in-memory tier exists today; a second tier
+/// would add a variant here (and promote what it finds into memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+        }
+    }
+}
+
+/// A stored variant found by [`Cache::lookup`].
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub entry: Arc<CachedResponse>,
+    pub tier: Tier,
+}
+
+/// Which stored keys a purge or selection addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// One path and query, under every origin the origin filter admits.
+    Path(&'a str),
+    /// Every key whose path and query starts with this (`""`: every key).
+    Prefix(&'a str),
+}
+
+/// Sizes for the operator listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Stored responses (variants).
+    pub entries: usize,
+    /// Accounted bytes of stored responses.
+    pub bytes: usize,
+    /// The byte budget (`CACHE_MAX_BYTES`).
+    pub max_bytes: usize,
+    /// Upstream fetches other requests can join.
+    pub in_flight: usize,
+}
+
+/// Store, timers and in-flight fetches together, behind the operations the proxy needs.
 pub struct Cache {
-    pub store: Store,
-    pub flights: Flights<FetchOutcome>,
-    pub expiry: ExpiryQueue,
+    store: Store,
+    flights: Flights<FetchOutcome>,
+    expiry: ExpiryQueue,
 }
 
 impl Cache {
@@ -49,13 +104,37 @@ impl Cache {
         }
     }
 
+    /// The stored variant of `key` that a request with headers `req` selects.
+    pub fn lookup(&self, key: &str, req: &HeaderMap) -> Option<Hit> {
+        self.store.get(key, req).map(|entry| Hit {
+            entry,
+            tier: Tier::Memory,
+        })
+    }
+
+    /// Version `id` of `key`, if it is still stored (timers and refreshes check this).
+    pub fn lookup_version(&self, key: &str, id: u64) -> Option<Arc<CachedResponse>> {
+        self.store.get_by_id(key, id)
+    }
+
+    /// The `Vary` header names of the stored variants of `key` (empty when none vary).
+    pub fn vary_names(&self, key: &str) -> Vec<HeaderName> {
+        self.store.vary_names(key)
+    }
+
+    /// The shared `Arc<str>` of a stored key (so timers and flights do not copy key strings).
+    pub fn shared_key(&self, key: &str) -> Option<Arc<str>> {
+        self.store.key_arc(key)
+    }
+
     /// Stores `entry` under `key` and arms its timer for `at` (its expiry, or earlier when it
-    /// is to be refreshed ahead of expiry). Returns how many entries were evicted for room.
+    /// is to be refreshed ahead of expiry). Returns how many entries were evicted for room,
+    /// `past_window` ones first.
     pub fn insert(
         &self,
         key: Arc<str>,
         entry: Arc<CachedResponse>,
-        at: std::time::Instant,
+        at: Instant,
         past_window: &dyn Fn(&CachedResponse) -> bool,
     ) -> usize {
         let id = entry.id;
@@ -65,5 +144,146 @@ impl Cache {
             self.expiry.schedule(at, key, id);
         }
         evicted
+    }
+
+    /// Removes every variant of `key`; returns how many there were.
+    pub fn invalidate(&self, key: &str) -> usize {
+        self.store.remove(key)
+    }
+
+    /// Removes version `id` of `key` if it is still stored; returns whether it was. (Its
+    /// timer finds it gone and does nothing.)
+    pub fn invalidate_version(&self, key: &str, id: u64) -> bool {
+        self.store.remove_version(key, id)
+    }
+
+    /// The stored keys `target` addresses under the origins (`scheme://host`) for which
+    /// `origin` is true, with their variants (a snapshot).
+    pub fn select(
+        &self,
+        target: Target<'_>,
+        origin: impl Fn(&str) -> bool,
+    ) -> Vec<(Arc<str>, Vec<Arc<CachedResponse>>)> {
+        match target {
+            Target::Path(path) => self
+                .store
+                .keys_for_path(path, origin)
+                .into_iter()
+                .map(|key| {
+                    let variants = self.store.variants(&key);
+                    (key, variants)
+                })
+                .collect(),
+            Target::Prefix(prefix) => self.store.matching(|key| {
+                let (o, path) = split_key(key);
+                path.starts_with(prefix) && origin(o)
+            }),
+        }
+    }
+
+    /// Removes every variant of the keys `target` addresses under the origins for which
+    /// `origin` is true; returns how many variants went.
+    pub fn purge(&self, target: Target<'_>, origin: impl Fn(&str) -> bool) -> usize {
+        match target {
+            Target::Path(path) => self
+                .store
+                .keys_for_path(path, origin)
+                .iter()
+                .map(|key| self.store.remove(key))
+                .sum(),
+            Target::Prefix(prefix) => self.store.remove_matching(|key| {
+                let (o, path) = split_key(key);
+                path.starts_with(prefix) && origin(o)
+            }),
+        }
+    }
+
+    /// Joins the single flight for `flight_key` (a primary key plus its `Vary` suffix).
+    pub fn join_flight(&self, flight_key: String) -> Role<FetchOutcome> {
+        self.flights.join(flight_key)
+    }
+
+    /// Looks at version `id` of `key` again at `at` (the expiry task's "not yet").
+    pub fn recheck(&self, at: Instant, key: Arc<str>, id: u64) {
+        self.expiry.schedule(at, key, id);
+    }
+
+    /// Waits until at least one timer is due and returns the due `(key, version)` pairs. One
+    /// consumer (the expiry task) calls this; a version no longer stored is simply skipped by
+    /// [`Cache::lookup_version`].
+    pub async fn next_due(&self) -> Vec<(Arc<str>, u64)> {
+        self.expiry.next_due().await
+    }
+
+    /// Entry count, bytes, budget and running flights.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            entries: self.store.len(),
+            bytes: self.store.bytes(),
+            max_bytes: self.store.max_bytes(),
+            in_flight: self.flights.len(),
+        }
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_with(keys: &[&str]) -> Cache {
+        let cache = Cache::new(1 << 20);
+        let now = Instant::now();
+        for k in keys {
+            cache.insert(Arc::from(*k), entry::test_entry(10), now, &|_| false);
+        }
+        cache
+    }
+
+    #[test]
+    fn insert_arms_a_timer_for_every_stored_version() {
+        let cache = cache_with(&["http://a/x", "http://b/x"]);
+        assert_eq!(cache.expiry.len(), 2);
+        // Larger than the whole budget: not stored, so no timer either.
+        let small = Cache::new(100);
+        small.insert(
+            Arc::from("http://a/big"),
+            entry::test_entry(1000),
+            Instant::now(),
+            &|_| false,
+        );
+        assert_eq!((small.stats().entries, small.expiry.len()), (0, 0));
+    }
+
+    #[test]
+    fn select_and_purge_by_path_prefix_and_all() {
+        let keys = ["http://a/x?1", "http://b/x?1", "http://a/y", "https://b/xz"];
+        let cache = cache_with(&keys);
+        let by_path = cache.select(Target::Path("/x?1"), |_| true);
+        assert_eq!(by_path.len(), 2);
+        let only_b = cache.select(Target::Path("/x?1"), |o| o == "http://b");
+        assert_eq!(only_b.len(), 1);
+        assert_eq!(&*only_b[0].0, "http://b/x?1");
+        assert_eq!(cache.select(Target::Prefix("/x"), |_| true).len(), 3);
+        assert_eq!(cache.purge(Target::Path("/x?1"), |o| o == "http://a"), 1);
+        assert_eq!(cache.purge(Target::Prefix("/x"), |_| true), 2);
+        assert_eq!(cache.stats().entries, 1);
+        assert_eq!(cache.purge(Target::Prefix(""), |_| true), 1);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn lookup_reports_the_tier_and_versions_can_be_invalidated() {
+        let cache = cache_with(&["http://a/x"]);
+        let hit = cache.lookup("http://a/x", &HeaderMap::new()).unwrap();
+        assert_eq!(hit.tier, Tier::Memory);
+        assert!(cache.lookup_version("http://a/x", hit.entry.id).is_some());
+        assert!(cache.invalidate_version("http://a/x", hit.entry.id));
+        assert!(!cache.invalidate_version("http://a/x", hit.entry.id));
+        assert_eq!(cache.invalidate("http://a/x"), 0);
     }
 }

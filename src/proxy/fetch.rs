@@ -4,7 +4,9 @@
 //! stores it. A failed or truncated body is never stored.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -267,7 +269,7 @@ impl Proxy {
         ));
         if cc.no_store || cc.private {
             // The origin withdrew permission to share: forget it, answer this requester only.
-            self.cache.store.remove_version(&req.key, base.id);
+            self.cache.invalidate_version(&req.key, base.id);
             let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
             *resp.status_mut() = entry.status;
             *resp.headers_mut() = entry.headers.clone();

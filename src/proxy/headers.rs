@@ -27,10 +27,6 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 /// RFC 9211.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-pub const CLEAR_CACHE: HeaderName = HeaderName::from_static("clear-cache");
-pub const CLEAR_CACHE_KEY: HeaderName = HeaderName::from_static("clear-cache-key");
-pub const CLEAR_CACHE_SCOPE: HeaderName = HeaderName::from_static("clear-cache-scope");
-pub const CLEAR_CACHE_HOST: HeaderName = HeaderName::from_static("clear-cache-host");
 
 /// Removes hop-by-hop fields, including those named by `Connection`, and `Upgrade` (we do
 /// not tunnel protocol upgrades).

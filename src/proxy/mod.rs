@@ -1,31 +1,37 @@
 //! The request pipeline, in the order a request meets it:
 //!
-//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`crate::admin`] and never
-//!    upstream; GET/HEAD go through the cache; everything else is passed through.
-//! 2. `lookup` — the stored variant the request selects: fresh → `HIT`; stale but servable
-//!    (refresh window, `stale-while-revalidate`) → `STALE` plus a background refresh.
+//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`purge`] (parsed and
+//!    authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the cache;
+//!    everything else is passed through.
+//! 2. `lookup` — the stored variant the request selects, and what to do with it
+//!    ([`decide::serve`]): fresh → `HIT`; stale but servable (refresh window,
+//!    `stale-while-revalidate`) → `STALE` plus a background refresh.
 //! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
 //!    runs in its own task so it survives the leader's client going away.
 //! 4. `fetch_for_cache` / `store` ([`fetch`]) and `respond` ([`respond`]).
 //!
-//! The expiry task ([`Proxy::run_expiry`]) refreshes hot keys when they expire and drops
-//! cold ones.
+//! The expiry task ([`Proxy::run_expiry`]) executes [`decide::on_deadline`]: it refreshes hot
+//! keys when they expire and drops cold ones. Every decision is a pure function in
+//! [`crate::cache::decide`]; this module only carries them out.
 
 pub mod fetch;
 pub mod headers;
+pub mod purge;
 pub mod respond;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use crate::admin::CLEAR_CACHE;
 use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
 use crate::cache::coalesce::{Role, Waiter};
+use crate::cache::decide::{self, ExpiryAction, Now, OnError, Serve, Settings};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{
     host_allowed, origin_host, path_and_query, push_flight_suffix, request_key, split_key,
@@ -39,7 +45,6 @@ use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{
     set_forwarded, set_forwarded_origin, strip_client_conditionals, strip_hop_by_hop, Downstream,
-    CLEAR_CACHE,
 };
 use respond::CacheStatus;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -55,6 +60,8 @@ pub struct Proxy {
     /// Background work (refreshes spawned here; the expiry task, probes and operator
     /// listener the server starts) under one cancellation tree, awaited at shutdown.
     pub background: crate::supervise::Background,
+    /// The settings the cache's decisions ([`decide`]) read, taken from `config` once.
+    settings: Settings,
     /// Background refreshes (expiry, stale serving, admin) share these `REFRESH_CONCURRENCY`
     /// slots, so a refresh of many keys never becomes a herd of its own.
     refresh_slots: Arc<tokio::sync::Semaphore>,
@@ -80,6 +87,7 @@ impl Proxy {
             admin_throttle: Default::default(),
             background: crate::supervise::Background::new(),
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
+            settings: Settings::from(&config),
             config,
         }
     }
@@ -131,7 +139,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         if req.headers().contains_key(CLEAR_CACHE) {
             trace.admin = true;
-            return crate::admin::handle(self, req, down).await;
+            return self.purge(req, down).await;
         }
         let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
             Ok(key) => key,
@@ -174,25 +182,29 @@ impl Proxy {
         let head = req.method() == Method::HEAD;
         let now = Instant::now();
         let client = self.client_directives(req.headers());
-        let base = self.cache.store.get(&key, req.headers());
+        let base = self.cache.lookup(&key, req.headers()).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
-            if entry.is_fresh(now) && client_accepts_fresh(&client, entry, now) {
+        }
+        // `serve` answers Fresh or Stale only for a stored entry.
+        match (
+            decide::serve(base.as_deref(), &client, &self.settings, Now::at(now)),
+            &base,
+        ) {
+            (Serve::Fresh, Some(entry)) => {
                 trace.cache = Some(CacheStatus::Hit);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Hit, now);
             }
-            if !entry.is_fresh(now) && !client.no_cache && self.may_serve_stale(entry, &client, now)
-            {
-                // While refreshes of this copy keep failing, clients do not start more of
-                // them than the backoff allows.
-                if entry.may_start_refresh() {
-                    if let Some(key) = self.cache.store.key_arc(&key) {
+            (Serve::Stale { refresh }, Some(entry)) => {
+                if refresh {
+                    if let Some(key) = self.cache.shared_key(&key) {
                         drop(self.refresh(key, entry.clone()));
                     }
                 }
                 trace.cache = Some(CacheStatus::Stale);
                 return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
             }
+            _ => {}
         }
         if client.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored → 504, without contacting the origin.
@@ -228,21 +240,6 @@ impl Proxy {
         cc
     }
 
-    /// Whether a stale entry may be served (and refreshed in the background): within the
-    /// response's `stale-while-revalidate`, within the client's `max-stale`, or — for entries
-    /// whose freshness is the operator's default, not the origin's — within the refresh
-    /// window. Never when the response forbids serving it stale (RFC 9111 §4.2.4).
-    fn may_serve_stale(&self, entry: &CachedResponse, client: &CacheControl, now: Instant) -> bool {
-        if entry.forbids_stale {
-            return false;
-        }
-        let stale_for = entry.stale_for(now);
-        let window = self.config.refresh_window;
-        stale_for <= entry.stale_while_revalidate
-            || client.max_stale.is_some_and(|m| stale_for.as_secs() <= m)
-            || (entry.operator_ttl && !window.is_zero() && stale_for <= window)
-    }
-
     /// Fetches a missing or stale entry once for all concurrent requesters.
     async fn fetch_coalesced(
         self: &Arc<Self>,
@@ -257,8 +254,7 @@ impl Proxy {
         let (parts, _body) = req.into_parts();
         let key: Arc<str> = self
             .cache
-            .store
-            .key_arc(&key)
+            .shared_key(&key)
             .unwrap_or_else(|| Arc::from(key));
         let fetch = FetchRequest {
             key: key.clone(),
@@ -276,16 +272,16 @@ impl Proxy {
 
         let vary_names = match &base {
             Some(b) => b.vary.names().to_vec(),
-            None => self.cache.store.vary_names(&key),
+            None => self.cache.vary_names(&key),
         };
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, &vary_names, &parts.headers);
 
-        match self.cache.flights.join(flight_key) {
+        match self.cache.join_flight(flight_key) {
             Role::Leader(guard) => {
                 // Someone may have stored it between our lookup and taking the flight.
-                if let Some(entry) = self.cache.store.get(&key, &parts.headers) {
+                if let Some(entry) = self.cache.lookup(&key, &parts.headers).map(|hit| hit.entry) {
                     let now = Instant::now();
                     if entry.is_fresh(now) && base.as_ref().is_none_or(|b| b.id != entry.id) {
                         guard.publish(FetchOutcome::Stored(entry.clone()));
@@ -366,20 +362,15 @@ impl Proxy {
         base: Option<&CachedResponse>,
     ) -> Response<ProxyBody> {
         let now = Instant::now();
-        if let Some(base) = base.filter(|b| self.may_serve_stale_on_error(b, now)) {
+        let serve_stale = |b: &&CachedResponse| {
+            decide::on_upstream_error(b, &self.settings, now) == OnError::ServeStale
+        };
+        if let Some(base) = base.filter(serve_stale) {
             tracing::warn!(error = %err, "upstream request failed; serving the stale copy");
             return respond::from_entry(base, head, req, CacheStatus::Stale, now);
         }
         tracing::warn!(error = %err, "upstream request failed");
         respond::upstream_error(err)
-    }
-
-    /// RFC 5861 §4 `stale-if-error` from the response (which overrides `must-revalidate`), or
-    /// the operator's `STALE_IF_ERROR_SECS` for responses that do not forbid serving stale.
-    fn may_serve_stale_on_error(&self, entry: &CachedResponse, now: Instant) -> bool {
-        let stale_for = entry.stale_for(now);
-        (!entry.stale_if_error.is_zero() && stale_for <= entry.stale_if_error)
-            || (!entry.forbids_stale && stale_for <= self.config.stale_if_error)
     }
 
     /// Starts (or joins) a background refresh of one stored variant. The returned waiter can
@@ -395,7 +386,7 @@ impl Proxy {
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
-        match self.cache.flights.join(flight_key) {
+        match self.cache.join_flight(flight_key) {
             Role::Follower(waiter) => waiter,
             Role::Leader(guard) => {
                 let waiter = guard.waiter();
@@ -506,7 +497,7 @@ impl Proxy {
         let mut key = String::with_capacity(origin.len() + path.len());
         key.push_str(origin);
         key.push_str(path);
-        let mut removed = self.cache.store.remove(&key);
+        let mut removed = self.cache.invalidate(&key);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -521,7 +512,7 @@ impl Proxy {
             if same_origin && uri.path().starts_with('/') {
                 key.truncate(origin.len());
                 key.push_str(path_and_query(&uri));
-                removed += self.cache.store.remove(&key);
+                removed += self.cache.invalidate(&key);
             }
         }
         self.metrics.evicted(Eviction::Invalidated, removed);
@@ -545,21 +536,12 @@ impl Proxy {
         h
     }
 
-    /// Stores `entry` and arms its timer: at expiry, or a little before it (a tenth of its
-    /// lifetime, at most `REQ_TIMEOUT`) when hot keys are refreshed, so that the new copy
-    /// usually lands before the old one goes stale.
+    /// Stores `entry` and arms its timer ([`decide::timer_at`]); evicts for room, expired cold
+    /// entries first ([`decide::evict_first`]).
     pub(crate) fn store(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
-        let expires = entry.expires_at();
-        let at = if self.config.refresh_window.is_zero() || entry.lifetime.is_zero() {
-            expires
-        } else {
-            let lead = (entry.lifetime / 10).min(self.config.upstream_timeout);
-            expires.checked_sub(lead).unwrap_or(expires)
-        };
-        let window = self.config.refresh_window;
-        let now = Instant::now();
-        // Expired and not asked for within the refresh window: evicted before anything else.
-        let past_window = |e: &CachedResponse| !e.is_fresh(now) && !e.requested_within(window);
+        let at = decide::timer_at(&entry, &self.settings);
+        let now = Now::at(Instant::now());
+        let past_window = |e: &CachedResponse| decide::evict_first(e, &self.settings, now);
         let evicted = self.cache.insert(key, entry, at, &past_window);
         self.metrics.evicted(Eviction::Capacity, evicted);
     }
@@ -581,13 +563,13 @@ impl Proxy {
             fn drop(&mut self) {
                 let now = Instant::now();
                 for (key, id) in self.due.by_ref() {
-                    self.cache.expiry.schedule(now, key, id);
+                    self.cache.recheck(now, key, id);
                 }
             }
         }
         loop {
             let mut batch = Batch {
-                due: self.cache.expiry.next_due().await.into_iter(),
+                due: self.cache.next_due().await.into_iter(),
                 cache: &self.cache,
             };
             for (key, id) in batch.due.by_ref() {
@@ -597,64 +579,91 @@ impl Proxy {
     }
 
     fn on_deadline(self: &Arc<Self>, key: Arc<str>, id: u64) {
-        let Some(entry) = self.cache.store.get_by_id(&key, id) else {
+        let Some(entry) = self.cache.lookup_version(&key, id) else {
             return; // replaced or removed since
         };
-        let now = Instant::now();
-        let window = self.config.refresh_window;
-        let stale_for = entry.stale_for(now);
-        let hot = !window.is_zero() && entry.requested_within(window);
-        if hot && !entry.lifetime.is_zero() && stale_for <= window {
-            // Look again later: if the refresh failed, this version is still here and the
-            // refresh is retried after the entry's backoff (1 s doubling to 10 s).
-            let again = if entry.may_start_refresh() {
-                drop(self.refresh(key.clone(), entry.clone()));
-                entry.refresh_backoff()
-            } else {
-                entry.refresh_wait().max(Duration::from_millis(10))
-            };
-            self.cache.expiry.schedule(now + again, key, id);
-            return;
-        }
-        if entry.is_fresh(now) {
-            // Cold when a refresh would have started: decide again at expiry.
-            self.cache.expiry.schedule(entry.expires_at(), key, id);
-            return;
-        }
-        let stale_allowance = entry
-            .stale_while_revalidate
-            .max(entry.stale_if_error)
-            .max(self.config.stale_if_error);
-        let mut keep_until = entry.expires_at() + stale_allowance;
-        if entry.revalidatable() {
-            let idle = entry.idle_for();
-            if hot {
-                // Always-revalidate entries (no-cache, max-age=0) stay while they are used.
-                keep_until = keep_until.max(now + window.saturating_sub(idle));
+        match decide::on_deadline(&entry, &self.settings, Now::at(Instant::now())) {
+            ExpiryAction::Refresh { recheck } => {
+                drop(self.refresh(key.clone(), entry));
+                self.cache.recheck(recheck, key, id);
             }
-            keep_until = keep_until.max(now + self.config.stale_retention.saturating_sub(idle));
+            ExpiryAction::Recheck(at) => self.cache.recheck(at, key, id),
+            ExpiryAction::Drop => {
+                if self.cache.invalidate_version(&key, id) {
+                    self.metrics.evicted(Eviction::Expired, 1);
+                }
+                tracing::debug!(key = %key, "expired entry dropped");
+            }
         }
-        if now < keep_until {
-            self.cache.expiry.schedule(keep_until, key, id);
-            return;
-        }
-        if self.cache.store.remove_version(&key, id) {
-            self.metrics.evicted(Eviction::Expired, 1);
-        }
-        tracing::debug!(key = %key, "expired entry dropped");
     }
 }
 
-/// RFC 9111 §5.2.1.1 and §5.2.1.3: the client's `max-age` / `min-fresh` / `no-cache` may
-/// refuse a fresh entry (only under `CLIENT_CACHE_CONTROL=full`).
-fn client_accepts_fresh(client: &CacheControl, entry: &CachedResponse, now: Instant) -> bool {
-    if client.no_cache {
-        return false;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Lets spawned tasks woken by the last time advance run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
-    if client.max_age.is_none() && client.min_fresh.is_none() {
-        return true; // the usual request: nothing to compute on the hit path
+
+    fn proxy(vars: &[(&str, &str)]) -> Arc<Proxy> {
+        let config = Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+                .or_else(|| (k == "UPSTREAM_URL").then(|| "http://127.0.0.1:1".into()))
+        })
+        .expect("test config");
+        Arc::new(Proxy::new(config))
     }
-    let age = entry.age(now).as_secs();
-    let remaining = entry.expires_at().saturating_duration_since(now).as_secs();
-    client.max_age.is_none_or(|m| age <= m) && client.min_fresh.is_none_or(|m| remaining >= m)
+
+    /// The expiry task under paused time: a cold entry (fresh for 60 s) is kept past expiry
+    /// while `STALE_IF_ERROR_SECS=30` allows, then dropped and counted — without the test
+    /// waiting 90 real seconds.
+    #[tokio::test(start_paused = true)]
+    async fn cold_entries_are_kept_for_stale_if_error_then_dropped() {
+        let proxy = proxy(&[
+            ("DEFAULT_REFRESH_WINDOW_SECS", "0"),
+            ("STALE_IF_ERROR_SECS", "30"),
+        ]);
+        let expiry = tokio::spawn(proxy.clone().run_expiry());
+        let entry = crate::cache::entry::test_entry(10);
+        let key: Arc<str> = Arc::from("http://a/x");
+        proxy.store(key.clone(), entry.clone());
+        let stored = |p: &Proxy| p.cache.lookup_version(&key, entry.id).is_some();
+
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        settle().await;
+        assert!(stored(&proxy), "fresh");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert!(stored(&proxy), "expired, kept for stale-if-error");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        settle().await;
+        assert!(!stored(&proxy), "dropped 30 s past expiry");
+        let mut metrics = String::new();
+        proxy.metrics.render(&mut metrics);
+        assert!(metrics.contains("edgecache_evictions_total{reason=\"expired\"} 1"));
+        expiry.abort();
+    }
+
+    /// Without any allowance a cold entry goes at expiry, not before.
+    #[tokio::test(start_paused = true)]
+    async fn cold_entries_are_dropped_at_expiry() {
+        let proxy = proxy(&[("DEFAULT_REFRESH_WINDOW_SECS", "0")]);
+        let expiry = tokio::spawn(proxy.clone().run_expiry());
+        let entry = crate::cache::entry::test_entry(10);
+        proxy.store(Arc::from("http://a/y"), entry.clone());
+        tokio::time::sleep(Duration::from_millis(59_999)).await;
+        settle().await;
+        assert!(!proxy.cache.is_empty());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        assert!(proxy.cache.is_empty());
+        expiry.abort();
+    }
 }

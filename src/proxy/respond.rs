@@ -1,7 +1,7 @@
 //! Building downstream responses: from a stored entry (200/HEAD/304 with `Age` and
 //! `X-Cache-Status`), from a passed-through upstream response, or for an error.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};

@@ -5,7 +5,9 @@
 //! it). A probe answered 404/405/501 means the check path is wrong, not that the backend is
 //! down. [`panic_mode`] decides when too few backends are up for the probes to be believed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Thresholds (from `PoolConfig`).
 #[derive(Debug, Clone, Copy)]

@@ -275,11 +275,10 @@ impl Permit<'_> {
         self.reported = true;
         if self.tracked {
             let backend = &self.upstream.backends[self.index];
-            let transition = backend.health().on_result(
-                ok,
-                Instant::now().into_std(),
-                &self.upstream.thresholds,
-            );
+            let transition =
+                backend
+                    .health()
+                    .on_result(ok, Instant::now(), &self.upstream.thresholds);
             log_transition(backend, transition);
         }
     }
@@ -519,7 +518,7 @@ impl Upstream {
     /// answers — or a quick connection error — into our 503s for a whole cool-down. Its
     /// health is still probed, logged and shown on `/status`.
     fn pick(&self, exclude: Option<usize>) -> Result<Permit<'_>, UpstreamError> {
-        let now = Instant::now().into_std();
+        let now = Instant::now();
         let panic = self.panic.on();
         if self.backends.len() == 1 {
             return match exclude {
@@ -546,7 +545,7 @@ impl Upstream {
     }
 
     /// Asks backend `i`'s health for a permit (always granted to a lone backend).
-    fn admit(&self, i: usize, now: std::time::Instant, panic: bool) -> Option<Permit<'_>> {
+    fn admit(&self, i: usize, now: Instant, panic: bool) -> Option<Permit<'_>> {
         let permit = |tracked, trial| Permit {
             upstream: self,
             index: i,
@@ -571,11 +570,11 @@ impl Upstream {
     fn pick_retry(&self, failed: usize) -> Option<Permit<'_>> {
         self.pick(Some(failed))
             .ok()
-            .or_else(|| self.admit(failed, Instant::now().into_std(), self.panic.on()))
+            .or_else(|| self.admit(failed, Instant::now(), self.panic.on()))
     }
 
     /// Seconds until some backend may be tried again (for `Retry-After`).
-    fn retry_after(&self, now: std::time::Instant, panic: bool) -> u64 {
+    fn retry_after(&self, now: Instant, panic: bool) -> u64 {
         let breaker = self
             .backends
             .iter()
@@ -694,7 +693,7 @@ impl Upstream {
             "gauge",
             "1 when a backend may take traffic (healthy, breaker not open).",
         );
-        let now = Instant::now().into_std();
+        let now = Instant::now();
         let panic = self.panic.on();
         for b in &self.backends {
             let up = u8::from(b.health().available(now, panic));

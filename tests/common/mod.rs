@@ -37,6 +37,8 @@ pub struct Origin {
     pub connections: Arc<AtomicUsize>,
     /// Requests whose head has arrived (counted before the handler runs).
     pub started: Arc<AtomicUsize>,
+    /// Woken on every request that arrives: [`Origin::wait_until`] waits on it.
+    arrived: Arc<tokio::sync::Notify>,
     /// The accept loop and every connection task, so `stop` can drop them all.
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -64,6 +66,8 @@ impl Origin {
         let connections = Arc::new(AtomicUsize::new(0));
         let started = Arc::new(AtomicUsize::new(0));
         let (h, c, s) = (hits.clone(), connections.clone(), started.clone());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let a = arrived.clone();
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let conn_tasks = tasks.clone();
         let accept = tokio::spawn(async move {
@@ -73,6 +77,7 @@ impl Origin {
                 };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (handler, hits, started) = (handler.clone(), h.clone(), s.clone());
+                let arrived = a.clone();
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let key = req
@@ -81,6 +86,7 @@ impl Origin {
                             .map_or("/".to_string(), |pq| pq.to_string());
                         *hits.lock().unwrap().entry(key).or_default() += 1;
                         started.fetch_add(1, Ordering::SeqCst);
+                        arrived.notify_waiters();
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
@@ -97,8 +103,27 @@ impl Origin {
             hits,
             connections,
             started,
+            arrived,
             tasks,
         }
+    }
+
+    /// Waits until `cond` holds for this origin, re-checking it as each request arrives (an
+    /// event, not a polling interval); returns false if `timeout` passes first.
+    pub async fn wait_until(&self, timeout: Duration, cond: impl Fn(&Origin) -> bool) -> bool {
+        let wait = async {
+            loop {
+                let arrived = self.arrived.notified();
+                tokio::pin!(arrived);
+                // Registered before the check, so a request between the two is not missed.
+                arrived.as_mut().enable();
+                if cond(self) {
+                    return;
+                }
+                arrived.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     /// Stops accepting and drops every open connection: the backend is gone.

@@ -25,7 +25,7 @@ pub fn edgecache_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("ADMIN_LISTEN_ADDR", "127.0.0.1:0")
+        .env("OPS_LISTEN_ADDR", "127.0.0.1:0")
         // Health probes would show up in the mock origin's request counts.
         .env("HEALTH_CHECK_INTERVAL_SECS", "0")
         .envs(env.iter().copied())
@@ -39,7 +39,7 @@ pub struct Edgecache {
     pub child: Guard,
     /// The proxy's bound address, as the daemon reported it.
     pub addr: SocketAddr,
-    /// The operator listener's bound address; `None` with `ADMIN_LISTEN_ADDR=off`.
+    /// The operator listener's bound address; `None` with `OPS_LISTEN_ADDR=off`.
     pub ops: Option<SocketAddr>,
     stderr_path: PathBuf,
     /// Kept open: the daemon's stdout stays a live pipe.
@@ -95,7 +95,7 @@ impl Edgecache {
 
     /// The operator listener's address; panics when it is off.
     pub fn ops(&self) -> SocketAddr {
-        self.ops.expect("ADMIN_LISTEN_ADDR is off")
+        self.ops.expect("OPS_LISTEN_ADDR is off")
     }
 
     pub fn terminate(&self) {
