@@ -233,7 +233,7 @@ impl IpNet {
 }
 
 impl fmt::Display for IpNet {
-    /// `addr` alone for a single address, else `addr/prefix`: what [`IpNet::parse`] reads.
+    /// `addr` alone for a single address, else `addr/prefix`: what `IpNet::parse` reads.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let single = if self.addr.is_ipv4() { 32 } else { 128 };
         if self.prefix == single {

@@ -26,16 +26,18 @@
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
 //!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single
-//!   flight) and [`cache::expiry`] (one timer heap for all entries).
+//!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
+//!   `X-Cache-Status` verdict, shared with the metrics).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
 //!   pooled clients; [`error`] maps failures to 502/503/504.
 //! * [`ops`] — the operator listener (`OPS_LISTEN_ADDR`: `/status`, `/metrics`), off the
 //!   proxy port;
-//!   [`metrics`] holds the counters.
+//!   [`metrics`] holds the counters and their label enums (it imports no pipeline module).
 //! * [`supervise`] — accept with backoff, restarts of background tasks that panic, and the
 //!   one cancellation tree ([`supervise::Background`]) all background work runs under:
 //!   cancelled and awaited at shutdown, so a panic then is reported, not lost.
-//! * [`config`] — environment variables to a validated [`config::Config`].
+//! * [`config`] — environment variables and flags to a validated [`config::Config`]; the
+//!   settings table ([`config::SETTINGS`]) that `edgecache --help` is generated from.
 //! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
 //!
 //! Imports point down this list and never back: `proxy` uses `admin` and `cache`; `admin`

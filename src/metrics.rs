@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::admin::Action;
-use crate::proxy::respond::CacheStatus;
+use crate::cache::status::CacheStatus;
 
 /// Why a connection was closed by its deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,15 +237,6 @@ impl Metrics {
     /// Counts a downstream request.
     pub fn count_request(&self, class: RequestClass) {
         self.requests[class.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a request by its position in [`RequestClass::ALL`]; out of range is ignored.
-    /// Kept for `src/proxy/mod.rs` until it calls [`Metrics::count_request`] with
-    /// [`RequestClass::of`].
-    pub fn request(&self, class_index: usize) {
-        if let Some(&class) = RequestClass::ALL.get(class_index) {
-            self.count_request(class);
-        }
     }
 
     /// Counts a connection closed by its deadlines.

@@ -17,6 +17,7 @@ pub mod expiry;
 pub mod key;
 pub mod policy;
 pub mod range;
+pub mod status;
 pub mod store;
 
 use std::sync::Arc;

@@ -40,7 +40,7 @@ use crate::cache::key::{
 use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
 use crate::config::{ClientCacheControl, Config};
-use crate::metrics::{Eviction, Metrics};
+use crate::metrics::{Eviction, Metrics, RequestClass};
 use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
 use headers::{
@@ -109,11 +109,8 @@ impl Proxy {
             });
         let mut trace = Trace::default();
         let resp = self.route(req, &down, &mut trace).await;
-        self.metrics.request(match (trace.cache, trace.admin) {
-            (_, true) => 5,
-            (Some(status), _) => status as usize,
-            (None, _) => 6,
-        });
+        self.metrics
+            .count_request(RequestClass::of(trace.cache, trace.admin));
         if let Some((method, uri, client)) = logged {
             tracing::info!(
                 target: "edgecache::access",

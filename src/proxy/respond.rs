@@ -11,40 +11,8 @@ use crate::body::ProxyBody;
 use crate::cache::conditional::not_modified;
 use crate::cache::entry::CachedResponse;
 use crate::cache::range::{self, RangeReply};
+pub use crate::cache::status::CacheStatus;
 use crate::error::UpstreamError;
-
-/// What the cache did for a request, sent as `X-Cache-Status`. The variant order is the
-/// index into [`crate::metrics::REQUEST_LABELS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Served from a fresh stored response.
-    Hit,
-    /// Not stored: fetched from upstream (alone or as one of a coalesced group).
-    Miss,
-    /// Served a stored response past its freshness while it is refreshed in the background,
-    /// or because the upstream failed (stale-if-error).
-    Stale,
-    /// A stale stored response was revalidated or refetched from upstream for this request.
-    Refresh,
-    /// The cache was not consulted (methods other than GET/HEAD).
-    Bypass,
-}
-
-impl CacheStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
-            CacheStatus::Stale => "STALE",
-            CacheStatus::Refresh => "REFRESH",
-            CacheStatus::Bypass => "BYPASS",
-        }
-    }
-
-    fn header(self) -> HeaderValue {
-        HeaderValue::from_static(self.as_str())
-    }
-}
 
 /// Headers a 304 carries over from the 200 it stands for (RFC 9110 §15.4.5).
 const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
