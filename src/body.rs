@@ -5,11 +5,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::error::BodyFault;
 
 /// A request or response body.
 #[derive(Debug)]
@@ -23,21 +22,16 @@ pub enum ProxyBody {
         rest: Incoming,
     },
     /// A downstream request body on its way upstream, cut off after `remaining` bytes
-    /// (`MAX_REQUEST_BODY_BYTES`). `fault` records whose fault a failed transfer was, so the
-    /// caller can answer 413 or 400 instead of blaming the upstream.
+    /// (`MAX_REQUEST_BODY_BYTES`). Its errors are [`BodyFault`]s, which come back with the
+    /// failed send ([`BodyFault::find`]), so the caller can answer 413 or 400 instead of
+    /// blaming the upstream.
     Downstream {
         rest: Incoming,
         remaining: u64,
-        fault: Arc<AtomicU8>,
     },
 }
 
-/// [`ProxyBody::Downstream`] went over its byte limit.
-pub const FAULT_TOO_LARGE: u8 = 1;
-/// [`ProxyBody::Downstream`]'s client sent a broken body (bad chunking, cut short).
-pub const FAULT_BROKEN: u8 = 2;
-
-/// The error a body yields: hyper's, or the request body limit.
+/// The error a body yields: hyper's, or a [`BodyFault`] of a downstream request body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
@@ -78,22 +72,15 @@ impl Body for ProxyBody {
                 }
                 Pin::new(rest).poll_frame(cx).map_err(Into::into)
             }
-            ProxyBody::Downstream {
-                rest,
-                remaining,
-                fault,
-            } => match Pin::new(rest).poll_frame(cx) {
+            ProxyBody::Downstream { rest, remaining } => match Pin::new(rest).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
-                    fault.store(FAULT_BROKEN, Ordering::Relaxed);
-                    Poll::Ready(Some(Err(e.into())))
+                    tracing::debug!(error = %e, "downstream request body failed");
+                    Poll::Ready(Some(Err(Box::new(BodyFault::Malformed.error()))))
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                     if len > *remaining {
-                        fault.store(FAULT_TOO_LARGE, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(
-                            "request body exceeds MAX_REQUEST_BODY_BYTES".into(),
-                        )));
+                        return Poll::Ready(Some(Err(Box::new(BodyFault::TooLarge.error()))));
                     }
                     *remaining -= len;
                     Poll::Ready(Some(Ok(frame)))

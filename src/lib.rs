@@ -29,7 +29,10 @@
 //!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
 //!   `X-Cache-Status` verdict, shared with the metrics).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
-//!   pooled clients; [`error`] maps failures to 502/503/504.
+//!   pooled clients.
+//! * [`error`] — failures as [`error::ProxyError`] (a kind and a side: upstream, downstream,
+//!   internal) and the one mapping from a failure to its status, body and headers; the
+//!   request body's fault ([`error::BodyFault`]) that travels back through hyper's error.
 //! * [`ops`] — the operator listener (`OPS_LISTEN_ADDR`: `/status`, `/metrics`), off the
 //!   proxy port;
 //!   [`metrics`] holds the counters and their label enums (it imports no pipeline module).
@@ -38,10 +41,12 @@
 //!   cancelled and awaited at shutdown, so a panic then is reported, not lost.
 //! * [`config`] — environment variables and flags to a validated [`config::Config`]; the
 //!   settings table ([`config::SETTINGS`]) that `edgecache --help` is generated from.
-//! * [`body`] — the body type shared by hits (shared `Bytes`) and streams.
+//! * [`body`] — the body type shared by hits (shared `Bytes`) and streams; a request body
+//!   passed upstream fails with a [`error::BodyFault`].
 //!
 //! Imports point down this list and never back: `proxy` uses `admin` and `cache`; `admin`
-//! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`.
+//! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`; `proxy` and
+//! `upstream` use `body` and `error`, `body` uses `error`, and `error` uses no module.
 
 pub mod admin;
 pub mod body;

@@ -1,14 +1,17 @@
 //! The request pipeline, in the order a request meets it:
 //!
-//! 1. `route` — admin requests (a `Clear-Cache` header) go to [`purge`] (parsed and
-//!    authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the cache;
-//!    everything else is passed through.
+//! 1. `handle_inner` (route) — admin requests (a `Clear-Cache` header) go to [`purge`]
+//!    (parsed and authorised by [`crate::admin`]) and never upstream; GET/HEAD go through the
+//!    cache; everything else is passed through.
 //! 2. `lookup` — the stored variant the request selects, and what to do with it
 //!    ([`decide::serve`]): fresh → `HIT`; stale but servable (refresh window,
 //!    `stale-while-revalidate`) → `STALE` plus a background refresh.
 //! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
 //!    runs in its own task so it survives the leader's client going away.
 //! 4. `fetch_for_cache` / `store` ([`fetch`]) and `respond` ([`respond`]).
+//!
+//! Steps return `Result<_, ProxyError>`; [`Proxy::handle`] turns an error into its one
+//! response ([`respond::error`]), writes the access-log line and counts the request.
 //!
 //! The expiry task ([`Proxy::run_expiry`]) executes [`decide::on_deadline`]: it refreshes hot
 //! keys when they expire and drops cold ones. Every decision is a pure function in
@@ -23,13 +26,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use crate::admin::CLEAR_CACHE;
-use crate::body::{ProxyBody, FAULT_BROKEN, FAULT_TOO_LARGE};
+use crate::body::ProxyBody;
 use crate::cache::coalesce::{Role, Waiter};
 use crate::cache::decide::{self, ExpiryAction, Now, OnError, Serve, Settings};
 use crate::cache::entry::{clock_ms, CachedResponse};
@@ -40,6 +43,7 @@ use crate::cache::key::{
 use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
 use crate::config::{ClientCacheControl, Config};
+use crate::error::{ErrorKind, ProxyError, Side, UpstreamError};
 use crate::metrics::{Eviction, Metrics, RequestClass};
 use crate::upstream::Upstream;
 use fetch::{FetchRequest, Fetched};
@@ -47,7 +51,7 @@ use headers::{
     set_forwarded, set_forwarded_origin, strip_client_conditionals, strip_hop_by_hop, Downstream,
 };
 use respond::CacheStatus;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Proxy {
@@ -92,7 +96,8 @@ impl Proxy {
         }
     }
 
-    /// Handles one downstream request and writes its access-log line.
+    /// Handles one downstream request: runs the pipeline (`handle_inner`), turns a failure into its response ([`respond::error`]), counts the
+    /// request and writes its access-log line.
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -108,7 +113,13 @@ impl Proxy {
                 (req.method().clone(), req.uri().clone(), client)
             });
         let mut trace = Trace::default();
-        let resp = self.route(req, &down, &mut trace).await;
+        let resp = match self.handle_inner(req, &down, &mut trace).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                log_error(&e);
+                respond::error(&e)
+            }
+        };
         self.metrics
             .count_request(RequestClass::of(trace.cache, trace.admin));
         if let Some((method, uri, client)) = logged {
@@ -128,39 +139,33 @@ impl Proxy {
         resp
     }
 
-    async fn route(
+    /// The route step: admin requests go to [`purge`](Proxy::purge), GET/HEAD to the cache,
+    /// `CONNECT` is refused, anything else is passed through. Errs for a bad or unserved
+    /// origin, and with whatever the step it chose failed with.
+    async fn handle_inner(
         self: &Arc<Self>,
         req: Request<Incoming>,
         down: &Downstream<'_>,
         trace: &mut Trace,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.headers().contains_key(CLEAR_CACHE) {
             trace.admin = true;
-            return self.purge(req, down).await;
+            return Ok(self.purge(req, down).await);
         }
         let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
             Ok(key) => key,
-            Err(BadOrigin::Host) => {
-                return respond::plain(StatusCode::BAD_REQUEST, "invalid Host\n");
-            }
-            Err(BadOrigin::Scheme) => {
-                return respond::plain(StatusCode::BAD_REQUEST, "invalid X-Forwarded-Proto\n");
-            }
+            Err(BadOrigin::Host) => return Err(ErrorKind::InvalidHost.into()),
+            Err(BadOrigin::Scheme) => return Err(ErrorKind::InvalidForwardedProto.into()),
         };
         if !self.config.allowed_hosts.is_empty()
             && !host_allowed(origin_host(split_key(&key).0), &self.config.allowed_hosts)
         {
             // RFC 9110 §15.5.20: not a host this proxy answers for; nothing is looked up.
-            return respond::plain(
-                StatusCode::MISDIRECTED_REQUEST,
-                "this host is not served here (ALLOWED_HOSTS)\n",
-            );
+            return Err(ErrorKind::HostNotServed.into());
         }
         match *req.method() {
             Method::GET | Method::HEAD => self.lookup(req, down, key, trace).await,
-            Method::CONNECT => {
-                respond::plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
-            }
+            Method::CONNECT => Err(ErrorKind::ConnectNotSupported.into()),
             _ => {
                 trace.cache = Some(CacheStatus::Bypass);
                 self.pass(req, down, split_key(&key).0, trace).await
@@ -175,7 +180,7 @@ impl Proxy {
         down: &Downstream<'_>,
         key: String,
         trace: &mut Trace,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = req.method() == Method::HEAD;
         let now = Instant::now();
         let client = self.client_directives(req.headers());
@@ -190,7 +195,13 @@ impl Proxy {
         ) {
             (Serve::Fresh, Some(entry)) => {
                 trace.cache = Some(CacheStatus::Hit);
-                return respond::from_entry(entry, head, req.headers(), CacheStatus::Hit, now);
+                return Ok(respond::from_entry(
+                    entry,
+                    head,
+                    req.headers(),
+                    CacheStatus::Hit,
+                    now,
+                ));
             }
             (Serve::Stale { refresh }, Some(entry)) => {
                 if refresh {
@@ -199,14 +210,20 @@ impl Proxy {
                     }
                 }
                 trace.cache = Some(CacheStatus::Stale);
-                return respond::from_entry(entry, head, req.headers(), CacheStatus::Stale, now);
+                return Ok(respond::from_entry(
+                    entry,
+                    head,
+                    req.headers(),
+                    CacheStatus::Stale,
+                    now,
+                ));
             }
             _ => {}
         }
         if client.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored → 504, without contacting the origin.
             trace.cache = Some(CacheStatus::Miss);
-            return respond::plain(StatusCode::GATEWAY_TIMEOUT, "not cached (only-if-cached)\n");
+            return Err(ErrorKind::NotCached.into());
         }
         let status = if base.is_some() {
             CacheStatus::Refresh
@@ -246,7 +263,7 @@ impl Proxy {
         base: Option<Arc<CachedResponse>>,
         status: CacheStatus,
         trace: &mut Trace,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = req.method() == Method::HEAD;
         let (parts, _body) = req.into_parts();
         let key: Arc<str> = self
@@ -264,7 +281,14 @@ impl Proxy {
         // flight, though the response is still stored when the origin marks it shareable.
         if parts.headers.contains_key(header::AUTHORIZATION) {
             let fetched = self.fetch_for_cache(fetch).await;
-            return self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status);
+            return self.respond_fetched(
+                fetched,
+                head,
+                &parts.headers,
+                base.as_deref(),
+                status,
+                &key,
+            );
         }
 
         let vary_names = match &base {
@@ -283,13 +307,13 @@ impl Proxy {
                     if entry.is_fresh(now) && base.as_ref().is_none_or(|b| b.id != entry.id) {
                         guard.publish(FetchOutcome::Stored(entry.clone()));
                         trace.cache = Some(CacheStatus::Hit);
-                        return respond::from_entry(
+                        return Ok(respond::from_entry(
                             &entry,
                             head,
                             &parts.headers,
                             CacheStatus::Hit,
                             now,
-                        );
+                        ));
                     }
                 }
                 let (tx, rx) = oneshot::channel();
@@ -302,11 +326,17 @@ impl Proxy {
                     let _ = tx.send(fetched);
                 });
                 match rx.await {
-                    Ok(fetched) => {
-                        self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status)
-                    }
+                    Ok(fetched) => self.respond_fetched(
+                        fetched,
+                        head,
+                        &parts.headers,
+                        base.as_deref(),
+                        status,
+                        &key,
+                    ),
                     Err(_) => {
-                        respond::plain(StatusCode::BAD_GATEWAY, "upstream fetch was abandoned\n")
+                        tracing::warn!(%key, "the upstream fetch task ended without an answer");
+                        Err(ErrorKind::FetchAbandoned.into())
                     }
                 }
             }
@@ -314,22 +344,30 @@ impl Proxy {
                 trace.coalesced = true;
                 self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
                 match waiter.wait().await {
-                    Some(FetchOutcome::Stored(entry)) if entry.vary.matches(&parts.headers) => {
-                        respond::from_entry(&entry, head, &parts.headers, status, Instant::now())
-                    }
+                    Some(FetchOutcome::Stored(entry)) if entry.vary.matches(&parts.headers) => Ok(
+                        respond::from_entry(&entry, head, &parts.headers, status, Instant::now()),
+                    ),
                     Some(FetchOutcome::Failed(e)) => {
-                        self.respond_failed(&e, head, &parts.headers, base.as_deref())
+                        self.respond_failed(e, head, &parts.headers, base.as_deref(), &key)
                     }
                     // Not shareable, another variant, or the leader vanished: fetch alone.
                     _ => {
                         let fetched = self.fetch_for_cache(fetch).await;
-                        self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status)
+                        self.respond_fetched(
+                            fetched,
+                            head,
+                            &parts.headers,
+                            base.as_deref(),
+                            status,
+                            &key,
+                        )
                     }
                 }
             }
         }
     }
 
+    /// The response for what a fetch of `key` produced.
     fn respond_fetched(
         &self,
         fetched: Fetched,
@@ -337,8 +375,9 @@ impl Proxy {
         req: &HeaderMap,
         base: Option<&CachedResponse>,
         status: CacheStatus,
-    ) -> Response<ProxyBody> {
-        match fetched {
+        key: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        Ok(match fetched {
             Fetched::Stored(entry) => {
                 respond::from_entry(&entry, head, req, status, Instant::now())
             }
@@ -346,28 +385,43 @@ impl Proxy {
                 respond::from_entry(&entry, head, req, CacheStatus::Refresh, Instant::now())
             }
             Fetched::Passed(resp) => respond::passed(resp, head, status),
-            Fetched::Failed(e) => self.respond_failed(&e, head, req, base),
-        }
+            Fetched::Failed(e) => return self.respond_failed(e, head, req, base, key),
+        })
     }
 
-    /// An upstream failure: the stale entry when its `stale-if-error` allows, else the error.
+    /// An upstream failure fetching `key`: the stale entry when its `stale-if-error` allows,
+    /// else the error. Logged here, where the path is known.
     fn respond_failed(
         &self,
-        err: &crate::error::UpstreamError,
+        err: UpstreamError,
         head: bool,
         req: &HeaderMap,
         base: Option<&CachedResponse>,
-    ) -> Response<ProxyBody> {
+        key: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = Instant::now();
+        let path = split_key(key).1;
         let serve_stale = |b: &&CachedResponse| {
             decide::on_upstream_error(b, &self.settings, now) == OnError::ServeStale
         };
         if let Some(base) = base.filter(serve_stale) {
-            tracing::warn!(error = %err, "upstream request failed; serving the stale copy");
-            return respond::from_entry(base, head, req, CacheStatus::Stale, now);
+            tracing::warn!(
+                path,
+                %key,
+                kind = err.as_str(),
+                error = %err,
+                "upstream request failed; serving the stale copy"
+            );
+            return Ok(respond::from_entry(
+                base,
+                head,
+                req,
+                CacheStatus::Stale,
+                now,
+            ));
         }
-        tracing::warn!(error = %err, "upstream request failed");
-        respond::upstream_error(err)
+        tracing::warn!(path, %key, kind = err.as_str(), error = %err, "upstream request failed");
+        Err(err.into())
     }
 
     /// Starts (or joins) a background refresh of one stored variant. The returned waiter can
@@ -388,7 +442,7 @@ impl Proxy {
             Role::Leader(guard) => {
                 let waiter = guard.waiter();
                 let fetch = FetchRequest {
-                    key,
+                    key: key.clone(),
                     headers,
                     last_access_ms: entry.last_access_ms(),
                     base: Some(entry.clone()),
@@ -400,7 +454,14 @@ impl Proxy {
                     let fetched = proxy.fetch_for_cache(fetch).await;
                     if let Fetched::Failed(e) = &fetched {
                         let backoff = entry.refresh_failed();
-                        tracing::warn!(error = %e, retry_in_secs = backoff.as_secs(), "background refresh failed; keeping the stored copy");
+                        tracing::warn!(
+                            path = split_key(&key).1,
+                            %key,
+                            kind = e.as_str(),
+                            error = %e,
+                            retry_in_secs = backoff.as_secs(),
+                            "background refresh failed; keeping the stored copy"
+                        );
                         proxy
                             .metrics
                             .refreshes_failed
@@ -423,12 +484,11 @@ impl Proxy {
         down: &Downstream<'_>,
         origin: &str,
         trace: &mut Trace,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let path = path_and_query(&parts.uri);
         let headers = self.upstream_headers(&parts.headers, down, origin, false);
         let method = parts.method.clone();
-        let fault = Arc::new(AtomicU8::new(0));
         let remaining = match self.config.limits.max_request_body {
             None => u64::MAX,
             Some(limit) => {
@@ -437,10 +497,7 @@ impl Proxy {
                     .get(header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
                 if declared.is_some_and(|n| n > limit) {
-                    return respond::plain(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large\n",
-                    );
+                    return Err(ErrorKind::BodyTooLarge.into());
                 }
                 limit
             }
@@ -448,7 +505,6 @@ impl Proxy {
         let body = ProxyBody::Downstream {
             rest: body,
             remaining,
-            fault: fault.clone(),
         };
         let started = Instant::now();
         let deadline = self.upstream.deadline();
@@ -458,19 +514,12 @@ impl Proxy {
         let result = sent.await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         match result {
-            Err(_) if fault.load(Ordering::Relaxed) == FAULT_TOO_LARGE => {
-                respond::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
-            }
-            Err(_) if fault.load(Ordering::Relaxed) == FAULT_BROKEN => {
-                // The client's body was malformed or cut short: its fault, not the upstream's.
-                let mut resp = respond::plain(StatusCode::BAD_REQUEST, "malformed request body\n");
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                resp
-            }
+            // A body the client sent too large or broken is its fault (413 / 400 and
+            // `Connection: close`), not the upstream's: logged by `handle`, at debug.
+            Err(e) if e.side == Side::Downstream => Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                respond::upstream_error(&e)
+                tracing::warn!(path, %method, kind = e.kind.as_str(), error = %e, "upstream request failed");
+                Err(e)
             }
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -479,11 +528,11 @@ impl Proxy {
                     self.invalidate(origin, path, &parts.headers);
                 }
                 strip_hop_by_hop(&mut parts.headers);
-                respond::passed(
+                Ok(respond::passed(
                     Response::from_parts(parts, ProxyBody::stream(body)),
                     false,
                     CacheStatus::Bypass,
-                )
+                ))
             }
         }
     }
@@ -595,6 +644,14 @@ impl Proxy {
     }
 }
 
+/// Logs a refusal of the client's request (its fault: routine, so at debug). Every other
+/// failure was logged where it happened, with the path.
+fn log_error(e: &ProxyError) {
+    if e.side == Side::Downstream {
+        tracing::debug!(kind = e.kind.as_str(), error = %e, "request refused");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,5 +719,122 @@ mod tests {
         settle().await;
         assert!(proxy.cache.is_empty());
         expiry.abort();
+    }
+
+    /// An upstream that takes connections and reads whatever comes, never answering: the
+    /// request body's own failure is all that can end an exchange with it.
+    async fn silent_upstream() -> std::net::SocketAddr {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        addr
+    }
+
+    /// The daemon on an ephemeral port, `UPSTREAM_URL=upstream`, no active health checks.
+    async fn serve(
+        upstream: String,
+        vars: &'static [(&'static str, &'static str)],
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = Config::from_lookup(|k| match k {
+            "UPSTREAM_URL" => Some(upstream.clone()),
+            "HEALTH_CHECK_INTERVAL_SECS" => Some("0".into()),
+            _ => vars
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string()),
+        })
+        .expect("test config");
+        tokio::spawn(crate::run(listener, None, config, std::future::pending()));
+        addr
+    }
+
+    /// Sends `request` on a new connection; returns what comes back before the connection
+    /// closes (or 5 s pass).
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// A streamed request body's faults travel to the answer through the body's error (no
+    /// shared flag): over `MAX_REQUEST_BODY_BYTES` → 413; broken chunking → 400 and
+    /// `Connection: close`. The upstream is not blamed (no 502).
+    #[tokio::test]
+    async fn request_body_faults_are_the_clients() {
+        let upstream = format!("http://{}", silent_upstream().await);
+        let proxy = serve(upstream, &[("MAX_REQUEST_BODY_BYTES", "1KiB")]).await;
+        let big = format!(
+            "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+            "y".repeat(2048)
+        );
+        let resp = exchange(proxy, big.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+        assert!(resp.ends_with("request body too large\n"), "{resp}");
+
+        let broken = b"POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+        let resp = exchange(proxy, broken).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "{resp}"
+        );
+        assert!(resp.ends_with("malformed request body\n"), "{resp}");
+    }
+
+    /// The same over HTTP/2 to an `h2c://` backend, where hyper does not hand the body's
+    /// error back but resets the stream with the fault's reason (see `BodyFault`).
+    #[tokio::test]
+    async fn request_body_faults_are_the_clients_over_h2() {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    // Answers only once the whole body is in.
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(ProxyBody::full("ok")))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let proxy = serve(
+            format!("h2c://{addr}"),
+            &[("MAX_REQUEST_BODY_BYTES", "1KiB")],
+        )
+        .await;
+        let small = "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let resp = exchange(proxy, small.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let big = format!(
+            "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+            "y".repeat(2048)
+        );
+        let resp = exchange(proxy, big.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+        let broken = b"POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+        let resp = exchange(proxy, broken).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "{resp}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Building downstream responses: from a stored entry (200/HEAD/304 with `Age` and
-//! `X-Cache-Status`), from a passed-through upstream response, or for an error.
+//! `X-Cache-Status`), from a passed-through upstream response, or for an error ([`error`]:
+//! the [`ProxyError::reply`] mapping made into a response).
 
 use tokio::time::Instant;
 
@@ -12,7 +13,7 @@ use crate::cache::conditional::not_modified;
 use crate::cache::entry::CachedResponse;
 use crate::cache::range::{self, RangeReply};
 pub use crate::cache::status::CacheStatus;
-use crate::error::UpstreamError;
+use crate::error::ProxyError;
 
 /// Headers a 304 carries over from the 200 it stands for (RFC 9110 §15.4.5).
 const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
@@ -141,19 +142,17 @@ pub fn passed(
     resp
 }
 
-/// The response for an upstream failure.
-pub fn upstream_error(err: &UpstreamError) -> Response<ProxyBody> {
-    let body = match err {
-        UpstreamError::Timeout => "upstream timed out\n",
-        UpstreamError::Request(_) => "bad request\n",
-        UpstreamError::NoBackend { .. } => "no healthy upstream\n",
-        UpstreamError::Status(_) => "upstream error\n",
-        _ => "upstream unavailable\n",
-    };
-    let mut resp = plain(err.status(), body);
-    if let UpstreamError::NoBackend { retry_after_secs } = err {
+/// The response for a failure: status, body and headers as [`ProxyError::reply`] says.
+pub fn error(err: &ProxyError) -> Response<ProxyBody> {
+    let reply = err.reply();
+    let mut resp = plain(reply.status, reply.body);
+    if let Some(secs) = reply.retry_after {
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if reply.close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
@@ -182,4 +181,35 @@ pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ErrorKind, UpstreamError};
+
+    /// The reply's extra headers land on the response, after the two every error carries.
+    #[test]
+    fn error_responses_carry_the_replys_headers() {
+        let no_backend = error(
+            &UpstreamError::NoBackend {
+                retry_after_secs: 4,
+            }
+            .into(),
+        );
+        assert_eq!(no_backend.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let h = no_backend.headers();
+        assert_eq!(h[header::RETRY_AFTER], "4");
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(h[header::CACHE_CONTROL], "no-store");
+        assert!(!h.contains_key(header::CONNECTION));
+
+        let malformed = error(&ErrorKind::BodyMalformed.into());
+        assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(malformed.headers()[header::CONNECTION], "close");
+        assert!(!malformed.headers().contains_key(header::RETRY_AFTER));
+        assert!(
+            matches!(malformed.body(), ProxyBody::Full(Some(b)) if b == "malformed request body\n")
+        );
+    }
 }

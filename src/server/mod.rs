@@ -194,16 +194,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
 }
 
 /// The answer to a request head with both `Content-Length` and `Transfer-Encoding` (RFC 9112
-/// §6.1: how requests are smuggled): 400, and the connection closes after it.
+/// §6.1: how requests are smuggled): 400, and the connection closes after it
+/// ([`ErrorKind::AmbiguousFraming`](crate::error::ErrorKind::AmbiguousFraming)).
 fn refuse_ambiguous_framing(peer: std::net::SocketAddr) -> http::Response<crate::body::ProxyBody> {
     tracing::warn!(peer = %peer, "request with both Content-Length and Transfer-Encoding refused");
-    let mut resp = crate::proxy::respond::plain(
-        http::StatusCode::BAD_REQUEST,
-        "Content-Length together with Transfer-Encoding is not accepted\n",
-    );
-    resp.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    resp
+    crate::proxy::respond::error(&crate::error::ErrorKind::AmbiguousFraming.into())
 }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::config::{BackendConfig, Config, PoolConfig, UpstreamUrl};
-use crate::error::{chain, UpstreamError};
+use crate::error::{chain, BodyFault, ProxyError, UpstreamError};
 use crate::metrics::{self, Histogram};
 use balancer::SmoothWeighted;
 use health::{Admission, Health, Probe, Thresholds, Transition};
@@ -256,6 +256,9 @@ fn retryable(e: &hyper_util::client::legacy::Error) -> bool {
 struct Failed {
     error: UpstreamError,
     retryable: bool,
+    /// The downstream request body failed (found in the client error's source chain): the
+    /// client's fault, not the backend's.
+    body_fault: Option<BodyFault>,
 }
 
 /// The right to send one request to one backend. Reporting the outcome feeds the backend's
@@ -435,6 +438,9 @@ impl Upstream {
     /// started to flow (hyper-util itself resends one that a pooled connection failed
     /// before writing). Without a body and with an idempotent method it goes the
     /// [`Upstream::send_idempotent`] way, retries included.
+    ///
+    /// Errs with the client's fault ([`BodyFault`] → 413 / 400) when it was the downstream
+    /// body that failed, else with the upstream's.
     pub async fn send_once(
         &self,
         method: &Method,
@@ -442,17 +448,20 @@ impl Upstream {
         headers: HeaderMap,
         body: ProxyBody,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         if is_idempotent(method) && body.is_end_stream() {
-            return self
+            return Ok(self
                 .send_idempotent(method, path_and_query, &headers, deadline)
-                .await;
+                .await?);
         }
         let permit = self.pick(None)?;
         let req = self.backends[permit.index].request(method, path_and_query, headers, body)?;
         self.attempt(permit, req, deadline, false)
             .await
-            .map_err(|f| f.error)
+            .map_err(|f| match f.body_fault {
+                Some(fault) => fault.into(),
+                None => f.error.into(),
+            })
     }
 
     /// One exchange with one backend; its outcome feeds that backend's breaker. `fresh`:
@@ -476,10 +485,12 @@ impl Upstream {
             Err(_) => Err(Failed {
                 error: UpstreamError::Timeout,
                 retryable: false,
+                body_fault: None,
             }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(Failed {
                 retryable: retryable(&e),
+                body_fault: BodyFault::find(&e),
                 error: if e.is_connect() {
                     UpstreamError::Connect(chain(&e))
                 } else {
