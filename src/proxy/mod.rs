@@ -52,6 +52,7 @@ use headers::{
 };
 use respond::CacheStatus;
 use std::sync::atomic::Ordering;
+use tracing::Instrument;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Proxy {
@@ -71,13 +72,15 @@ pub struct Proxy {
     refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// Facts about one request gathered for its access-log line.
-#[derive(Default)]
+/// Facts about one request gathered for its access-log line, and its span.
 struct Trace {
     cache: Option<CacheStatus>,
     upstream_ms: Option<u64>,
     coalesced: bool,
     admin: bool,
+    /// The request's span (`debug`): disabled — and free — unless debug logging is on.
+    /// `key` is recorded on it once known.
+    span: tracing::Span,
 }
 
 impl Proxy {
@@ -96,7 +99,8 @@ impl Proxy {
         }
     }
 
-    /// Handles one downstream request: runs the pipeline (`handle_inner`), turns a failure into its response ([`respond::error`]), counts the
+    /// Handles one downstream request: runs the pipeline (`handle_inner`) in the
+    /// request's span, turns a failure into its response ([`respond::error`]), counts the
     /// request and writes its access-log line.
     pub async fn handle(
         self: &Arc<Self>,
@@ -112,11 +116,37 @@ impl Proxy {
                 let client = down.client(req.headers());
                 (req.method().clone(), req.uri().clone(), client)
             });
-        let mut trace = Trace::default();
-        let resp = match self.handle_inner(req, &down, &mut trace).await {
+        // At `debug` so that at the default `info` the hit path builds no span: the fields are
+        // only evaluated, and the client address only derived, when the span is enabled.
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            path = path_and_query(req.uri()),
+            client = tracing::field::Empty,
+            key = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            let client = match &logged {
+                Some((_, _, client)) => *client,
+                None => down.client(req.headers()),
+            };
+            span.record("client", tracing::field::display(client));
+        }
+        let mut trace = Trace {
+            cache: None,
+            upstream_ms: None,
+            coalesced: false,
+            admin: false,
+            span: span.clone(),
+        };
+        let resp = match self
+            .handle_inner(req, &down, &mut trace)
+            .instrument(span)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => {
-                log_error(&e);
+                log_error(&e, &trace.span);
                 respond::error(&e)
             }
         };
@@ -157,6 +187,7 @@ impl Proxy {
             Err(BadOrigin::Host) => return Err(ErrorKind::InvalidHost.into()),
             Err(BadOrigin::Scheme) => return Err(ErrorKind::InvalidForwardedProto.into()),
         };
+        trace.span.record("key", key.as_str());
         if !self.config.allowed_hosts.is_empty()
             && !host_allowed(origin_host(split_key(&key).0), &self.config.allowed_hosts)
         {
@@ -644,10 +675,11 @@ impl Proxy {
     }
 }
 
-/// Logs a refusal of the client's request (its fault: routine, so at debug). Every other
-/// failure was logged where it happened, with the path.
-fn log_error(e: &ProxyError) {
+/// Logs a refusal of the client's request (its fault: routine, so at debug) in the request's
+/// span. Every other failure was logged where it happened, with the path.
+fn log_error(e: &ProxyError, span: &tracing::Span) {
     if e.side == Side::Downstream {
+        let _in_request = span.enter();
         tracing::debug!(kind = e.kind.as_str(), error = %e, "request refused");
     }
 }
@@ -835,6 +867,70 @@ mod tests {
         assert!(
             resp.to_ascii_lowercase().contains("connection: close"),
             "{resp}"
+        );
+    }
+
+    /// A log sink for a test's subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Serves one refused request (421, after the key is known) under a subscriber at
+    /// `level`; returns what was logged.
+    async fn logged_at(level: tracing::Level) -> String {
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The current-thread test runtime runs the server's tasks on this thread.
+        let _default = tracing::subscriber::set_default(subscriber);
+        let upstream = format!("http://{}", silent_upstream().await);
+        let proxy = serve(upstream, &[("ALLOWED_HOSTS", "allowed.example")]).await;
+        let resp = exchange(
+            proxy,
+            b"GET /x?y=1 HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 421"), "{resp}");
+        let out = sink.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Item 9: at `debug` a request's events carry its connection's span (peer) and its own
+    /// (method, path, client, key); at the default `info` neither span exists.
+    #[tokio::test]
+    async fn requests_are_logged_in_connection_and_request_spans() {
+        let debug = logged_at(tracing::Level::DEBUG).await;
+        let refused = debug
+            .lines()
+            .find(|l| l.contains("request refused"))
+            .unwrap_or_else(|| panic!("{debug}"));
+        assert!(refused.contains("connection{peer=127.0.0.1:"), "{refused}");
+        assert!(
+            refused.contains(
+                r#"request{method=GET path="/x?y=1" client=127.0.0.1 key="http://other.example/x?y=1"}"#
+            ),
+            "{refused}"
+        );
+        assert!(refused.contains("kind=\"host_not_served\""), "{refused}");
+
+        let info = logged_at(tracing::Level::INFO).await;
+        assert!(info.contains("edgecache::access"), "{info}");
+        assert!(
+            !info.contains("request{") && !info.contains("connection{"),
+            "{info}"
         );
     }
 }

@@ -46,7 +46,11 @@ impl Proxy {
                     ),
                     AdminRefusal::Unauthorized { throttling_started } => {
                         if throttling_started {
-                            tracing::warn!(%client, "admin key guessing: throttling this address for {}s", admin::THROTTLE_WINDOW.as_secs());
+                            tracing::warn!(
+                                %client,
+                                throttle_secs = admin::THROTTLE_WINDOW.as_secs(),
+                                "admin key guessing: throttling this address"
+                            );
                         }
                         tracing::warn!(%path, %client, "admin request with a missing or wrong Clear-Cache-Key");
                     }

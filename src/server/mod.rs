@@ -34,6 +34,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError};
+use tracing::Instrument;
 
 use crate::metrics::{Listener, Task};
 use crate::proxy::Proxy;
@@ -141,6 +142,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let (activity, registered) = registry.register();
         let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
         let requests = activity.clone();
+        // At `debug`, so the default `info` level creates nothing per connection. Request
+        // spans ([`Proxy::handle`]) are its children: HTTP/2 streams run in tasks of their
+        // own, so each request future is instrumented with it too.
+        let conn_span = tracing::debug_span!("connection", %peer);
+        let request_parent = conn_span.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let ambiguous = requests.next_head_is_ambiguous();
@@ -153,6 +159,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 };
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
             }
+            .instrument(request_parent.clone())
         });
         let conn = builder.serve_connection(io, service).into_owned();
         let conn = graceful.watch(conn);
@@ -162,10 +169,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             match Watched::new(conn, activity, deadlines).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
                 Err(why) => {
-                    tracing::debug!(peer = %peer, reason = why.as_str(), "connection closed by its deadline");
+                    tracing::debug!(%peer, reason = why.as_str(), "connection closed by its deadline");
                     counted.metrics.connection_timed_out(why);
                 }
             }
@@ -173,7 +180,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 .metrics
                 .open_connections
                 .fetch_sub(1, Ordering::Relaxed);
-        });
+        }
+        .instrument(conn_span));
     }
 
     drop(listener);
@@ -197,6 +205,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
 /// §6.1: how requests are smuggled): 400, and the connection closes after it
 /// ([`ErrorKind::AmbiguousFraming`](crate::error::ErrorKind::AmbiguousFraming)).
 fn refuse_ambiguous_framing(peer: std::net::SocketAddr) -> http::Response<crate::body::ProxyBody> {
-    tracing::warn!(peer = %peer, "request with both Content-Length and Transfer-Encoding refused");
+    tracing::warn!(%peer, "request with both Content-Length and Transfer-Encoding refused");
     crate::proxy::respond::error(&crate::error::ErrorKind::AmbiguousFraming.into())
 }

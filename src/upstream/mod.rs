@@ -325,8 +325,8 @@ impl PanicMode {
                 tracing::warn!(
                     up = *up,
                     total = self.total,
-                    "fewer than HEALTH_PANIC_THRESHOLD={}% of the backends are up by health checks: panic mode, balancing over all of them (circuit breakers still apply)",
-                    self.threshold
+                    threshold_percent = self.threshold,
+                    "fewer than HEALTH_PANIC_THRESHOLD of the backends are up by health checks: panic mode, balancing over all of them (circuit breakers still apply)"
                 );
             } else {
                 tracing::info!(
@@ -411,7 +411,10 @@ impl Upstream {
                 headers.clone(),
                 ProxyBody::Empty,
             )?;
-            let failed = match self.attempt(permit, req, deadline, fresh).await {
+            let failed = match self
+                .attempt(permit, req, deadline, fresh, path_and_query)
+                .await
+            {
                 Ok(resp) => return Ok(resp),
                 Err(failed) => failed,
             };
@@ -426,6 +429,7 @@ impl Upstream {
             tracing::debug!(
                 backend = %self.backends[i].url.authority,
                 to = %self.backends[next.index].url.authority,
+                path = path_and_query,
                 error = %failed.error,
                 "upstream request failed before a response; retrying on a fresh connection"
             );
@@ -456,7 +460,7 @@ impl Upstream {
         }
         let permit = self.pick(None)?;
         let req = self.backends[permit.index].request(method, path_and_query, headers, body)?;
-        self.attempt(permit, req, deadline, false)
+        self.attempt(permit, req, deadline, false, path_and_query)
             .await
             .map_err(|f| match f.body_fault {
                 Some(fault) => fault.into(),
@@ -465,13 +469,14 @@ impl Upstream {
     }
 
     /// One exchange with one backend; its outcome feeds that backend's breaker. `fresh`:
-    /// on a new connection rather than a pooled one.
+    /// on a new connection rather than a pooled one; `path`: the request's, for the log.
     async fn attempt(
         &self,
         permit: Permit<'_>,
         req: Request<ProxyBody>,
         deadline: Instant,
         fresh: bool,
+        path: &str,
     ) -> Result<Response<Incoming>, Failed> {
         let backend = &self.backends[permit.index];
         backend.requests.fetch_add(1, Ordering::Relaxed);
@@ -507,6 +512,17 @@ impl Upstream {
         let ok = matches!(&result, Ok(resp) if !resp.status().is_server_error());
         if !ok {
             backend.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(failed) = &result {
+            // The caller warns once about the request; this says which backend failed it.
+            tracing::debug!(
+                backend = %backend.url.authority,
+                path,
+                error = %failed.error,
+                body_fault = failed.body_fault.map(|f| f.to_string()),
+                retryable = failed.retryable,
+                "upstream attempt failed"
+            );
         }
         // Read here: `Keep-Alive` is stripped as hop-by-hop before the response goes on.
         if let Ok(resp) = &result {
@@ -737,10 +753,10 @@ async fn probe_loop(
         match (transition, probe) {
             (Some(Transition::ProbeRouteMissing), Probe::NoRoute(status)) => tracing::warn!(
                 backend = %backend.url.authority,
+                path = %pool.health_path,
                 status,
-                "health check GET {} answered {status}: {}",
-                pool.health_path,
-                Transition::ProbeRouteMissing.as_str()
+                transition = Transition::ProbeRouteMissing.as_str(),
+                "health check route answers an error"
             ),
             _ => log_transition(&backend, transition),
         }
@@ -778,9 +794,17 @@ fn log_transition(backend: &Backend, transition: Option<Transition>) {
             Transition::MarkedUp
             | Transition::BreakerClosed
             | Transition::BreakerClosedByProbes => {
-                tracing::info!(backend = %backend.url.authority, "{}", t.as_str())
+                tracing::info!(
+                    backend = %backend.url.authority,
+                    transition = t.as_str(),
+                    "backend health changed"
+                )
             }
-            _ => tracing::warn!(backend = %backend.url.authority, "{}", t.as_str()),
+            _ => tracing::warn!(
+                backend = %backend.url.authority,
+                transition = t.as_str(),
+                "backend health changed"
+            ),
         }
     }
 }
