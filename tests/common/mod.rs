@@ -213,6 +213,16 @@ impl ProxyHandle {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// What `/metrics` would show now.
+    pub fn metrics(&self) -> String {
+        edgecache::ops::metrics_text(&self.proxy)
+    }
+
+    /// What `/status` would show now.
+    pub fn status(&self) -> String {
+        edgecache::ops::status_json(&self.proxy)
+    }
+
     /// Signals shutdown and waits for the server to finish draining.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
