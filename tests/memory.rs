@@ -37,7 +37,7 @@ async fn store_stays_within_the_budget_and_keeps_hot_keys() {
         "{} entries",
         cache.stats().entries
     );
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     let evicted: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("edgecache_evictions_total{reason=\"capacity\"} "))

@@ -152,6 +152,25 @@ impl Origin {
     }
 }
 
+/// An origin whose body changes on every request (`v1`, `v2`, …), with `headers` on each.
+pub async fn versioned_origin(headers: &'static [(&'static str, &'static str)]) -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |_req| {
+        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { reply(200, headers, format!("v{v}")) }
+    })
+    .await
+}
+
+/// An address nothing listens on, reserved for the test's lifetime: a socket bound to it but
+/// not listening, so connecting is refused and no other test can take the port meanwhile.
+pub fn refused_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// A response with a body and headers.
 pub fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> OriginResponse {
     let mut resp = Response::new(edgecache::body::ProxyBody::full(body.into()));
@@ -289,6 +308,30 @@ pub async fn send(
 
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
     send("GET", addr, path, headers, Bytes::new()).await
+}
+
+/// An admin request (`POST` with a body the proxy ignores) to the proxy.
+pub async fn admin(proxy: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Got {
+    send(
+        "POST",
+        proxy.addr,
+        path,
+        headers,
+        Bytes::from_static(b"ignored"),
+    )
+    .await
+}
+
+/// The value of one series (name and labels exactly as rendered) in a Prometheus text
+/// exposition; panics, showing the text, if it is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|rest| rest.starts_with(' '))
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
