@@ -19,6 +19,29 @@ async fn named(name: &'static str) -> Origin {
         .await
 }
 
+/// Sends `GET {path}1`, `{path}2`, … (each must be answered 200) until `done` holds or
+/// `within` passes; returns whether it held. A breaker's cool-down, trial and probes show
+/// only through traffic, so these requests are the polling (10 ms apart).
+async fn get_until(
+    proxy: &ProxyHandle,
+    path: &str,
+    within: Duration,
+    done: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let mut i = 0;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        i += 1;
+        let got = get(proxy.addr, &format!("{path}{i}"), &[]).await;
+        assert_eq!(got.status, 200, "{path}{i}: {}", got.text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
 fn urls(origins: &[&Origin], weights: &[u32]) -> String {
     origins
         .iter()
@@ -63,7 +86,6 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
         ],
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     for i in 0..20 {
         assert_eq!(get(proxy.addr, &format!("/k?{i}"), &[]).await.status, 200);
     }
@@ -77,11 +99,12 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
         );
     }
     assert!(
-        eventually(Duration::from_secs(5), || status()
+        eventually(Duration::from_secs(5), || proxy
+            .status()
             .contains(r#""state":"down""#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
 
     let b2 = Origin::start_on(b_addr, |_req| async {
@@ -89,11 +112,12 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
     })
     .await;
     assert!(
-        eventually(Duration::from_secs(5), || !status()
+        eventually(Duration::from_secs(5), || !proxy
+            .status()
             .contains(r#""state":"down""#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
     let mut saw_b = false;
     for i in 0..20 {
@@ -201,7 +225,7 @@ async fn breaker_opens_and_half_opens() {
         2,
         "{statuses:?}"
     );
-    assert!(edgecache::ops::status_json(&proxy.proxy).contains("breaker_open"));
+    assert!(proxy.status().contains("breaker_open"));
     let before = flaky.total();
     for i in 0..10 {
         let got = get(proxy.addr, &format!("/b?open{i}"), &[]).await;
@@ -214,23 +238,19 @@ async fn breaker_opens_and_half_opens() {
     );
     failing.store(false, Ordering::SeqCst);
     // After the cool-down one trial request reaches the flaky backend and closes the breaker.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && flaky.total() == before {
-        get(proxy.addr, "/b?trial", &[]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        flaky.total() > before,
+        get_until(&proxy, "/b?trial", Duration::from_secs(5), || flaky.total()
+            > before)
+        .await,
         "the trial request went to the recovered backend"
     );
     assert!(
-        eventually(Duration::from_secs(2), || !edgecache::ops::status_json(
-            &proxy.proxy
-        )
-        .contains("breaker"))
+        eventually(Duration::from_secs(2), || !proxy
+            .status()
+            .contains("breaker"))
         .await,
         "{}",
-        edgecache::ops::status_json(&proxy.proxy)
+        proxy.status()
     );
 }
 
@@ -393,12 +413,6 @@ impl RawOrigin {
     }
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// Item 3: an origin that closes every reused connection on its second request without
 /// answering. With one backend, every GET (and bodiless HEAD/DELETE pass-through) still
 /// succeeds: the failure happened before any response byte, so it is retried on a fresh
@@ -423,7 +437,7 @@ async fn reused_connection_closed_by_the_origin_is_retried_on_a_fresh_one() {
         .await;
         assert_eq!(got.status, 200, "{method}");
     }
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     let retries = metric(
         &metrics,
         &format!(
@@ -492,11 +506,10 @@ async fn keep_alive_timeout_of_the_origin_retires_idle_connections_early() {
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     assert_eq!(get(proxy.addr, "/ka?1", &[]).await.status, 200);
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     assert!(
-        status().contains(r#""idle_timeout_ms":500"#),
+        proxy.status().contains(r#""idle_timeout_ms":500"#),
         "{}",
-        status()
+        proxy.status()
     );
     // The lowering rebuilt the pool (the first connection went with the old one).
     assert_eq!(get(proxy.addr, "/ka?2", &[]).await.status, 200);
@@ -555,7 +568,7 @@ async fn backends_without_the_check_route_stay_in() {
             && b.hits("/health-check") >= 4)
         .await
     );
-    let status = edgecache::ops::status_json(&proxy.proxy);
+    let status = proxy.status();
     assert_eq!(status.matches(r#""state":"up""#).count(), 2, "{status}");
     assert!(status.contains(r#""panic_mode":false"#), "{status}");
     for i in 0..10 {
@@ -581,20 +594,20 @@ async fn panic_mode_when_too_few_backends_pass_their_checks() {
         ],
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     assert!(
-        eventually(Duration::from_secs(5), || status()
+        eventually(Duration::from_secs(5), || proxy
+            .status()
             .contains(r#""panic_mode":true"#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
-    assert_eq!(status().matches(r#""state":"down""#).count(), 2);
+    assert_eq!(proxy.status().matches(r#""state":"down""#).count(), 2);
     for i in 0..10 {
         assert_eq!(get(proxy.addr, &format!("/p?{i}"), &[]).await.status, 200);
     }
     assert!(live_a.load(Ordering::SeqCst) > 0 && live_b.load(Ordering::SeqCst) > 0);
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     assert_eq!(metric(&metrics, "edgecache_upstream_panic_mode"), 1.0);
 }
 
@@ -630,24 +643,23 @@ async fn passing_probes_close_an_open_breaker() {
         ],
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     for i in 0..4 {
         get(proxy.addr, &format!("/o?{i}"), &[]).await;
     }
-    assert!(status().contains("breaker_open"), "{}", status());
+    assert!(
+        proxy.status().contains("breaker_open"),
+        "{}",
+        proxy.status()
+    );
     failing.store(false, Ordering::SeqCst);
     let before = live.load(Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut i = 0;
-    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
-        i += 1;
-        assert_eq!(get(proxy.addr, &format!("/c?{i}"), &[]).await.status, 200);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        live.load(Ordering::SeqCst) > before,
+        get_until(&proxy, "/c?", Duration::from_secs(5), || live
+            .load(Ordering::SeqCst)
+            > before)
+        .await,
         "the backend gets traffic again within 5 s of a 600 s cool-down: {}",
-        status()
+        proxy.status()
     );
 }
 
@@ -682,11 +694,14 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         ],
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     for i in 0..2 {
         get(proxy.addr, &format!("/t?{i}"), &[]).await;
     }
-    assert!(status().contains("breaker_open"), "{}", status());
+    assert!(
+        proxy.status().contains("breaker_open"),
+        "{}",
+        proxy.status()
+    );
     mode.store(1, Ordering::SeqCst);
 
     // Pass-through POSTs until one is the trial and hangs at the flaky backend; then its
@@ -703,32 +718,23 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         let mut buf = [0u8; 1024];
         tokio::select! {
             _ = client.read(&mut buf) => {} // answered by the steady backend
-            _ = async {
-                while live.load(Ordering::SeqCst) == before {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            } => abandoned = true,
+            reached = flaky.wait_until(Duration::from_secs(5), |_| {
+                live.load(Ordering::SeqCst) != before
+            }) => abandoned = reached,
         }
         drop(client);
     }
-    assert!(abandoned, "a POST became the trial: {}", status());
+    assert!(abandoned, "a POST became the trial: {}", proxy.status());
 
     mode.store(2, Ordering::SeqCst);
     let before = live.load(Ordering::SeqCst);
     // Shorter than REQ_TIMEOUT: the abandoned trial never reports.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut i = 0;
-    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
-        i += 1;
-        assert_eq!(
-            get(proxy.addr, &format!("/t?after{i}"), &[]).await.status,
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        live.load(Ordering::SeqCst) > before,
+        get_until(&proxy, "/t?after", Duration::from_secs(3), || live
+            .load(Ordering::SeqCst)
+            > before)
+        .await,
         "the backend got a new trial: {}",
-        status()
+        proxy.status()
     );
 }

@@ -284,14 +284,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let slow_path = "/data?id=slow&delay_ms=1500";
     let slow = tokio::spawn(get(addr, slow_path, &[]));
     // The origin counts the request before sleeping: once it is counted, it is in flight.
-    let deadline = Instant::now() + DEADLINE;
-    while origin.stats(slow_path).await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    origin.wait_for(slow_path, 1).await;
     let signalled = Instant::now();
     proxy.terminate();
 
@@ -349,14 +342,7 @@ async fn second_sigterm_during_drain_exits_at_once() {
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!("GET {slow_path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     slow.write_all(head.as_bytes()).await.unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while origin.stats(slow_path).await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    origin.wait_for(slow_path, 1).await;
     proxy.terminate();
     // The listener closes once the first signal has been handled: now it is draining.
     assert!(

@@ -182,6 +182,21 @@ impl MockOrigin {
     }
 }
 
+impl MockOrigin {
+    /// Polls [`MockOrigin::stats`] (every 10 ms, up to [`DEADLINE`]) until `path_and_query`
+    /// has arrived `n` times; panics if it has not by then.
+    pub async fn wait_for(&self, path_and_query: &str, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.stats(path_and_query).await < n {
+            assert!(
+                Instant::now() < deadline,
+                "{path_and_query} did not reach the origin {n} times within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// What a process that ran to its end printed, and how it ended.
 #[derive(Debug)]
 pub struct Finished {
