@@ -229,7 +229,7 @@ async fn unkeyed_override_headers_are_stripped() {
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("TRUSTED_PROXIES", "none")]).await;
-    get(
+    let got = get(
         proxy.addr,
         "/p",
         &[
@@ -242,7 +242,12 @@ async fn unkeyed_override_headers_are_stripped() {
         ],
     )
     .await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(origin.hits("/p"), 1, "the request reached the origin");
     let seen = seen.lock().unwrap().join("\n");
+    // Replaced by the Host the client sent, not dropped.
+    let host = format!("x-forwarded-host={}", proxy.addr);
+    assert!(seen.contains(&host), "no {host} at the origin:\n{seen}");
     for bad in [
         "x-original-url",
         "x-rewrite-url",
