@@ -42,24 +42,45 @@ async fn get_until(
     true
 }
 
-fn urls(origins: &[&Origin], weights: &[u32]) -> String {
-    origins
+/// A steady backend, and edgecache balancing 1:1 over it and `flaky` with `env`, after GETs
+/// `{path}0`, `{path}1`, … (`opening` of them, uncached) have opened `flaky`'s breaker.
+async fn with_open_breaker(
+    flaky: &Origin,
+    env: &[(&str, &str)],
+    path: &str,
+    opening: usize,
+) -> (Origin, ProxyHandle) {
+    let steady = named("steady").await;
+    let proxy = balanced(&[flaky, &steady], &[1, 1], env).await;
+    for i in 0..opening {
+        get(proxy.addr, &format!("{path}{i}"), &[]).await;
+    }
+    assert!(
+        proxy.status().contains("breaker_open"),
+        "{}",
+        proxy.status()
+    );
+    (steady, proxy)
+}
+
+/// edgecache balancing over `origins` with `weights` (`UPSTREAM_URLS`), and `env`.
+async fn balanced(origins: &[&Origin], weights: &[u32], env: &[(&str, &str)]) -> ProxyHandle {
+    let upstreams = origins
         .iter()
         .zip(weights)
         .map(|(o, w)| format!("{} weight={w}", o.url()))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    let mut vars = vec![("UPSTREAM_URLS", upstreams.as_str())];
+    vars.extend_from_slice(env);
+    ProxyHandle::start("http://unused:1", &vars).await
 }
 
 /// Requests spread over backends in proportion to their weights (3:2:1).
 #[tokio::test]
 async fn weighted_split_follows_the_weights() {
     let (a, b, c) = (named("a").await, named("b").await, named("c").await);
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[("UPSTREAM_URLS", &urls(&[&a, &b, &c], &[3, 2, 1]))],
-    )
-    .await;
+    let proxy = balanced(&[&a, &b, &c], &[3, 2, 1], &[]).await;
     for i in 0..600 {
         assert_eq!(get(proxy.addr, &format!("/w?{i}"), &[]).await.status, 200);
     }
@@ -76,10 +97,10 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
     let a = named("a").await;
     let b = named("b").await;
     let b_addr = b.addr;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&a, &b],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
             ("HEALTH_CHECK_INTERVAL_SECS", "0.1"),
             ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
             ("HEALTH_CHECK_RECOVERY_THRESHOLD", "2"),
@@ -140,10 +161,10 @@ async fn all_backends_down_is_503_or_stale() {
         )
     };
     let (a, b) = (Origin::start(body).await, Origin::start(body).await);
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&a, &b],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "30"),
             ("STALE_RETENTION_SECS", "60"),
@@ -207,10 +228,10 @@ async fn breaker_opens_and_half_opens() {
     })
     .await;
     let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&flaky, &steady],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "2"),
             ("BREAKER_COOLDOWN_SECS", "0.5"),
         ],
@@ -546,6 +567,20 @@ async fn checked(name: &'static str, code: u16, live: Arc<AtomicUsize>) -> Origi
     .await
 }
 
+/// edgecache over `a` and `b` (1:1), probing each every 20 ms; two failed probes in a row
+/// take a backend out.
+async fn fast_checked(a: &Origin, b: &Origin) -> ProxyHandle {
+    balanced(
+        &[a, b],
+        &[1, 1],
+        &[
+            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
+            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
+        ],
+    )
+    .await
+}
+
 /// Item 4: backends without a `/health-check` route (404) are not taken out by the default
 /// health checks.
 #[tokio::test]
@@ -554,15 +589,7 @@ async fn backends_without_the_check_route_stay_in() {
         checked("a", 404, Arc::default()).await,
         checked("b", 405, Arc::default()).await,
     );
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
-            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
-            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
-        ],
-    )
-    .await;
+    let proxy = fast_checked(&a, &b).await;
     assert!(
         eventually(Duration::from_secs(5), || a.hits("/health-check") >= 4
             && b.hits("/health-check") >= 4)
@@ -585,15 +612,7 @@ async fn panic_mode_when_too_few_backends_pass_their_checks() {
         checked("a", 500, live_a.clone()).await,
         checked("b", 500, live_b.clone()).await,
     );
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
-            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
-            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
-        ],
-    )
-    .await;
+    let proxy = fast_checked(&a, &b).await;
     assert!(
         eventually(Duration::from_secs(5), || proxy
             .status()
@@ -631,26 +650,18 @@ async fn passing_probes_close_an_open_breaker() {
         async move { reply(status, &[("cache-control", "no-store")], "flaky") }
     })
     .await;
-    let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let (_steady, proxy) = with_open_breaker(
+        &flaky,
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "600"),
             ("HEALTH_CHECK_INTERVAL_SECS", "0.05"),
             ("HEALTH_CHECK_RECOVERY_THRESHOLD", "2"),
         ],
+        "/o?",
+        4,
     )
     .await;
-    for i in 0..4 {
-        get(proxy.addr, &format!("/o?{i}"), &[]).await;
-    }
-    assert!(
-        proxy.status().contains("breaker_open"),
-        "{}",
-        proxy.status()
-    );
     failing.store(false, Ordering::SeqCst);
     let before = live.load(Ordering::SeqCst);
     assert!(
@@ -684,24 +695,16 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         }
     })
     .await;
-    let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let (_steady, proxy) = with_open_breaker(
+        &flaky,
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "0.2"),
         ],
+        "/t?",
+        2,
     )
     .await;
-    for i in 0..2 {
-        get(proxy.addr, &format!("/t?{i}"), &[]).await;
-    }
-    assert!(
-        proxy.status().contains("breaker_open"),
-        "{}",
-        proxy.status()
-    );
     mode.store(1, Ordering::SeqCst);
 
     // Pass-through POSTs until one is the trial and hangs at the flaky backend; then its
@@ -709,7 +712,7 @@ async fn abandoned_half_open_trial_frees_the_slot() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut abandoned = false;
     while !abandoned && Instant::now() < deadline {
-        let before = live.load(Ordering::SeqCst);
+        let before = flaky.total();
         let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         client
             .write_all(b"POST /t HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
@@ -718,9 +721,9 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         let mut buf = [0u8; 1024];
         tokio::select! {
             _ = client.read(&mut buf) => {} // answered by the steady backend
-            reached = flaky.wait_until(Duration::from_secs(5), |_| {
-                live.load(Ordering::SeqCst) != before
-            }) => abandoned = reached,
+            reached = flaky.wait_until(Duration::from_secs(5), |o| o.total() > before) => {
+                abandoned = reached;
+            }
         }
         drop(client);
     }

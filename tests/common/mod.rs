@@ -109,7 +109,10 @@ impl Origin {
     }
 
     /// Waits until `cond` holds for this origin, re-checking it as each request arrives (an
-    /// event, not a polling interval); returns false if `timeout` passes first.
+    /// event, not a polling interval); returns false if `timeout` passes first. `cond` must
+    /// read what the origin counts before it wakes waiters ([`Origin::hits`],
+    /// [`Origin::total`], `started`), not what the handler itself changes: that may not have
+    /// happened yet when the re-check runs.
     pub async fn wait_until(&self, timeout: Duration, cond: impl Fn(&Origin) -> bool) -> bool {
         let wait = async {
             loop {
