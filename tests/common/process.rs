@@ -109,6 +109,21 @@ impl Edgecache {
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+
+    /// Sends SIGTERM and waits (up to 5 s) until the proxy's listener refuses connections:
+    /// the signal has been handled and the daemon is draining.
+    pub async fn terminate_and_stop_accepting(&self) {
+        self.terminate();
+        let addr = self.addr;
+        assert!(
+            super::eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+                addr
+            )
+            .is_err())
+            .await,
+            "edgecache still accepts connections 5 s after SIGTERM"
+        );
+    }
 }
 
 /// Reads one line on a thread of its own, waiting at most `within`; `None` on a timeout, or
