@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
 
 use common::*;
 
@@ -53,10 +52,13 @@ async fn store_stays_within_the_budget_and_keeps_hot_keys() {
 async fn oversized_responses_stream_without_being_stored() {
     let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
     let expected = body.clone();
+    let gate = Gate::new();
+    let held = gate.clone();
     let origin = Origin::start(move |_req| {
         let body = body.clone();
+        let held = held.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            held.pass().await;
             reply(200, &[("cache-control", "max-age=600")], body)
         }
     })
@@ -65,6 +67,9 @@ async fn oversized_responses_stream_without_being_stored() {
     let clients: Vec<_> = (0..5)
         .map(|_| tokio::spawn(get(proxy.addr, "/big", &[])))
         .collect();
+    // Four wait on the first fetch, which turns out too large to share.
+    assert!(proxy.followers(4).await, "4 followers joined");
+    gate.open();
     for c in clients {
         let got = c.await.unwrap();
         assert_eq!(got.status, 200);

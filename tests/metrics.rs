@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
 
 /// Scrapes `/metrics` from the operator listener of `proxy`.
@@ -21,9 +20,18 @@ async fn scrape(ops: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counters_move_with_traffic() {
-    let origin = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        reply(200, &[("cache-control", "max-age=60")], "m")
+    let gate = Gate::new();
+    let held = gate.clone();
+    let origin = Origin::start(move |_req| {
+        let held = held.clone();
+        let arrived = tokio::time::Instant::now();
+        async move {
+            held.pass().await;
+            // The upstream duration the histogram buckets below are checked against: 100 ms
+            // (or longer, should the followers take longer than that to join).
+            tokio::time::sleep_until(arrived + Duration::from_millis(100)).await;
+            reply(200, &[("cache-control", "max-age=60")], "m")
+        }
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
@@ -40,24 +48,22 @@ async fn counters_move_with_traffic() {
     let herd: Vec<_> = (0..10)
         .map(|_| tokio::spawn(get(proxy.addr, "/m", &[])))
         .collect();
+    assert!(proxy.followers(9).await, "9 followers joined");
+    gate.open();
     for h in herd {
         assert_eq!(h.await.unwrap().status, 200);
     }
     get(proxy.addr, "/m", &[]).await;
-    send(
-        "POST",
-        proxy.addr,
+    admin(
+        &proxy,
         "/m",
         &[("clear-cache", "clear"), ("clear-cache-key", "Secret")],
-        Bytes::new(),
     )
     .await;
-    send(
-        "POST",
-        proxy.addr,
+    admin(
+        &proxy,
         "/m",
         &[("clear-cache", "clear"), ("clear-cache-key", "nope")],
-        Bytes::new(),
     )
     .await;
 

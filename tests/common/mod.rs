@@ -174,6 +174,28 @@ pub fn refused_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
+/// Holds origin handlers until the test opens it: a handler awaits [`Gate::pass`], the test
+/// calls [`Gate::open`] once what it waits for (followers queued behind a fetch, say) has
+/// happened. Open, it lets everything through.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+
+    /// Returns once the gate is open.
+    pub async fn pass(&self) {
+        // No permit is ever added: `acquire` waits until `close`, then fails at once.
+        let _ = self.0.acquire().await;
+    }
+
+    pub fn open(&self) {
+        self.0.close();
+    }
+}
+
 /// A response with a body and headers.
 pub fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> OriginResponse {
     let mut resp = Response::new(edgecache::body::ProxyBody::full(body.into()));
@@ -233,6 +255,16 @@ impl ProxyHandle {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (up to 5 s) until `n` requests in all have joined a fetch already under way as
+    /// followers (counted as they join, before they wait); returns whether they did.
+    pub async fn followers(&self, n: u64) -> bool {
+        let metrics = &self.proxy.metrics;
+        eventually(Duration::from_secs(5), || {
+            metrics.coalesced.load(Ordering::SeqCst) >= n
+        })
+        .await
     }
 
     /// What `/metrics` would show now.
