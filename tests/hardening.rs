@@ -424,11 +424,16 @@ async fn dot_segments_are_neither_normalised_nor_shared() {
 /// and is served as soon as one closes.
 #[tokio::test]
 async fn max_connections_queues_new_connections_without_hurting_open_ones() {
-    let origin = Origin::start(|req| async move {
-        if req.uri().path() == "/slow" {
-            tokio::time::sleep(Duration::from_millis(800)).await;
+    let gate = Gate::new();
+    let held = gate.clone();
+    let origin = Origin::start(move |req| {
+        let held = held.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                held.pass().await;
+            }
+            reply(200, &[("cache-control", "no-store")], "ok")
         }
-        reply(200, &[("cache-control", "no-store")], "ok")
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("MAX_CONNECTIONS", "2")]).await;
@@ -455,6 +460,7 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
     // Elapsed time is what is under test: not served for a while (no event says "not yet").
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "served beyond MAX_CONNECTIONS");
+    gate.open();
     assert!(
         read_response(&mut first).await.starts_with("HTTP/1.1 200"),
         "the open request is unharmed"

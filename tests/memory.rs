@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use common::*;
 
 /// 300 distinct 1 KiB objects through a 64 KiB cache: the accounted size never passes the
