@@ -15,13 +15,8 @@ use tokio::io::AsyncWriteExt;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cold_requests_make_one_upstream_request() {
     let gate = Gate::new();
-    let held = gate.clone();
-    let origin = Origin::start(move |_req| {
-        let held = held.clone();
-        async move {
-            held.pass().await;
-            reply(200, &[("cache-control", "max-age=60")], vec![7u8; 4096])
-        }
+    let origin = Origin::start_behind(&gate, |_req| async {
+        reply(200, &[("cache-control", "max-age=60")], vec![7u8; 4096])
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
@@ -50,13 +45,8 @@ async fn concurrent_cold_requests_make_one_upstream_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_disconnect_does_not_fail_followers() {
     let gate = Gate::new();
-    let held = gate.clone();
-    let origin = Origin::start(move |_req| {
-        let held = held.clone();
-        async move {
-            held.pass().await;
-            reply(200, &[("cache-control", "max-age=60")], "payload")
-        }
+    let origin = Origin::start_behind(&gate, |_req| async {
+        reply(200, &[("cache-control", "max-age=60")], "payload")
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
@@ -100,12 +90,9 @@ async fn leader_disconnect_does_not_fail_followers() {
 async fn unshareable_response_is_not_handed_to_followers() {
     let n = Arc::new(AtomicUsize::new(0));
     let gate = Gate::new();
-    let held = gate.clone();
-    let origin = Origin::start(move |_req| {
+    let origin = Origin::start_behind(&gate, move |_req| {
         let i = n.fetch_add(1, Ordering::SeqCst);
-        let held = held.clone();
         async move {
-            held.pass().await;
             reply(
                 200,
                 &[("cache-control", "private, max-age=60")],

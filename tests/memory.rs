@@ -52,14 +52,9 @@ async fn oversized_responses_stream_without_being_stored() {
     let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
     let expected = body.clone();
     let gate = Gate::new();
-    let held = gate.clone();
-    let origin = Origin::start(move |_req| {
+    let origin = Origin::start_behind(&gate, move |_req| {
         let body = body.clone();
-        let held = held.clone();
-        async move {
-            held.pass().await;
-            reply(200, &[("cache-control", "max-age=600")], body)
-        }
+        async move { reply(200, &[("cache-control", "max-age=600")], body) }
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CACHE_MAX_OBJECT_BYTES", "64KiB")]).await;

@@ -21,12 +21,9 @@ async fn scrape(ops: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counters_move_with_traffic() {
     let gate = Gate::new();
-    let held = gate.clone();
-    let origin = Origin::start(move |_req| {
-        let held = held.clone();
+    let origin = Origin::start_behind(&gate, |_req| {
         let arrived = tokio::time::Instant::now();
         async move {
-            held.pass().await;
             // The upstream duration the histogram buckets below are checked against: 100 ms
             // (or longer, should the followers take longer than that to join).
             tokio::time::sleep_until(arrived + Duration::from_millis(100)).await;

@@ -108,6 +108,24 @@ impl Origin {
         }
     }
 
+    /// Starts an origin whose responses from `handler` are held at `gate`: the handler is
+    /// called as each request arrives, its future awaited once the gate is open.
+    pub async fn start_behind<F, Fut>(gate: &Gate, handler: F) -> Origin
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = OriginResponse> + Send + 'static,
+    {
+        let gate = gate.clone();
+        Self::start(move |req| {
+            let (gate, response) = (gate.clone(), handler(req));
+            async move {
+                gate.pass().await;
+                response.await
+            }
+        })
+        .await
+    }
+
     /// Waits until `cond` holds for this origin, re-checking it as each request arrives (an
     /// event, not a polling interval); returns false if `timeout` passes first. `cond` must
     /// read what the origin counts before it wakes waiters ([`Origin::hits`],
