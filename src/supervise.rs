@@ -301,15 +301,22 @@ mod tests {
         let metrics = Metrics::default();
         let alive = std::sync::Arc::new(());
         let held = alive.clone();
-        let supervised = supervise(Task::Expiry, &metrics, move || {
+        let mut supervised = Box::pin(supervise(Task::Expiry, &metrics, move || {
             let held = held.clone();
             async move {
                 let _held = held;
                 std::future::pending::<()>().await;
             }
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(1), supervised).await;
-        assert_eq!(std::sync::Arc::strong_count(&alive), 1);
+        }));
+        let running = tokio::time::timeout(Duration::from_secs(1), supervised.as_mut()).await;
+        assert!(
+            running.is_err(),
+            "a task that never ends is still supervised"
+        );
+        // `alive`, the start closure's copy, and the running task's own.
+        assert_eq!(std::sync::Arc::strong_count(&alive), 3, "the task runs");
+        drop(supervised);
+        assert_eq!(std::sync::Arc::strong_count(&alive), 1, "and is dropped");
     }
 
     /// Log lines written while the returned guard is held (current thread only, so a

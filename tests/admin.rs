@@ -6,33 +6,17 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::*;
 
-async fn versioned_origin() -> Origin {
-    let n = Arc::new(AtomicUsize::new(0));
-    Origin::start(move |_req| {
-        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
-        async move { reply(200, &[("cache-control", "max-age=600")], format!("v{v}")) }
-    })
-    .await
-}
-
-async fn admin(proxy: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Got {
-    send(
-        "POST",
-        proxy.addr,
-        path,
-        headers,
-        Bytes::from_static(b"ignored"),
-    )
-    .await
+/// Every version stored for ten minutes.
+async fn stored_versions() -> Origin {
+    versioned_origin(&[("cache-control", "max-age=600")]).await
 }
 
 /// A wrong or missing key → 401, the request never reaches the upstream, the entry stays.
 #[tokio::test]
 async fn wrong_or_missing_key_is_refused_and_not_forwarded() {
-    let origin = versioned_origin().await;
+    let origin = stored_versions().await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     get(proxy.addr, "/t/1", &[]).await;
     for headers in [
@@ -52,7 +36,7 @@ async fn wrong_or_missing_key_is_refused_and_not_forwarded() {
 /// Without CLEAR_CACHE_KEY the admin path is disabled: 403.
 #[tokio::test]
 async fn admin_is_disabled_without_a_key() {
-    let origin = versioned_origin().await;
+    let origin = stored_versions().await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CLEAR_CACHE_KEY", "")]).await;
     let got = admin(
         &proxy,
@@ -67,7 +51,7 @@ async fn admin_is_disabled_without_a_key() {
 /// `clear` drops the entry now; `refresh` refetches it now; unknown paths report not_cached.
 #[tokio::test]
 async fn clear_and_refresh_modes() {
-    let origin = versioned_origin().await;
+    let origin = stored_versions().await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     let key = [("clear-cache-key", "Secret")];
 
@@ -107,7 +91,7 @@ async fn clear_and_refresh_modes() {
 /// otherwise it is cleared.
 #[tokio::test]
 async fn window_mode_refreshes_hot_and_clears_cold() {
-    let origin = versioned_origin().await;
+    let origin = stored_versions().await;
     let hot = ProxyHandle::start(&origin.url(), &[("DEFAULT_REFRESH_WINDOW_SECS", "60")]).await;
     get(hot.addr, "/w", &[]).await;
     let got = admin(
@@ -134,7 +118,7 @@ async fn window_mode_refreshes_hot_and_clears_cold() {
 /// Prefix and everything scopes.
 #[tokio::test]
 async fn prefix_and_all_scopes() {
-    let origin = versioned_origin().await;
+    let origin = stored_versions().await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     for p in ["/trades/1", "/trades/2", "/assets/1"] {
         get(proxy.addr, p, &[]).await;

@@ -9,13 +9,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 
-/// An origin whose body changes on every request: `v1`, `v2`, …
-async fn versioned_origin(headers: &'static [(&'static str, &'static str)]) -> Origin {
-    let n = Arc::new(AtomicUsize::new(0));
-    Origin::start(move |_req| {
-        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
-        async move { reply(200, headers, format!("v{v}")) }
-    })
+/// edgecache with a default lifetime of `ttl` seconds and a refresh window of `window`.
+async fn expiring(origin: &Origin, ttl: &str, window: &str) -> ProxyHandle {
+    ProxyHandle::start(
+        &origin.url(),
+        &[
+            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", ttl),
+            ("DEFAULT_REFRESH_WINDOW_SECS", window),
+        ],
+    )
     .await
 }
 
@@ -45,14 +47,7 @@ async fn distinct_query_strings_are_distinct_entries() {
 #[tokio::test]
 async fn expiry_refreshes_recently_requested_entries_in_the_background() {
     let origin = versioned_origin(&[]).await;
-    let proxy = ProxyHandle::start(
-        &origin.url(),
-        &[
-            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.3"),
-            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
-        ],
-    )
-    .await;
+    let proxy = expiring(&origin, "0.3", "30").await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     // No client request: the expiry timer alone triggers the refetch.
     assert!(
@@ -80,14 +75,7 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
 #[tokio::test]
 async fn expiry_drops_entries_not_requested_within_the_window() {
     let origin = versioned_origin(&[]).await;
-    let proxy = ProxyHandle::start(
-        &origin.url(),
-        &[
-            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.5"),
-            ("DEFAULT_REFRESH_WINDOW_SECS", "0"),
-        ],
-    )
-    .await;
+    let proxy = expiring(&origin, "0.5", "0").await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.cache(), "MISS");
     assert!(!proxy.proxy.cache.is_empty());
     assert!(
@@ -99,28 +87,30 @@ async fn expiry_drops_entries_not_requested_within_the_window() {
     assert_eq!((again.cache(), again.text().as_str()), ("MISS", "v2"));
 }
 
-/// While a hot entry is being refreshed, clients keep getting the previous copy (STALE).
+/// While a hot entry is being refreshed, clients keep getting the previous copy (HIT while
+/// it is fresh, then STALE: never a miss, never a wait); the new copy replaces it once the
+/// refresh lands.
 #[tokio::test]
 async fn stale_copy_is_served_while_refresh_runs() {
     let n = Arc::new(AtomicUsize::new(0));
+    // The refresh is held at the origin until the test has seen STALE.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
     let origin = Origin::start(move |_req| {
         let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let held = held.clone();
         async move {
             if v > 1 {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                // Forgotten: a later refresh (of v2) is held for good, so v2 stays.
+                if let Ok(permit) = held.acquire().await {
+                    permit.forget();
+                }
             }
             reply(200, &[], format!("v{v}"))
         }
     })
     .await;
-    let proxy = ProxyHandle::start(
-        &origin.url(),
-        &[
-            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.2"),
-            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
-        ],
-    )
-    .await;
+    let proxy = expiring(&origin, "0.2", "30").await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     assert!(
         origin
@@ -128,9 +118,9 @@ async fn stale_copy_is_served_while_refresh_runs() {
             .await,
         "refresh started"
     );
-    // The refresh started ahead of expiry; until it lands (2 s) every client gets v1: HIT
-    // while it is still fresh, then STALE — never a miss, never a wait.
-    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    // Until the refresh lands every client gets v1; polling until the entry is past its
+    // 0.2 s lifetime (well inside REQ_TIMEOUT, so the held refresh is still running).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let mut saw_stale = false;
     while std::time::Instant::now() < deadline && !saw_stale {
         let got = get(proxy.addr, "/k", &[]).await;
@@ -139,6 +129,18 @@ async fn stale_copy_is_served_while_refresh_runs() {
         saw_stale = got.cache() == "STALE";
     }
     assert!(saw_stale, "served stale while the refresh ran");
+    assert_eq!(origin.hits("/k"), 2, "no second refresh meanwhile");
+    gate.add_permits(1);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .proxy
+            .cache
+            .lookup(&proxy.key("/k"), &Default::default())
+            .is_some_and(|hit| hit.entry.body == "v2"))
+        .await,
+        "the refreshed copy replaced the stale one"
+    );
+    assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v2");
 }
 
 /// Explicit upstream freshness wins over the default; `Age` grows from the upstream's `Age`.
@@ -301,10 +303,7 @@ async fn server_error_never_replaces_a_stored_response() {
 /// Upstream down → 502; upstream slower than REQ_TIMEOUT → 504.
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_is_504() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_reserved, dead) = refused_addr();
     let proxy = ProxyHandle::start(&format!("http://{dead}"), &[]).await;
     assert_eq!(get(proxy.addr, "/x", &[]).await.status, 502);
 
@@ -411,14 +410,7 @@ async fn failed_refreshes_keep_the_copy_and_back_off() {
         }
     })
     .await;
-    let proxy = ProxyHandle::start(
-        &origin.url(),
-        &[
-            ("DEFAULT_CACHE_EXPIRY_TIME_SECS", "0.2"),
-            ("DEFAULT_REFRESH_WINDOW_SECS", "30"),
-        ],
-    )
-    .await;
+    let proxy = expiring(&origin, "0.2", "30").await;
     assert_eq!(get(proxy.addr, "/k", &[]).await.text(), "v1");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut polls = 0;
@@ -434,6 +426,7 @@ async fn failed_refreshes_keep_the_copy_and_back_off() {
             std::time::Instant::now() < deadline,
             "the refresh never recovered"
         );
+        // A client polling every 20 ms: the backoff's elapsed time is what is under test.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let at = attempts.lock().unwrap().clone();

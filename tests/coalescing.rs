@@ -14,8 +14,8 @@ use tokio::io::AsyncWriteExt;
 /// 200 concurrent cold requests → exactly one upstream request, 200 identical bodies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cold_requests_make_one_upstream_request() {
-    let origin = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let gate = Gate::new();
+    let origin = Origin::start_behind(&gate, |_req| async {
         reply(200, &[("cache-control", "max-age=60")], vec![7u8; 4096])
     })
     .await;
@@ -23,6 +23,9 @@ async fn concurrent_cold_requests_make_one_upstream_request() {
     let tasks: Vec<_> = (0..200)
         .map(|_| tokio::spawn(get(proxy.addr, "/hot?x=1", &[])))
         .collect();
+    // The fetch is held until every other request waits on it.
+    assert!(proxy.followers(199).await, "199 followers joined");
+    gate.open();
     let mut bodies = Vec::new();
     for t in tasks {
         let got = t.await.unwrap();
@@ -41,8 +44,8 @@ async fn concurrent_cold_requests_make_one_upstream_request() {
 /// and the entry is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_disconnect_does_not_fail_followers() {
-    let origin = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let gate = Gate::new();
+    let origin = Origin::start_behind(&gate, |_req| async {
         reply(200, &[("cache-control", "max-age=60")], "payload")
     })
     .await;
@@ -62,7 +65,18 @@ async fn leader_disconnect_does_not_fail_followers() {
     let followers: Vec<_> = (0..5)
         .map(|_| tokio::spawn(get(proxy.addr, "/slow", &[])))
         .collect();
+    assert!(proxy.followers(5).await, "5 followers joined");
     drop(leader);
+    // Give the proxy the hang-up before the fetch can answer: it must carry on regardless.
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metrics()
+            .contains("edgecache_open_connections 5"))
+        .await,
+        "{}",
+        proxy.metrics()
+    );
+    gate.open();
     for f in followers {
         let got = f.await.unwrap();
         assert_eq!((got.status, got.text().as_str()), (200, "payload"));
@@ -75,10 +89,10 @@ async fn leader_disconnect_does_not_fail_followers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unshareable_response_is_not_handed_to_followers() {
     let n = Arc::new(AtomicUsize::new(0));
-    let origin = Origin::start(move |_req| {
+    let gate = Gate::new();
+    let origin = Origin::start_behind(&gate, move |_req| {
         let i = n.fetch_add(1, Ordering::SeqCst);
         async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
             reply(
                 200,
                 &[("cache-control", "private, max-age=60")],
@@ -91,6 +105,9 @@ async fn unshareable_response_is_not_handed_to_followers() {
     let tasks: Vec<_> = (0..5)
         .map(|_| tokio::spawn(get(proxy.addr, "/me", &[])))
         .collect();
+    // Four wait on the first fetch before it answers.
+    assert!(proxy.followers(4).await, "4 followers joined");
+    gate.open();
     let mut bodies = Vec::new();
     for t in tasks {
         bodies.push(t.await.unwrap().text());

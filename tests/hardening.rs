@@ -176,12 +176,14 @@ async fn ambiguous_framing_after_empty_lines_is_refused() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
 
-/// A client that never finishes its request head is disconnected after
-/// HEADER_READ_TIMEOUT_SECS; others are served meanwhile.
+/// A client that never finishes its first request head is disconnected by edgecache's own
+/// deadline, HEADER_READ_TIMEOUT_SECS after it connected (counted as `header_timeout`, which
+/// a close by hyper's head timer would not be); others are served meanwhile.
 #[tokio::test]
 async fn slowloris_is_cut_off() {
     let origin = plain_origin().await;
     let proxy = ProxyHandle::start(&origin.url(), &[("HEADER_READ_TIMEOUT_SECS", "0.5")]).await;
+    let connected = Instant::now();
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-a: ")
         .await
@@ -191,11 +193,23 @@ async fn slowloris_is_cut_off() {
         200,
         "others are unaffected"
     );
-    let started = Instant::now();
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "connection closed");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let took = connected.elapsed();
+    assert!(
+        (Duration::from_millis(450)..Duration::from_secs(3)).contains(&took),
+        "closed {took:?} after the connect, not at the 0.5 s head timeout"
+    );
+    assert!(buf.is_empty(), "no response to a head never finished");
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.metrics().contains(
+            r#"edgecache_connection_timeouts_total{reason="header_timeout"} 1"#
+        ))
+        .await,
+        "closed by edgecache's head deadline:\n{}",
+        proxy.metrics()
+    );
 }
 
 /// Headers that would change the upstream's answer but are not in the cache key are never
@@ -215,7 +229,7 @@ async fn unkeyed_override_headers_are_stripped() {
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("TRUSTED_PROXIES", "none")]).await;
-    get(
+    let got = get(
         proxy.addr,
         "/p",
         &[
@@ -228,7 +242,12 @@ async fn unkeyed_override_headers_are_stripped() {
         ],
     )
     .await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(origin.hits("/p"), 1, "the request reached the origin");
     let seen = seen.lock().unwrap().join("\n");
+    // Replaced by the Host the client sent, not dropped.
+    let host = format!("x-forwarded-host={}", proxy.addr);
+    assert!(seen.contains(&host), "no {host} at the origin:\n{seen}");
     for bad in [
         "x-original-url",
         "x-rewrite-url",
@@ -405,11 +424,16 @@ async fn dot_segments_are_neither_normalised_nor_shared() {
 /// and is served as soon as one closes.
 #[tokio::test]
 async fn max_connections_queues_new_connections_without_hurting_open_ones() {
-    let origin = Origin::start(|req| async move {
-        if req.uri().path() == "/slow" {
-            tokio::time::sleep(Duration::from_millis(800)).await;
+    let gate = Gate::new();
+    let held = gate.clone();
+    let origin = Origin::start(move |req| {
+        let held = held.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                held.pass().await;
+            }
+            reply(200, &[("cache-control", "no-store")], "ok")
         }
-        reply(200, &[("cache-control", "no-store")], "ok")
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("MAX_CONNECTIONS", "2")]).await;
@@ -433,8 +457,10 @@ async fn max_connections_queues_new_connections_without_hurting_open_ones() {
         b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         Duration::from_secs(10),
     ));
+    // Elapsed time is what is under test: not served for a while (no event says "not yet").
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "served beyond MAX_CONNECTIONS");
+    gate.open();
     assert!(
         read_response(&mut first).await.starts_with("HTTP/1.1 200"),
         "the open request is unharmed"
@@ -470,7 +496,7 @@ async fn idle_keepalive_connections_make_room_at_max_connections() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // Both idle connections were asked to close (the batch is larger than two).
     assert!(
-        eventually(Duration::from_secs(5), || metrics_text(&proxy).contains(
+        eventually(Duration::from_secs(5), || proxy.metrics().contains(
             "edgecache_connection_timeouts_total{reason=\"reclaimed\"} 2"
         ))
         .await
@@ -537,7 +563,7 @@ async fn connections_going_idle_while_a_client_waits_make_room() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // The slot came from a connection that went idle: counted (before its slot was given
     // up), and closed by the proxy.
-    let metrics = metrics_text(&proxy);
+    let metrics = proxy.metrics();
     assert!(
         !metrics.contains("edgecache_connection_timeouts_total{reason=\"reclaimed\"} 0"),
         "{metrics}"
@@ -555,12 +581,6 @@ async fn connections_going_idle_while_a_client_waits_make_room() {
         matches!(closed, Ok(Ok(0) | Err(_))),
         "an idle connection was closed: {closed:?}"
     );
-}
-
-fn metrics_text(proxy: &ProxyHandle) -> String {
-    let mut out = String::new();
-    proxy.proxy.metrics.render(&mut out);
-    out
 }
 
 /// A connection that has been served one request (`GET /a`) and is now idle between
@@ -624,15 +644,17 @@ async fn idle_keepalive_connections_get_their_own_timeout() {
     let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "closed when idle");
     assert!(idle_from.elapsed() >= Duration::from_millis(1400));
-    let metrics = metrics_text(&proxy);
+    let metrics = proxy.metrics();
     assert!(
         metrics.contains("edgecache_connection_timeouts_total{reason=\"keepalive_timeout\"} 1"),
         "{metrics}"
     );
 }
 
-/// On a keep-alive connection that has been idle a while, a request head that trickles in is
-/// cut off by the head timeout, not given what is left of the (longer) keep-alive timeout.
+/// On a keep-alive connection that has been idle longer than HEADER_READ_TIMEOUT_SECS, a
+/// request head that trickles in is cut off by edgecache's head deadline, timed from the
+/// head's first byte: not during the idle time (as hyper's head timer would), and not given
+/// what is left of the (longer) keep-alive timeout.
 #[tokio::test]
 async fn a_slow_head_after_keepalive_is_cut_off() {
     let origin = plain_origin().await;
@@ -645,9 +667,11 @@ async fn a_slow_head_after_keepalive_is_cut_off() {
     )
     .await;
     let mut s = kept_alive(proxy.addr).await;
-    // Idle for a while first (longer than the head timeout, far shorter than the
-    // keep-alive one): the head timer must start when the head does.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Elapsed idle time is what is under test: twice the head timeout, still open.
+    let mut byte = [0u8; 1];
+    let idle = tokio::time::timeout(Duration::from_secs(1), s.read(&mut byte)).await;
+    assert!(idle.is_err(), "closed while idle: {idle:?}");
+    let head_started = Instant::now();
     s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nx-a: ")
         .await
         .unwrap();
@@ -656,6 +680,19 @@ async fn a_slow_head_after_keepalive_is_cut_off() {
     assert!(
         closed.is_ok(),
         "slow head cut off long before the keep-alive timeout"
+    );
+    let took = head_started.elapsed();
+    assert!(
+        (Duration::from_millis(450)..Duration::from_secs(5)).contains(&took),
+        "closed {took:?} after the head began, not at the 0.5 s head timeout"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.metrics().contains(
+            r#"edgecache_connection_timeouts_total{reason="header_timeout"} 1"#
+        ))
+        .await,
+        "{}",
+        proxy.metrics()
     );
     assert_eq!(origin.total(), 1);
 }
@@ -680,7 +717,7 @@ async fn a_client_that_stops_reading_is_disconnected() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(15), || metrics_text(&proxy).contains(
+        eventually(Duration::from_secs(15), || proxy.metrics().contains(
             "edgecache_connection_timeouts_total{reason=\"stalled\"} 1"
         ))
         .await,

@@ -142,10 +142,6 @@ async fn allowed_hosts_refuses_other_hosts_before_any_lookup() {
     }
 }
 
-async fn admin(proxy: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Got {
-    send("POST", proxy.addr, path, headers, Bytes::new()).await
-}
-
 /// The upstream calls under its own address: `Clear-Cache` on a path reaches that path's
 /// entries under every host; `Clear-Cache-Host` narrows it to one. A refresh keeps each
 /// host's own answer.

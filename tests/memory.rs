@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 /// 300 distinct 1 KiB objects through a 64 KiB cache: the accounted size never passes the
@@ -37,7 +35,7 @@ async fn store_stays_within_the_budget_and_keeps_hot_keys() {
         "{} entries",
         cache.stats().entries
     );
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     let evicted: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("edgecache_evictions_total{reason=\"capacity\"} "))
@@ -53,18 +51,19 @@ async fn store_stays_within_the_budget_and_keeps_hot_keys() {
 async fn oversized_responses_stream_without_being_stored() {
     let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 253) as u8).collect();
     let expected = body.clone();
-    let origin = Origin::start(move |_req| {
+    let gate = Gate::new();
+    let origin = Origin::start_behind(&gate, move |_req| {
         let body = body.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            reply(200, &[("cache-control", "max-age=600")], body)
-        }
+        async move { reply(200, &[("cache-control", "max-age=600")], body) }
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[("CACHE_MAX_OBJECT_BYTES", "64KiB")]).await;
     let clients: Vec<_> = (0..5)
         .map(|_| tokio::spawn(get(proxy.addr, "/big", &[])))
         .collect();
+    // Four wait on the first fetch, which turns out too large to share.
+    assert!(proxy.followers(4).await, "4 followers joined");
+    gate.open();
     for c in clients {
         let got = c.await.unwrap();
         assert_eq!(got.status, 200);

@@ -5,17 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-}
 
 /// Scrapes `/metrics` from the operator listener of `proxy`.
 async fn scrape(ops: std::net::SocketAddr) -> String {
@@ -30,9 +20,15 @@ async fn scrape(ops: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counters_move_with_traffic() {
-    let origin = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        reply(200, &[("cache-control", "max-age=60")], "m")
+    let gate = Gate::new();
+    let origin = Origin::start_behind(&gate, |_req| {
+        let arrived = tokio::time::Instant::now();
+        async move {
+            // The upstream duration the histogram buckets below are checked against: 100 ms
+            // (or longer, should the followers take longer than that to join).
+            tokio::time::sleep_until(arrived + Duration::from_millis(100)).await;
+            reply(200, &[("cache-control", "max-age=60")], "m")
+        }
     })
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
@@ -42,97 +38,95 @@ async fn counters_move_with_traffic() {
 
     let before = scrape(ops).await;
     assert_eq!(
-        value(&before, "edgecache_requests_total{cache_status=\"HIT\"}"),
+        metric(&before, "edgecache_requests_total{cache_status=\"HIT\"}"),
         0.0
     );
 
     let herd: Vec<_> = (0..10)
         .map(|_| tokio::spawn(get(proxy.addr, "/m", &[])))
         .collect();
+    assert!(proxy.followers(9).await, "9 followers joined");
+    gate.open();
     for h in herd {
         assert_eq!(h.await.unwrap().status, 200);
     }
     get(proxy.addr, "/m", &[]).await;
-    send(
-        "POST",
-        proxy.addr,
+    admin(
+        &proxy,
         "/m",
         &[("clear-cache", "clear"), ("clear-cache-key", "Secret")],
-        Bytes::new(),
     )
     .await;
-    send(
-        "POST",
-        proxy.addr,
+    admin(
+        &proxy,
         "/m",
         &[("clear-cache", "clear"), ("clear-cache-key", "nope")],
-        Bytes::new(),
     )
     .await;
 
     let after = scrape(ops).await;
     assert_eq!(
-        value(&after, "edgecache_requests_total{cache_status=\"MISS\"}"),
+        metric(&after, "edgecache_requests_total{cache_status=\"MISS\"}"),
         10.0
     );
     assert_eq!(
-        value(&after, "edgecache_requests_total{cache_status=\"HIT\"}"),
+        metric(&after, "edgecache_requests_total{cache_status=\"HIT\"}"),
         1.0
     );
     assert_eq!(
-        value(&after, "edgecache_requests_total{cache_status=\"ADMIN\"}"),
+        metric(&after, "edgecache_requests_total{cache_status=\"ADMIN\"}"),
         2.0
     );
-    assert_eq!(value(&after, "edgecache_coalesced_requests_total"), 9.0);
+    assert_eq!(metric(&after, "edgecache_coalesced_requests_total"), 9.0);
     assert_eq!(
-        value(
+        metric(
             &after,
             "edgecache_admin_requests_total{outcome=\"cleared\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "edgecache_admin_requests_total{outcome=\"unauthorized\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(&after, "edgecache_evictions_total{reason=\"admin\"}"),
+        metric(&after, "edgecache_evictions_total{reason=\"admin\"}"),
         1.0
     );
-    assert_eq!(value(&after, "edgecache_cache_entries"), 0.0);
+    assert_eq!(metric(&after, "edgecache_cache_entries"), 0.0);
     let backend = format!("backend=\"{}\"", origin.addr);
     assert_eq!(
-        value(
+        metric(
             &after,
             &format!("edgecache_upstream_requests_total{{{backend},status=\"2xx\"}}")
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             &format!("edgecache_upstream_request_duration_seconds_count{{{backend}}}")
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.05\"}}")
         ),
         0.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             &format!("edgecache_upstream_request_duration_seconds_bucket{{{backend},le=\"0.25\"}}")
         ),
         1.0
     );
-    assert!(value(&after, "edgecache_connections_total") >= 13.0);
+    assert!(metric(&after, "edgecache_connections_total") >= 13.0);
 
     let status = get(ops, "/status", &[]).await;
     assert!(

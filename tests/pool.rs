@@ -19,24 +19,68 @@ async fn named(name: &'static str) -> Origin {
         .await
 }
 
-fn urls(origins: &[&Origin], weights: &[u32]) -> String {
-    origins
+/// Sends `GET {path}1`, `{path}2`, … (each must be answered 200) until `done` holds or
+/// `within` passes; returns whether it held. A breaker's cool-down, trial and probes show
+/// only through traffic, so these requests are the polling (10 ms apart).
+async fn get_until(
+    proxy: &ProxyHandle,
+    path: &str,
+    within: Duration,
+    done: impl Fn() -> bool,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let mut i = 0;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        i += 1;
+        let got = get(proxy.addr, &format!("{path}{i}"), &[]).await;
+        assert_eq!(got.status, 200, "{path}{i}: {}", got.text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// A steady backend, and edgecache balancing 1:1 over it and `flaky` with `env`, after GETs
+/// `{path}0`, `{path}1`, … (`opening` of them, uncached) have opened `flaky`'s breaker.
+async fn with_open_breaker(
+    flaky: &Origin,
+    env: &[(&str, &str)],
+    path: &str,
+    opening: usize,
+) -> (Origin, ProxyHandle) {
+    let steady = named("steady").await;
+    let proxy = balanced(&[flaky, &steady], &[1, 1], env).await;
+    for i in 0..opening {
+        get(proxy.addr, &format!("{path}{i}"), &[]).await;
+    }
+    assert!(
+        proxy.status().contains("breaker_open"),
+        "{}",
+        proxy.status()
+    );
+    (steady, proxy)
+}
+
+/// edgecache balancing over `origins` with `weights` (`UPSTREAM_URLS`), and `env`.
+async fn balanced(origins: &[&Origin], weights: &[u32], env: &[(&str, &str)]) -> ProxyHandle {
+    let upstreams = origins
         .iter()
         .zip(weights)
         .map(|(o, w)| format!("{} weight={w}", o.url()))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    let mut vars = vec![("UPSTREAM_URLS", upstreams.as_str())];
+    vars.extend_from_slice(env);
+    ProxyHandle::start("http://unused:1", &vars).await
 }
 
 /// Requests spread over backends in proportion to their weights (3:2:1).
 #[tokio::test]
 async fn weighted_split_follows_the_weights() {
     let (a, b, c) = (named("a").await, named("b").await, named("c").await);
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[("UPSTREAM_URLS", &urls(&[&a, &b, &c], &[3, 2, 1]))],
-    )
-    .await;
+    let proxy = balanced(&[&a, &b, &c], &[3, 2, 1], &[]).await;
     for i in 0..600 {
         assert_eq!(get(proxy.addr, &format!("/w?{i}"), &[]).await.status, 200);
     }
@@ -53,17 +97,16 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
     let a = named("a").await;
     let b = named("b").await;
     let b_addr = b.addr;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&a, &b],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
             ("HEALTH_CHECK_INTERVAL_SECS", "0.1"),
             ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
             ("HEALTH_CHECK_RECOVERY_THRESHOLD", "2"),
         ],
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     for i in 0..20 {
         assert_eq!(get(proxy.addr, &format!("/k?{i}"), &[]).await.status, 200);
     }
@@ -77,11 +120,12 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
         );
     }
     assert!(
-        eventually(Duration::from_secs(5), || status()
+        eventually(Duration::from_secs(5), || proxy
+            .status()
             .contains(r#""state":"down""#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
 
     let b2 = Origin::start_on(b_addr, |_req| async {
@@ -89,11 +133,12 @@ async fn killed_backend_drops_out_without_failed_requests_and_returns() {
     })
     .await;
     assert!(
-        eventually(Duration::from_secs(5), || !status()
+        eventually(Duration::from_secs(5), || !proxy
+            .status()
             .contains(r#""state":"down""#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
     let mut saw_b = false;
     for i in 0..20 {
@@ -116,10 +161,10 @@ async fn all_backends_down_is_503_or_stale() {
         )
     };
     let (a, b) = (Origin::start(body).await, Origin::start(body).await);
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&a, &b],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "30"),
             ("STALE_RETENTION_SECS", "60"),
@@ -183,10 +228,10 @@ async fn breaker_opens_and_half_opens() {
     })
     .await;
     let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let proxy = balanced(
+        &[&flaky, &steady],
+        &[1, 1],
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "2"),
             ("BREAKER_COOLDOWN_SECS", "0.5"),
         ],
@@ -201,7 +246,7 @@ async fn breaker_opens_and_half_opens() {
         2,
         "{statuses:?}"
     );
-    assert!(edgecache::ops::status_json(&proxy.proxy).contains("breaker_open"));
+    assert!(proxy.status().contains("breaker_open"));
     let before = flaky.total();
     for i in 0..10 {
         let got = get(proxy.addr, &format!("/b?open{i}"), &[]).await;
@@ -214,23 +259,19 @@ async fn breaker_opens_and_half_opens() {
     );
     failing.store(false, Ordering::SeqCst);
     // After the cool-down one trial request reaches the flaky backend and closes the breaker.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && flaky.total() == before {
-        get(proxy.addr, "/b?trial", &[]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        flaky.total() > before,
+        get_until(&proxy, "/b?trial", Duration::from_secs(5), || flaky.total()
+            > before)
+        .await,
         "the trial request went to the recovered backend"
     );
     assert!(
-        eventually(Duration::from_secs(2), || !edgecache::ops::status_json(
-            &proxy.proxy
-        )
-        .contains("breaker"))
+        eventually(Duration::from_secs(2), || !proxy
+            .status()
+            .contains("breaker"))
         .await,
         "{}",
-        edgecache::ops::status_json(&proxy.proxy)
+        proxy.status()
     );
 }
 
@@ -393,12 +434,6 @@ impl RawOrigin {
     }
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// Item 3: an origin that closes every reused connection on its second request without
 /// answering. With one backend, every GET (and bodiless HEAD/DELETE pass-through) still
 /// succeeds: the failure happened before any response byte, so it is retried on a fresh
@@ -423,7 +458,7 @@ async fn reused_connection_closed_by_the_origin_is_retried_on_a_fresh_one() {
         .await;
         assert_eq!(got.status, 200, "{method}");
     }
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     let retries = metric(
         &metrics,
         &format!(
@@ -492,11 +527,10 @@ async fn keep_alive_timeout_of_the_origin_retires_idle_connections_early() {
     .await;
     let proxy = ProxyHandle::start(&origin.url(), &[]).await;
     assert_eq!(get(proxy.addr, "/ka?1", &[]).await.status, 200);
-    let status = || edgecache::ops::status_json(&proxy.proxy);
     assert!(
-        status().contains(r#""idle_timeout_ms":500"#),
+        proxy.status().contains(r#""idle_timeout_ms":500"#),
         "{}",
-        status()
+        proxy.status()
     );
     // The lowering rebuilt the pool (the first connection went with the old one).
     assert_eq!(get(proxy.addr, "/ka?2", &[]).await.status, 200);
@@ -533,6 +567,20 @@ async fn checked(name: &'static str, code: u16, live: Arc<AtomicUsize>) -> Origi
     .await
 }
 
+/// edgecache over `a` and `b` (1:1), probing each every 20 ms; two failed probes in a row
+/// take a backend out.
+async fn fast_checked(a: &Origin, b: &Origin) -> ProxyHandle {
+    balanced(
+        &[a, b],
+        &[1, 1],
+        &[
+            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
+            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
+        ],
+    )
+    .await
+}
+
 /// Item 4: backends without a `/health-check` route (404) are not taken out by the default
 /// health checks.
 #[tokio::test]
@@ -541,21 +589,13 @@ async fn backends_without_the_check_route_stay_in() {
         checked("a", 404, Arc::default()).await,
         checked("b", 405, Arc::default()).await,
     );
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
-            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
-            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
-        ],
-    )
-    .await;
+    let proxy = fast_checked(&a, &b).await;
     assert!(
         eventually(Duration::from_secs(5), || a.hits("/health-check") >= 4
             && b.hits("/health-check") >= 4)
         .await
     );
-    let status = edgecache::ops::status_json(&proxy.proxy);
+    let status = proxy.status();
     assert_eq!(status.matches(r#""state":"up""#).count(), 2, "{status}");
     assert!(status.contains(r#""panic_mode":false"#), "{status}");
     for i in 0..10 {
@@ -572,29 +612,21 @@ async fn panic_mode_when_too_few_backends_pass_their_checks() {
         checked("a", 500, live_a.clone()).await,
         checked("b", 500, live_b.clone()).await,
     );
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
-        &[
-            ("UPSTREAM_URLS", &urls(&[&a, &b], &[1, 1])),
-            ("HEALTH_CHECK_INTERVAL_SECS", "0.02"),
-            ("HEALTH_CHECK_FAILURE_THRESHOLD", "2"),
-        ],
-    )
-    .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
+    let proxy = fast_checked(&a, &b).await;
     assert!(
-        eventually(Duration::from_secs(5), || status()
+        eventually(Duration::from_secs(5), || proxy
+            .status()
             .contains(r#""panic_mode":true"#))
         .await,
         "{}",
-        status()
+        proxy.status()
     );
-    assert_eq!(status().matches(r#""state":"down""#).count(), 2);
+    assert_eq!(proxy.status().matches(r#""state":"down""#).count(), 2);
     for i in 0..10 {
         assert_eq!(get(proxy.addr, &format!("/p?{i}"), &[]).await.status, 200);
     }
     assert!(live_a.load(Ordering::SeqCst) > 0 && live_b.load(Ordering::SeqCst) > 0);
-    let metrics = edgecache::ops::metrics_text(&proxy.proxy);
+    let metrics = proxy.metrics();
     assert_eq!(metric(&metrics, "edgecache_upstream_panic_mode"), 1.0);
 }
 
@@ -618,36 +650,27 @@ async fn passing_probes_close_an_open_breaker() {
         async move { reply(status, &[("cache-control", "no-store")], "flaky") }
     })
     .await;
-    let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let (_steady, proxy) = with_open_breaker(
+        &flaky,
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "600"),
             ("HEALTH_CHECK_INTERVAL_SECS", "0.05"),
             ("HEALTH_CHECK_RECOVERY_THRESHOLD", "2"),
         ],
+        "/o?",
+        4,
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
-    for i in 0..4 {
-        get(proxy.addr, &format!("/o?{i}"), &[]).await;
-    }
-    assert!(status().contains("breaker_open"), "{}", status());
     failing.store(false, Ordering::SeqCst);
     let before = live.load(Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut i = 0;
-    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
-        i += 1;
-        assert_eq!(get(proxy.addr, &format!("/c?{i}"), &[]).await.status, 200);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        live.load(Ordering::SeqCst) > before,
+        get_until(&proxy, "/c?", Duration::from_secs(5), || live
+            .load(Ordering::SeqCst)
+            > before)
+        .await,
         "the backend gets traffic again within 5 s of a 600 s cool-down: {}",
-        status()
+        proxy.status()
     );
 }
 
@@ -672,21 +695,16 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         }
     })
     .await;
-    let steady = named("steady").await;
-    let proxy = ProxyHandle::start(
-        "http://unused:1",
+    let (_steady, proxy) = with_open_breaker(
+        &flaky,
         &[
-            ("UPSTREAM_URLS", &urls(&[&flaky, &steady], &[1, 1])),
             ("BREAKER_FAILURE_THRESHOLD", "1"),
             ("BREAKER_COOLDOWN_SECS", "0.2"),
         ],
+        "/t?",
+        2,
     )
     .await;
-    let status = || edgecache::ops::status_json(&proxy.proxy);
-    for i in 0..2 {
-        get(proxy.addr, &format!("/t?{i}"), &[]).await;
-    }
-    assert!(status().contains("breaker_open"), "{}", status());
     mode.store(1, Ordering::SeqCst);
 
     // Pass-through POSTs until one is the trial and hangs at the flaky backend; then its
@@ -694,7 +712,7 @@ async fn abandoned_half_open_trial_frees_the_slot() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut abandoned = false;
     while !abandoned && Instant::now() < deadline {
-        let before = live.load(Ordering::SeqCst);
+        let before = flaky.total();
         let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         client
             .write_all(b"POST /t HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
@@ -703,32 +721,23 @@ async fn abandoned_half_open_trial_frees_the_slot() {
         let mut buf = [0u8; 1024];
         tokio::select! {
             _ = client.read(&mut buf) => {} // answered by the steady backend
-            _ = async {
-                while live.load(Ordering::SeqCst) == before {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            } => abandoned = true,
+            reached = flaky.wait_until(Duration::from_secs(5), |o| o.total() > before) => {
+                abandoned = reached;
+            }
         }
         drop(client);
     }
-    assert!(abandoned, "a POST became the trial: {}", status());
+    assert!(abandoned, "a POST became the trial: {}", proxy.status());
 
     mode.store(2, Ordering::SeqCst);
     let before = live.load(Ordering::SeqCst);
     // Shorter than REQ_TIMEOUT: the abandoned trial never reports.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut i = 0;
-    while Instant::now() < deadline && live.load(Ordering::SeqCst) == before {
-        i += 1;
-        assert_eq!(
-            get(proxy.addr, &format!("/t?after{i}"), &[]).await.status,
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        live.load(Ordering::SeqCst) > before,
+        get_until(&proxy, "/t?after", Duration::from_secs(3), || live
+            .load(Ordering::SeqCst)
+            > before)
+        .await,
         "the backend got a new trial: {}",
-        status()
+        proxy.status()
     );
 }

@@ -8,8 +8,8 @@ use std::fs;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use common::get;
 use common::process::*;
-use common::{eventually, get};
 use tokio::io::AsyncWriteExt;
 
 /// Runs `edgecache` with `env` and asserts it stops before serving: exit code 2 and exactly one
@@ -284,26 +284,10 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0() {
     let slow_path = "/data?id=slow&delay_ms=1500";
     let slow = tokio::spawn(get(addr, slow_path, &[]));
     // The origin counts the request before sleeping: once it is counted, it is in flight.
-    let deadline = Instant::now() + DEADLINE;
-    while origin.stats(slow_path).await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    origin.wait_for(slow_path, 1).await;
     let signalled = Instant::now();
-    proxy.terminate();
-
     // New connections are refused soon after the signal.
-    assert!(
-        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
-            addr
-        )
-        .is_err())
-        .await,
-        "edgecache still accepts connections 5 s after SIGTERM"
-    );
+    proxy.terminate_and_stop_accepting().await;
 
     let got = tokio::time::timeout(DEADLINE, slow)
         .await
@@ -349,24 +333,9 @@ async fn second_sigterm_during_drain_exits_at_once() {
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!("GET {slow_path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     slow.write_all(head.as_bytes()).await.unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while origin.stats(slow_path).await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    proxy.terminate();
+    origin.wait_for(slow_path, 1).await;
     // The listener closes once the first signal has been handled: now it is draining.
-    assert!(
-        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
-            addr
-        )
-        .is_err())
-        .await,
-        "edgecache still accepts connections 5 s after SIGTERM"
-    );
+    proxy.terminate_and_stop_accepting().await;
     assert!(
         proxy.child.0.try_wait().unwrap().is_none(),
         "exited before draining"

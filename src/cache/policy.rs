@@ -546,19 +546,27 @@ mod tests {
         assert_eq!(c.max_age, Some(5));
     }
 
+    /// Malformed fields neither panic nor yield a directive, except that a `max-age` with an
+    /// invalid value counts as `0` (stale, RFC 9111 §4.2.1): nothing becomes storable, fresh or
+    /// forbidden by accident.
     #[test]
-    fn garbage_never_panics() {
-        for v in [
-            ",,,",
-            "=",
-            "=5",
-            "\"",
-            "max-age=\"",
-            "a=\"b,c",
-            "max-age=1 2",
-            "\t;;",
+    fn garbage_never_panics_nor_yields_directives() {
+        let stale = CacheControl {
+            max_age: Some(0),
+            ..CacheControl::default()
+        };
+        for (v, want) in [
+            (",,,", &CacheControl::default()),
+            ("=", &CacheControl::default()),
+            ("=5", &CacheControl::default()),
+            ("\"", &CacheControl::default()),
+            ("max-age=\"", &stale),
+            ("a=\"b,c", &CacheControl::default()),
+            ("max-age=1 2", &stale),
+            ("\t;;", &CacheControl::default()),
         ] {
-            let _ = CacheControl::parse(&headers(&[("cache-control", v)]));
+            let parsed = CacheControl::parse(&headers(&[("cache-control", v)]));
+            assert_eq!(&parsed, want, "{v:?}");
         }
     }
 

@@ -405,6 +405,43 @@ mod tests {
         assert!(!a.is_idle_keepalive(), "a head has begun");
     }
 
+    /// [`Watched`] under paused time: a connection that sends nothing is cut at the head
+    /// deadline from its connect, to the millisecond, and reported as such.
+    #[tokio::test(start_paused = true)]
+    async fn watched_cuts_a_silent_connection_at_the_head_deadline() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0, Arc::default());
+        let out = Watched::new(std::future::pending::<()>(), a, LIMITS).await;
+        assert_eq!(out, Err(Expired::Header));
+        assert_eq!(Instant::now() - t0, LIMITS.header);
+    }
+
+    /// [`Watched`] under paused time: a head that begins during a keep-alive idle moves the
+    /// deadline earlier, and the next poll re-arms the timer for it: cut `header` after the
+    /// head began, not at the end of the idle timeout.
+    #[tokio::test(start_paused = true)]
+    async fn watched_rearms_for_a_head_that_begins_while_idle() {
+        let t0 = Instant::now();
+        let a = Activity::opened_at(t0, Arc::default());
+        a.on_read(b"GET / HTTP/1.1\r\n\r\n", || t0);
+        a.request_started();
+        a.request_ended(t0);
+        // The connection's I/O: the test wakes it when the head's first bytes "arrive".
+        let bytes = Arc::new(tokio::sync::Notify::new());
+        let arrived = bytes.clone();
+        let conn = async move {
+            arrived.notified().await;
+            std::future::pending::<()>().await
+        };
+        let watched = tokio::spawn(Watched::new(conn, a.clone(), LIMITS));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let head = Instant::now();
+        a.on_head_scanned(true, || head);
+        bytes.notify_one();
+        assert_eq!(watched.await.unwrap(), Err(Expired::Header));
+        assert_eq!(Instant::now() - head, LIMITS.header);
+    }
+
     #[test]
     fn http2_frames_between_streams_are_not_request_heads() {
         let t0 = Instant::now();

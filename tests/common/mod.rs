@@ -108,8 +108,29 @@ impl Origin {
         }
     }
 
+    /// Starts an origin whose responses from `handler` are held at `gate`: the handler is
+    /// called as each request arrives, its future awaited once the gate is open.
+    pub async fn start_behind<F, Fut>(gate: &Gate, handler: F) -> Origin
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = OriginResponse> + Send + 'static,
+    {
+        let gate = gate.clone();
+        Self::start(move |req| {
+            let (gate, response) = (gate.clone(), handler(req));
+            async move {
+                gate.pass().await;
+                response.await
+            }
+        })
+        .await
+    }
+
     /// Waits until `cond` holds for this origin, re-checking it as each request arrives (an
-    /// event, not a polling interval); returns false if `timeout` passes first.
+    /// event, not a polling interval); returns false if `timeout` passes first. `cond` must
+    /// read what the origin counts before it wakes waiters ([`Origin::hits`],
+    /// [`Origin::total`], `started`), not what the handler itself changes: that may not have
+    /// happened yet when the re-check runs.
     pub async fn wait_until(&self, timeout: Duration, cond: impl Fn(&Origin) -> bool) -> bool {
         let wait = async {
             loop {
@@ -149,6 +170,47 @@ impl Origin {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+/// An origin whose body changes on every request (`v1`, `v2`, …), with `headers` on each.
+pub async fn versioned_origin(headers: &'static [(&'static str, &'static str)]) -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |_req| {
+        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { reply(200, headers, format!("v{v}")) }
+    })
+    .await
+}
+
+/// An address nothing listens on, reserved for the test's lifetime: a socket bound to it but
+/// not listening, so connecting is refused and no other test can take the port meanwhile.
+pub fn refused_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
+/// Holds origin handlers until the test opens it: a handler awaits [`Gate::pass`], the test
+/// calls [`Gate::open`] once what it waits for (followers queued behind a fetch, say) has
+/// happened. Open, it lets everything through.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+
+    /// Returns once the gate is open.
+    pub async fn pass(&self) {
+        // No permit is ever added: `acquire` waits until `close`, then fails at once.
+        let _ = self.0.acquire().await;
+    }
+
+    pub fn open(&self) {
+        self.0.close();
     }
 }
 
@@ -211,6 +273,26 @@ impl ProxyHandle {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (up to 5 s) until `n` requests in all have joined a fetch already under way as
+    /// followers (counted as they join, before they wait); returns whether they did.
+    pub async fn followers(&self, n: u64) -> bool {
+        let metrics = &self.proxy.metrics;
+        eventually(Duration::from_secs(5), || {
+            metrics.coalesced.load(Ordering::SeqCst) >= n
+        })
+        .await
+    }
+
+    /// What `/metrics` would show now.
+    pub fn metrics(&self) -> String {
+        edgecache::ops::metrics_text(&self.proxy)
+    }
+
+    /// What `/status` would show now.
+    pub fn status(&self) -> String {
+        edgecache::ops::status_json(&self.proxy)
     }
 
     /// Signals shutdown and waits for the server to finish draining.
@@ -279,6 +361,30 @@ pub async fn send(
 
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
     send("GET", addr, path, headers, Bytes::new()).await
+}
+
+/// An admin request (`POST` with a body the proxy ignores) to the proxy.
+pub async fn admin(proxy: &ProxyHandle, path: &str, headers: &[(&str, &str)]) -> Got {
+    send(
+        "POST",
+        proxy.addr,
+        path,
+        headers,
+        Bytes::from_static(b"ignored"),
+    )
+    .await
+}
+
+/// The value of one series (name and labels exactly as rendered) in a Prometheus text
+/// exposition; panics, showing the text, if it is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|rest| rest.starts_with(' '))
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.

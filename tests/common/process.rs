@@ -109,6 +109,21 @@ impl Edgecache {
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+
+    /// Sends SIGTERM and waits (up to 5 s) until the proxy's listener refuses connections:
+    /// the signal has been handled and the daemon is draining.
+    pub async fn terminate_and_stop_accepting(&self) {
+        self.terminate();
+        let addr = self.addr;
+        assert!(
+            super::eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+                addr
+            )
+            .is_err())
+            .await,
+            "edgecache still accepts connections 5 s after SIGTERM"
+        );
+    }
 }
 
 /// Reads one line on a thread of its own, waiting at most `within`; `None` on a timeout, or
@@ -179,6 +194,21 @@ impl MockOrigin {
         let got = get(self.addr, &format!("/stats?path={encoded}"), &[]).await;
         assert_eq!(got.status, 200, "{got:?}");
         got.text().trim().parse().unwrap()
+    }
+}
+
+impl MockOrigin {
+    /// Polls [`MockOrigin::stats`] (every 10 ms, up to [`DEADLINE`]) until `path_and_query`
+    /// has arrived `n` times; panics if it has not by then.
+    pub async fn wait_for(&self, path_and_query: &str, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.stats(path_and_query).await < n {
+            assert!(
+                Instant::now() < deadline,
+                "{path_and_query} did not reach the origin {n} times within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
