@@ -286,6 +286,73 @@ async fn request_body_limit() {
     );
 }
 
+/// A client's oversized or broken request body is the client's fault: it never counts as a
+/// backend failure nor opens a backend's circuit breaker (with two backends, where breakers
+/// keep books, and a threshold of one failure).
+#[tokio::test]
+async fn a_clients_bad_body_never_opens_a_backends_breaker() {
+    let handler = |req: http::Request<hyper::body::Incoming>| async move {
+        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+        reply(200, &[], "took it")
+    };
+    let (a, b) = (Origin::start(handler).await, Origin::start(handler).await);
+    let proxy = ProxyHandle::start(
+        &a.url(),
+        &[
+            ("UPSTREAM_URLS", &format!("{}, {}", a.url(), b.url())),
+            ("BREAKER_FAILURE_THRESHOLD", "1"),
+            ("HEALTH_CHECK_INTERVAL_SECS", "0"),
+            ("MAX_REQUEST_BODY_BYTES", "1KiB"),
+        ],
+    )
+    .await;
+    for _ in 0..4 {
+        let big = raw(
+            proxy.addr,
+            format!("POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n1000\r\n{}\r\n0\r\n\r\n", "y".repeat(4096)).as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            big.starts_with("HTTP/1.1 413"),
+            "{}",
+            &big[..big.len().min(60)]
+        );
+        let broken = raw(
+            proxy.addr,
+            b"POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            broken.starts_with("HTTP/1.1 400"),
+            "{}",
+            &broken[..broken.len().min(60)]
+        );
+    }
+    let status = proxy.status();
+    assert!(
+        !status.contains(r#""failures":1"#) && status.matches(r#""failures":0"#).count() == 2,
+        "{status}"
+    );
+    assert!(!status.contains("open"), "no breaker opened: {status}");
+    // Both backends still take traffic.
+    for _ in 0..4 {
+        assert_eq!(
+            get(proxy.addr, "/after", &[("cache-control", "no-store")])
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(
+        a.total() > 0 && b.total() > 0,
+        "{} {}",
+        a.total(),
+        b.total()
+    );
+}
+
 /// Repeated wrong admin keys from one address are answered 429 for a while.
 #[tokio::test]
 async fn admin_key_guessing_is_throttled() {

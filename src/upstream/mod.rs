@@ -510,7 +510,11 @@ impl Upstream {
         };
         backend.outcomes[class].fetch_add(1, Ordering::Relaxed);
         let ok = matches!(&result, Ok(resp) if !resp.status().is_server_error());
-        if !ok {
+        // A request body the client cut short or sent too much of says nothing about the
+        // backend: no failure counted, nothing reported to its breaker (a half-open trial
+        // slot is given back when the permit drops).
+        let clients_fault = matches!(&result, Err(f) if f.body_fault.is_some());
+        if !ok && !clients_fault {
             backend.failures.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(failed) = &result {
@@ -534,7 +538,9 @@ impl Upstream {
                 backend.lower_idle_timeout(retire_before(closes_after));
             }
         }
-        permit.report(ok);
+        if !clients_fault {
+            permit.report(ok);
+        }
         result
     }
 
