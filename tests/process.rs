@@ -385,13 +385,10 @@ async fn mock_origin_json_escapes_quotes_and_backslashes() {
     assert_eq!(stats["total"], 3, "{stats}");
 }
 
-/// The settings of `.env.example` (its uncommented `NAME=` lines).
+/// Every setting's name: `config::SETTINGS`, which a unit test in config.rs keeps equal to
+/// the uncommented `NAME=` lines of `.env.example`, in order.
 fn env_example_settings() -> Vec<&'static str> {
-    include_str!("../.env.example")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
-        .collect()
+    edgecache::config::SETTINGS.iter().map(|s| s.name).collect()
 }
 
 /// `edgecache --help` exits 0 without starting, and lists every setting of `.env.example`

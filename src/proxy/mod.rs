@@ -808,6 +808,11 @@ mod tests {
     async fn request_body_faults_are_the_clients() {
         let upstream = format!("http://{}", silent_upstream().await);
         let proxy = serve(upstream, &[("MAX_REQUEST_BODY_BYTES", "1KiB")]).await;
+        assert_body_faults_are_the_clients(proxy).await;
+    }
+
+    /// An over-limit chunked body gets 413, a broken one 400 with `Connection: close`.
+    async fn assert_body_faults_are_the_clients(proxy: std::net::SocketAddr) {
         let big = format!(
             "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
             "y".repeat(2048)
@@ -855,82 +860,6 @@ mod tests {
         let small = "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         let resp = exchange(proxy, small.as_bytes()).await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-        let big = format!(
-            "POST /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
-            "y".repeat(2048)
-        );
-        let resp = exchange(proxy, big.as_bytes()).await;
-        assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
-        let broken = b"POST /u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
-        let resp = exchange(proxy, broken).await;
-        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-        assert!(
-            resp.to_ascii_lowercase().contains("connection: close"),
-            "{resp}"
-        );
-    }
-
-    /// A log sink for a test's subscriber.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// Serves one refused request (421, after the key is known) under a subscriber at
-    /// `level`; returns what was logged.
-    async fn logged_at(level: tracing::Level) -> String {
-        let sink = Captured::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        // The current-thread test runtime runs the server's tasks on this thread.
-        let _default = tracing::subscriber::set_default(subscriber);
-        let upstream = format!("http://{}", silent_upstream().await);
-        let proxy = serve(upstream, &[("ALLOWED_HOSTS", "allowed.example")]).await;
-        let resp = exchange(
-            proxy,
-            b"GET /x?y=1 HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(resp.starts_with("HTTP/1.1 421"), "{resp}");
-        let out = sink.0.lock().unwrap().clone();
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    /// Item 9: at `debug` a request's events carry its connection's span (peer) and its own
-    /// (method, path, client, key); at the default `info` neither span exists.
-    #[tokio::test]
-    async fn requests_are_logged_in_connection_and_request_spans() {
-        let debug = logged_at(tracing::Level::DEBUG).await;
-        let refused = debug
-            .lines()
-            .find(|l| l.contains("request refused"))
-            .unwrap_or_else(|| panic!("{debug}"));
-        assert!(refused.contains("connection{peer=127.0.0.1:"), "{refused}");
-        assert!(
-            refused.contains(
-                r#"request{method=GET path="/x?y=1" client=127.0.0.1 key="http://other.example/x?y=1"}"#
-            ),
-            "{refused}"
-        );
-        assert!(refused.contains("kind=\"host_not_served\""), "{refused}");
-
-        let info = logged_at(tracing::Level::INFO).await;
-        assert!(info.contains("edgecache::access"), "{info}");
-        assert!(
-            !info.contains("request{") && !info.contains("connection{"),
-            "{info}"
-        );
+        assert_body_faults_are_the_clients(proxy).await;
     }
 }
