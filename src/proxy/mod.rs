@@ -350,8 +350,9 @@ impl Proxy {
                 let (tx, rx) = oneshot::channel();
                 let proxy = self.clone();
                 // The fetch runs in its own task: it completes (and is stored, and followers
-                // are answered) even if this client disconnects.
-                tokio::spawn(async move {
+                // are answered) even if this client disconnects. On the cancellation tree, so
+                // a panic in it is logged and shutdown awaits it.
+                self.background.spawn("fill", async move {
                     let fetched = proxy.fetch_for_cache(fetch).await;
                     guard.publish(fetched.outcome());
                     let _ = tx.send(fetched);
