@@ -89,11 +89,12 @@ pub struct Limits {
 }
 
 /// How far clients' own `Cache-Control` request directives are obeyed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ClientCacheControl {
     /// Obey only what cannot force an origin fetch: `no-store`, `only-if-cached`,
     /// `max-stale`. `no-cache`, `max-age`, `min-fresh` and `Pragma: no-cache` are ignored, so
     /// no client can make the proxy hit the origin at will (the default).
+    #[default]
     Safe,
     /// Obey all request directives (revalidations they cause are still coalesced).
     Full,

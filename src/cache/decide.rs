@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::entry::{ms_at, CachedResponse};
 use super::policy::CacheControl;
-use crate::config::Config;
+use crate::config::{ClientCacheControl, Config};
 
 /// The operator settings the decisions read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct Settings {
     pub stale_retention: Duration,
     /// `REQ_TIMEOUT`: the most a refresh is started ahead of expiry.
     pub upstream_timeout: Duration,
+    /// `CLIENT_CACHE_CONTROL`: which of a client's request directives are obeyed.
+    pub client_cache_control: ClientCacheControl,
 }
 
 impl From<&Config> for Settings {
@@ -35,6 +37,7 @@ impl From<&Config> for Settings {
             stale_if_error: c.stale_if_error,
             stale_retention: c.stale_retention,
             upstream_timeout: c.upstream_timeout,
+            client_cache_control: c.client_cache_control,
         }
     }
 }
@@ -67,6 +70,22 @@ pub enum Serve {
     Revalidate,
     /// Nothing stored: fetch.
     Fetch,
+}
+
+/// The client's request directives this proxy obeys (`CLIENT_CACHE_CONTROL`): under `safe`
+/// (the default) `no-cache`, `max-age` and `min-fresh` are dropped, so no client can force
+/// an origin fetch at will; `no-store`, `only-if-cached` and `max-stale` always apply.
+pub fn client_directives(headers: &http::HeaderMap, settings: &Settings) -> CacheControl {
+    if !headers.contains_key(http::header::CACHE_CONTROL) {
+        return CacheControl::default(); // the usual request: nothing to parse
+    }
+    let mut cc = CacheControl::parse(headers);
+    if settings.client_cache_control == ClientCacheControl::Safe {
+        cc.no_cache = false;
+        cc.max_age = None;
+        cc.min_fresh = None;
+    }
+    cc
 }
 
 /// What a downstream lookup does with `entry`, given the client's directives `client`.
@@ -278,6 +297,7 @@ mod tests {
             stale_if_error: Duration::ZERO,
             stale_retention: Duration::ZERO,
             upstream_timeout: 10 * S,
+            client_cache_control: ClientCacheControl::Safe,
         }
     }
 
@@ -583,5 +603,27 @@ mod tests {
             ExpiryAction::Recheck(c.0 + 60 * S)
         );
         assert_eq!(on_deadline(&always, &s, c.at(61.0)), ExpiryAction::Drop);
+    }
+
+    #[test]
+    fn client_directives_under_safe_and_full() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static(
+                "no-cache, max-age=0, min-fresh=5, max-stale=9, only-if-cached, no-store",
+            ),
+        );
+        let mut settings = settings();
+        let safe = client_directives(&h, &settings);
+        assert!(!safe.no_cache && safe.max_age.is_none() && safe.min_fresh.is_none());
+        assert!(safe.only_if_cached && safe.no_store && safe.max_stale == Some(9));
+        settings.client_cache_control = ClientCacheControl::Full;
+        let full = client_directives(&h, &settings);
+        assert!(full.no_cache && full.max_age == Some(0) && full.min_fresh == Some(5));
+        assert_eq!(
+            client_directives(&http::HeaderMap::new(), &settings).max_age,
+            None
+        );
     }
 }

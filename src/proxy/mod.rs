@@ -40,9 +40,8 @@ use crate::cache::key::{
     host_allowed, origin_host, path_and_query, push_flight_suffix, request_key, split_key,
     BadOrigin,
 };
-use crate::cache::policy::CacheControl;
 use crate::cache::{Cache, FetchOutcome};
-use crate::config::{ClientCacheControl, Config};
+use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, Side, UpstreamError};
 use crate::metrics::{Eviction, Metrics, RequestClass};
 use crate::upstream::Upstream;
@@ -214,7 +213,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = req.method() == Method::HEAD;
         let now = Instant::now();
-        let client = self.client_directives(req.headers());
+        let client = decide::client_directives(req.headers(), &self.settings);
         let base = self.cache.lookup(&key, req.headers()).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
@@ -268,21 +267,6 @@ impl Proxy {
             .await;
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         resp
-    }
-
-    /// The client's request directives that this proxy obeys (`CLIENT_CACHE_CONTROL`).
-    fn client_directives(&self, headers: &HeaderMap) -> CacheControl {
-        if !headers.contains_key(header::CACHE_CONTROL) {
-            return CacheControl::default();
-        }
-        let mut cc = CacheControl::parse(headers);
-        if self.config.client_cache_control == ClientCacheControl::Safe {
-            // Directives that would let any client force an origin fetch are ignored.
-            cc.no_cache = false;
-            cc.max_age = None;
-            cc.min_fresh = None;
-        }
-        cc
     }
 
     /// Fetches a missing or stale entry once for all concurrent requesters.
