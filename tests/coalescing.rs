@@ -126,11 +126,14 @@ async fn unshareable_response_is_not_handed_to_followers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_waiter_gets_the_same_timeout() {
     let origin = Origin::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Never in time: the upstream answer comes long after REQ_TIMEOUT.
+        tokio::time::sleep(Duration::from_secs(30)).await;
         reply(200, &[], "late")
     })
     .await;
-    let proxy = ProxyHandle::start(&origin.url(), &[("REQ_TIMEOUT", "0.3")]).await;
+    // Long enough that all 20 clients join the one flight before it times out even on a
+    // loaded machine (joining takes milliseconds); short enough for a quick test.
+    let proxy = ProxyHandle::start(&origin.url(), &[("REQ_TIMEOUT", "2")]).await;
     let tasks: Vec<_> = (0..20)
         .map(|_| tokio::spawn(get(proxy.addr, "/slow", &[])))
         .collect();
