@@ -292,18 +292,14 @@ impl Proxy {
             last_access_ms: clock_ms(),
         };
 
+        let reply = |fetched| {
+            self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status, &key)
+        };
+
         // A request with credentials may get a personalised answer: it never leads or joins a
         // flight, though the response is still stored when the origin marks it shareable.
         if parts.headers.contains_key(header::AUTHORIZATION) {
-            let fetched = self.fetch_for_cache(fetch).await;
-            return self.respond_fetched(
-                fetched,
-                head,
-                &parts.headers,
-                base.as_deref(),
-                status,
-                &key,
-            );
+            return reply(self.fetch_for_cache(fetch).await);
         }
 
         let vary_names = match &base {
@@ -342,14 +338,7 @@ impl Proxy {
                     let _ = tx.send(fetched);
                 });
                 match rx.await {
-                    Ok(fetched) => self.respond_fetched(
-                        fetched,
-                        head,
-                        &parts.headers,
-                        base.as_deref(),
-                        status,
-                        &key,
-                    ),
+                    Ok(fetched) => reply(fetched),
                     Err(_) => {
                         tracing::warn!(%key, "the upstream fetch task ended without an answer");
                         Err(ErrorKind::FetchAbandoned.into())
@@ -367,17 +356,7 @@ impl Proxy {
                         self.respond_failed(e, head, &parts.headers, base.as_deref(), &key)
                     }
                     // Not shareable, another variant, or the leader vanished: fetch alone.
-                    _ => {
-                        let fetched = self.fetch_for_cache(fetch).await;
-                        self.respond_fetched(
-                            fetched,
-                            head,
-                            &parts.headers,
-                            base.as_deref(),
-                            status,
-                            &key,
-                        )
-                    }
+                    _ => reply(self.fetch_for_cache(fetch).await),
                 }
             }
         }

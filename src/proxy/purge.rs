@@ -14,10 +14,14 @@ use super::headers::Downstream;
 use super::{respond, Proxy};
 use crate::admin::{self, AdminRefusal, AdminRequest, Outcome, Refreshes, Reply, Scope};
 use crate::body::ProxyBody;
+use crate::cache::coalesce::Waiter;
 use crate::cache::key::path_and_query;
 use crate::cache::FetchOutcome;
 use crate::error::UpstreamError;
 use crate::metrics::Eviction;
+
+/// A refresh an admin request started: the key and the refresh's waiter.
+type Started = (Arc<str>, Waiter<FetchOutcome>);
 
 impl Proxy {
     /// Handles an admin request (one that carries `Clear-Cache`); it never goes upstream.
@@ -81,14 +85,16 @@ impl Proxy {
 
     /// One path (under every host the filter lets through): clear or refresh each stored
     /// variant, waiting for refreshes to land.
-    async fn purge_path(self: &Arc<Self>, req: &AdminRequest) -> Outcome {
+    /// Refreshes or drops, per its mode, each stored variant `req` addresses. Returns how
+    /// many were dropped and the refreshes started (their waiters may be awaited or dropped).
+    fn refresh_or_drop(self: &Arc<Self>, req: &AdminRequest) -> (usize, Vec<Started>) {
         let window = self.config.refresh_window;
-        let selected = self
-            .cache
-            .select(req.target(), |o| req.hosts.matches_origin(o));
         let mut cleared = 0;
         let mut waiters = Vec::new();
-        for (key, variants) in selected {
+        for (key, variants) in self
+            .cache
+            .select(req.target(), |o| req.hosts.matches_origin(o))
+        {
             for entry in variants {
                 if req.mode.refreshes(&entry, window) {
                     waiters.push((key.clone(), self.refresh(key.clone(), entry)));
@@ -98,6 +104,11 @@ impl Proxy {
             }
         }
         self.metrics.evicted(Eviction::Admin, cleared);
+        (cleared, waiters)
+    }
+
+    async fn purge_path(self: &Arc<Self>, req: &AdminRequest) -> Outcome {
+        let (cleared, waiters) = self.refresh_or_drop(req);
         if waiters.is_empty() {
             return Outcome::Path {
                 cleared,
@@ -130,28 +141,22 @@ impl Proxy {
     }
 
     /// Many keys (prefix or all): clears happen now, refreshes start in the background.
+    /// Many keys: clears happen now, refreshes run in the background (not awaited).
     fn purge_many(self: &Arc<Self>, req: &AdminRequest) -> Outcome {
-        let window = self.config.refresh_window;
-        let origin = |o: &str| req.hosts.matches_origin(o);
-        let (mut cleared, mut refreshing) = (0, 0);
         if req.mode == admin::Mode::Clear {
-            cleared = self.cache.purge(req.target(), origin);
-        } else {
-            for (key, variants) in self.cache.select(req.target(), origin) {
-                for entry in variants {
-                    if req.mode.refreshes(&entry, window) {
-                        drop(self.refresh(key.clone(), entry));
-                        refreshing += 1;
-                    } else if self.cache.invalidate_version(&key, entry.id) {
-                        cleared += 1;
-                    }
-                }
-            }
+            let cleared = self
+                .cache
+                .purge(req.target(), |o| req.hosts.matches_origin(o));
+            self.metrics.evicted(Eviction::Admin, cleared);
+            return Outcome::Many {
+                cleared,
+                refreshing: 0,
+            };
         }
-        self.metrics.evicted(Eviction::Admin, cleared);
+        let (cleared, waiters) = self.refresh_or_drop(req);
         Outcome::Many {
             cleared,
-            refreshing,
+            refreshing: waiters.len(),
         }
     }
 }
