@@ -52,6 +52,11 @@ pub struct Config {
     /// The store's accounted size (bodies, headers, keys, per-entry overhead) never exceeds
     /// this (`CACHE_MAX_BYTES`).
     pub max_bytes: usize,
+    /// A response streamed to several waiting requests and not stored holds at most this
+    /// many bytes for its slowest reader (`STREAM_BUFFER_BYTES`); all such responses together
+    /// at most `stream_buffer_total` (`STREAM_BUFFER_TOTAL_BYTES`).
+    pub stream_buffer: usize,
+    pub stream_buffer_total: usize,
     /// How long an expired entry that has validators is kept after its last use, so a later
     /// request can revalidate it (304) instead of refetching it (`STALE_RETENTION_SECS`).
     /// Zero drops every cold entry at expiry, as the predecessor did.
@@ -286,6 +291,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("ALLOWED_HOSTS", "", "Comma-separated hosts served (.example.com covers subdomains); others get 421. Empty: every host"),
     setting("REFRESH_CONCURRENCY", "16", "Background refreshes running at once at most (1-10000)"),
     setting("CACHE_MAX_OBJECT_BYTES", "8MiB", "Larger responses are streamed through, not stored; at most CACHE_MAX_BYTES (unset: 8MiB or CACHE_MAX_BYTES if smaller)"),
+    setting("STREAM_BUFFER_BYTES", "16MiB", "A response fetched once for several requests and not stored holds at most this much for its slowest reader, who is cut off beyond it (64KiB-1TiB)"),
+    setting("STREAM_BUFFER_TOTAL_BYTES", "256MiB", "All such responses together hold at most this much; at least STREAM_BUFFER_BYTES"),
     setting("STALE_RETENTION_SECS", "0", "Keep expired entries with validators this long after last use, to revalidate (304) instead of refetch (0-31536000)"),
     setting("STALE_IF_ERROR_SECS", "0", "On upstream failure, serve a stored copy up to this many seconds past expiry instead of the error; 0 = off (0-31536000)"),
     setting("CLIENT_CACHE_CONTROL", "safe", "Request Cache-Control directives obeyed: safe (no client can force origin fetches) or full"),
@@ -437,6 +444,22 @@ impl Config {
                 ),
             ));
         }
+        let stream_buffer = byte_size("STREAM_BUFFER_BYTES", 16 << 20, 64 * KIB..=TIB)?;
+        let stream_buffer_total = byte_size(
+            "STREAM_BUFFER_TOTAL_BYTES",
+            (256 << 20).max(stream_buffer),
+            0..=TIB,
+        )?;
+        if stream_buffer_total < stream_buffer {
+            return Err(bad(
+                "STREAM_BUFFER_TOTAL_BYTES",
+                format!(
+                    "`{}` is less than STREAM_BUFFER_BYTES ({})",
+                    show_bytes(stream_buffer_total as u64),
+                    show_bytes(stream_buffer as u64)
+                ),
+            ));
+        }
         // A whole number within `range`, else an error naming the variable.
         let count = |name: &'static str,
                      default: u32,
@@ -580,6 +603,8 @@ impl Config {
             trusted_proxies,
             max_object_bytes,
             max_bytes,
+            stream_buffer,
+            stream_buffer_total,
         })
     }
 }
@@ -651,6 +676,8 @@ impl Config {
             ("ALLOWED_HOSTS", join(self.allowed_hosts.clone(), "")),
             ("REFRESH_CONCURRENCY", self.refresh_concurrency.to_string()),
             ("CACHE_MAX_OBJECT_BYTES", bytes(self.max_object_bytes)),
+            ("STREAM_BUFFER_BYTES", bytes(self.stream_buffer)),
+            ("STREAM_BUFFER_TOTAL_BYTES", bytes(self.stream_buffer_total)),
             ("STALE_RETENTION_SECS", secs(self.stale_retention)),
             ("STALE_IF_ERROR_SECS", secs(self.stale_if_error)),
             (

@@ -89,6 +89,23 @@ pub fn metrics_text(proxy: &Proxy) -> String {
         "Upstream fetches other requests can join.",
         stats.in_flight,
     );
+    gauge(
+        &mut out,
+        "edgecache_stream_buffer_bytes",
+        "Bytes held for responses streamed to several requests and not stored.",
+        stats.stream_buffer_bytes,
+    );
+    crate::metrics::series(
+        &mut out,
+        "edgecache_stream_cutoffs_total",
+        "counter",
+        "Requests cut off mid-body for falling further behind a shared response than STREAM_BUFFER_BYTES.",
+    );
+    let _ = writeln!(
+        out,
+        "edgecache_stream_cutoffs_total {}",
+        stats.stream_cutoffs
+    );
     proxy.upstream.render_metrics(&mut out);
     out
 }

@@ -411,8 +411,8 @@ async fn broken_upstream(script: &'static [u8], then_hang: bool) -> std::net::So
 }
 
 /// Resets mid-body, a short body for its Content-Length, garbage, or a hang after the head:
-/// clients get an error or a cut connection — never a complete-looking 200 — and nothing is
-/// stored; concurrent waiters get the same outcome.
+/// clients get an error, or the head (streamed on as it arrived) and a body cut short —
+/// never a complete-looking 200 — and nothing is stored; concurrent waiters get the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broken_upstream_bodies_are_never_stored() {
     let cases: [(&'static [u8], bool); 3] = [
@@ -435,10 +435,9 @@ async fn broken_upstream_bodies_are_never_stored() {
         for w in waiters {
             let resp = w.await.unwrap();
             assert!(
-                resp.starts_with("HTTP/1.1 502") || resp.is_empty(),
-                "{:?}: {}",
+                resp.starts_with("HTTP/1.1 502") || resp.is_empty() || cut_short(&resp),
+                "{:?}: {resp}",
                 String::from_utf8_lossy(script),
-                &resp[..resp.len().min(60)]
             );
         }
         assert!(proxy.proxy.cache.is_empty());
@@ -455,12 +454,30 @@ async fn broken_upstream_bodies_are_never_stored() {
         Duration::from_secs(3),
     )
     .await;
+    // The head was streamed on at once; the body then timed out: the client sees it cut.
     assert!(
-        resp.starts_with("HTTP/1.1 504"),
-        "{}",
-        &resp[..resp.len().min(60)]
+        resp.starts_with("HTTP/1.1 504") || cut_short(&resp),
+        "{resp}"
     );
     assert!(proxy.proxy.cache.is_empty());
+}
+
+/// Whether `resp` (a whole HTTP/1.1 exchange, read to the connection's end) is a response
+/// whose body visibly ends early: fewer bytes than its `Content-Length`, or chunked without
+/// the last chunk. A client can never take it for a complete body.
+fn cut_short(resp: &str) -> bool {
+    let Some((head, body)) = resp.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let head = head.to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(n) => body.len() < n,
+        None => head.contains("transfer-encoding: chunked") && !body.ends_with("0\r\n\r\n"),
+    }
 }
 
 /// No path normalisation on either side: the key is the exact path and query the origin is

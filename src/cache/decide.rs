@@ -248,7 +248,6 @@ mod tests {
     use super::*;
     use crate::cache::entry::NewEntry;
     use crate::cache::key::VaryKey;
-    use bytes::Bytes;
     use http::{HeaderMap, HeaderValue, StatusCode};
 
     const S: Duration = Duration::from_secs(1);
@@ -272,7 +271,7 @@ mod tests {
             let mut e = NewEntry {
                 status: StatusCode::OK,
                 headers: HeaderMap::new(),
-                body: Bytes::new(),
+                body: Default::default(),
                 etag: HeaderValue::from_static("\"e\""),
                 last_modified: None,
                 upstream_etag: None,

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
+use crate::body::Pieces;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::key::VaryKey;
@@ -20,7 +20,7 @@ pub struct CachedResponse {
     pub status: StatusCode,
     /// Headers as served: hop-by-hop fields removed, `ETag` and `Content-Length` present.
     pub headers: HeaderMap,
-    pub body: Bytes,
+    pub body: Pieces,
     /// The `ETag` clients see (upstream's, or generated from the body).
     pub etag: HeaderValue,
     /// Parsed `Last-Modified`, for `If-Modified-Since`.
@@ -55,6 +55,41 @@ pub struct CachedResponse {
     refresh_not_before_ms: AtomicU64,
 }
 
+/// A response whose body is still arriving, as the requests waiting for it serve it: the
+/// head of a [`CachedResponse`] to be (when `storing`).
+#[derive(Debug)]
+pub struct Filling {
+    pub status: StatusCode,
+    /// Headers as served: hop-by-hop and edgecache's own fields removed, `Date` present, no
+    /// `Age`; `Content-Length` only when the upstream sent it.
+    pub headers: HeaderMap,
+    /// The upstream's validators (a generated `ETag` needs the whole body: stored entries
+    /// get one, the responses streamed while it arrives do not).
+    pub etag: Option<HeaderValue>,
+    pub last_modified: Option<SystemTime>,
+    /// The body's length, when the upstream declared it.
+    pub length: Option<u64>,
+    /// When the head arrived and the age it had then.
+    pub received_at: Instant,
+    pub initial_age: Duration,
+    pub lifetime: Duration,
+    pub vary: VaryKey,
+    /// It will be stored once complete (not over `CACHE_MAX_OBJECT_BYTES`, as far as known).
+    pub storing: bool,
+}
+
+impl Filling {
+    /// Current age (RFC 9111 §4.2.3).
+    pub fn age(&self, now: Instant) -> Duration {
+        self.initial_age + now.saturating_duration_since(self.received_at)
+    }
+
+    /// Freshness left at `now`.
+    pub fn ttl(&self, now: Instant) -> Duration {
+        self.lifetime.saturating_sub(self.age(now))
+    }
+}
+
 /// First wait after a failed background refresh; it doubles with each failure up to
 /// [`MAX_REFRESH_BACKOFF`].
 pub const MIN_REFRESH_BACKOFF: Duration = Duration::from_secs(1);
@@ -64,7 +99,7 @@ pub const MAX_REFRESH_BACKOFF: Duration = Duration::from_secs(10);
 pub struct NewEntry {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: Bytes,
+    pub body: Pieces,
     pub etag: HeaderValue,
     pub last_modified: Option<SystemTime>,
     pub upstream_etag: Option<HeaderValue>,
@@ -239,7 +274,7 @@ pub(crate) fn test_entry(body: usize) -> std::sync::Arc<CachedResponse> {
         NewEntry {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
-            body: Bytes::from(vec![0u8; body]),
+            body: Pieces::from(bytes::Bytes::from(vec![0u8; body])),
             etag: HeaderValue::from_static("\"e\""),
             last_modified: None,
             upstream_etag: None,

@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use http::{HeaderMap, HeaderName};
 
 use crate::error::UpstreamError;
-use coalesce::{Flights, Role};
-use entry::CachedResponse;
+use coalesce::{FlightGuard, Flights, Outcome, Role};
+use entry::{CachedResponse, Filling};
 use expiry::ExpiryQueue;
 use key::split_key;
 use store::Store;
@@ -37,11 +37,21 @@ use store::Store;
 pub enum FetchOutcome {
     /// A complete response was stored (or freshened by a `304`): share it.
     Stored(Arc<CachedResponse>),
-    /// The response may not be shared (private, uncacheable, too large): each waiter
-    /// must make its own request.
+    /// The headers are in and the body is arriving: each waiter serves it from its reader of
+    /// the flight's body as it comes. Followed by `Stored` or `Failed` when it is to be
+    /// stored; a body that will not be stored (too large) ends with the flight.
+    Streaming(Arc<Filling>),
+    /// The response may not be shared (private, uncacheable): each waiter must make its own
+    /// request.
     NotShared,
-    /// The upstream failed: every waiter gets this error.
+    /// The upstream failed (before or during the body): every waiter gets this error.
     Failed(UpstreamError),
+}
+
+impl Outcome for FetchOutcome {
+    fn is_final(&self) -> bool {
+        !matches!(self, FetchOutcome::Streaming(_))
+    }
 }
 
 /// Where a looked-up entry came from. Only the in-memory tier exists today; a second tier
@@ -86,6 +96,10 @@ pub struct CacheStats {
     pub max_bytes: usize,
     /// Upstream fetches other requests can join.
     pub in_flight: usize,
+    /// Bytes held for bodies streamed to several requests and not stored.
+    pub stream_buffer_bytes: usize,
+    /// Readers of such bodies cut off for falling too far behind.
+    pub stream_cutoffs: u64,
 }
 
 /// Store, timers and in-flight fetches together, behind the operations the proxy needs.
@@ -96,11 +110,13 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// A cache whose store holds at most `max_bytes` (`CACHE_MAX_BYTES`).
-    pub fn new(max_bytes: usize) -> Self {
+    /// A cache whose store holds at most `max_bytes` (`CACHE_MAX_BYTES`); a body streamed to
+    /// several requests and not stored holds at most `stream_limit` bytes, all of them at
+    /// most `stream_total` (`STREAM_BUFFER_BYTES`, `STREAM_BUFFER_TOTAL_BYTES`).
+    pub fn new(max_bytes: usize, stream_limit: usize, stream_total: usize) -> Self {
         Cache {
             store: Store::new(max_bytes),
-            flights: Flights::default(),
+            flights: Flights::new(stream_limit, stream_total),
             expiry: ExpiryQueue::default(),
         }
     }
@@ -204,6 +220,12 @@ impl Cache {
         self.flights.join(flight_key)
     }
 
+    /// A flight nobody else can join (a request with credentials fetches alone), with the
+    /// same body handling.
+    pub fn detached_flight(&self) -> FlightGuard<FetchOutcome> {
+        self.flights.detached()
+    }
+
     /// Looks at version `id` of `key` again at `at` (the expiry task's "not yet").
     pub fn recheck(&self, at: Instant, key: Arc<str>, id: u64) {
         self.expiry.schedule(at, key, id);
@@ -223,6 +245,8 @@ impl Cache {
             bytes: self.store.bytes(),
             max_bytes: self.store.max_bytes(),
             in_flight: self.flights.len(),
+            stream_buffer_bytes: self.flights.budget().held(),
+            stream_cutoffs: self.flights.budget().cutoffs(),
         }
     }
 
@@ -237,7 +261,7 @@ mod tests {
     use super::*;
 
     fn cache_with(keys: &[&str]) -> Cache {
-        let cache = Cache::new(1 << 20);
+        let cache = Cache::new(1 << 20, 1 << 20, 1 << 20);
         let now = Instant::now();
         for k in keys {
             cache.insert(Arc::from(*k), entry::test_entry(10), now, &|_| false);
@@ -250,7 +274,7 @@ mod tests {
         let cache = cache_with(&["http://a/x", "http://b/x"]);
         assert_eq!(cache.expiry.len(), 2);
         // Larger than the whole budget: not stored, so no timer either.
-        let small = Cache::new(100);
+        let small = Cache::new(100, 100, 100);
         small.insert(
             Arc::from("http://a/big"),
             entry::test_entry(1000),

@@ -1,24 +1,30 @@
-//! `fetch_upstream` + `store`: one upstream GET meant to fill the cache. It revalidates with
-//! the stored validators when it has a base entry, reads the body completely (bounded by
-//! `CACHE_MAX_OBJECT_BYTES` and `REQ_TIMEOUT`), asks the policy whether it may be shared, and
-//! stores it. A failed or truncated body is never stored.
+//! The cache fill ([`Proxy::fill`]): one upstream GET meant to fill the cache, run once for
+//! every request waiting on its flight. It revalidates with the stored validators when it
+//! has a base entry, asks the policy whether the response may be shared, publishes its head
+//! at once and streams its body to every waiter through the flight's
+//! [`Fanout`](crate::body::fanout::Fanout) as it arrives, then stores it (the same pieces)
+//! when it is complete and within `CACHE_MAX_OBJECT_BYTES`. A failed or truncated body is
+//! never stored.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 
 use super::headers::strip_hop_by_hop;
 use super::Proxy;
-use crate::body::ProxyBody;
+use crate::body::fanout::{Fanout, Room, StreamError};
+use crate::body::{Pieces, ProxyBody};
+use crate::cache::coalesce::FlightGuard;
 use crate::cache::conditional::etag_for_body;
-use crate::cache::entry::{CachedResponse, NewEntry};
+use crate::cache::entry::{CachedResponse, Filling, NewEntry};
 use crate::cache::key::{split_key, VaryKey};
 use crate::cache::policy::{self, CacheControl};
 use crate::cache::FetchOutcome;
@@ -38,31 +44,32 @@ pub(crate) struct FetchRequest {
     pub last_access_ms: u64,
 }
 
-/// What one fetch produced, for the requester that led it.
-pub(crate) enum Fetched {
-    /// A new complete response, stored.
-    Stored(Arc<CachedResponse>),
-    /// The base entry, freshened by a `304` and stored again.
-    Revalidated(Arc<CachedResponse>),
-    /// Not shareable: the response itself, for the leader only.
-    Passed(Response<ProxyBody>),
-    Failed(UpstreamError),
-}
-
-impl Fetched {
-    /// What the coalesced waiters get.
-    pub fn outcome(&self) -> FetchOutcome {
-        match self {
-            Fetched::Stored(e) | Fetched::Revalidated(e) => FetchOutcome::Stored(e.clone()),
-            Fetched::Passed(_) => FetchOutcome::NotShared,
-            Fetched::Failed(e) => FetchOutcome::Failed(e.clone()),
-        }
-    }
-}
+/// Where the fill sends a response that may not be shared: to the request that started the
+/// flight, which serves it alone (the others fetch their own).
+pub(crate) type PassTo = Option<oneshot::Sender<Response<ProxyBody>>>;
 
 impl Proxy {
-    /// Fetches `req.key` from upstream and stores the result when the policy allows.
-    pub(crate) async fn fetch_for_cache(&self, req: FetchRequest) -> Fetched {
+    /// One cache fill: fetches `req.key` from upstream and publishes through `flight` what
+    /// every waiter needs — the stored entry, the head of a body they read as it arrives
+    /// (then the stored entry, or the failure), the note that it may not be shared (the
+    /// response itself goes to `pass_to`), or the failure. Returns the final outcome.
+    ///
+    /// A body that will be stored is read at the upstream's pace within `REQ_TIMEOUT` and
+    /// stored when complete, as the same pieces the waiters were sent. One that will not
+    /// (over `CACHE_MAX_OBJECT_BYTES`) is read at the pace of its fastest reader, within the
+    /// stream buffer bounds, with `REQ_TIMEOUT` between pieces; it stops when nobody reads
+    /// it any more. A body that fails is never stored, and its readers' bodies end with an
+    /// error.
+    pub(crate) async fn fill(
+        &self,
+        req: FetchRequest,
+        flight: &FlightGuard<FetchOutcome>,
+        pass_to: PassTo,
+    ) -> FetchOutcome {
+        let fail = |e: UpstreamError| {
+            flight.publish(FetchOutcome::Failed(e.clone()));
+            FetchOutcome::Failed(e)
+        };
         let deadline = self.upstream.deadline();
         let request_time = SystemTime::now();
         let mut headers = req.headers.clone();
@@ -84,28 +91,28 @@ impl Proxy {
                 .send_idempotent(&Method::GET, split_key(&req.key).1, &headers, deadline);
         let resp = match sent.await {
             Ok(resp) => resp,
-            Err(e) => return Fetched::Failed(e),
+            Err(e) => return fail(e),
         };
         let response_time = SystemTime::now();
-        let stored_at = Instant::now();
+        let received_at = Instant::now();
         // A stored response is never replaced by a server error: the good copy stays (and
         // may be served stale if the response or STALE_IF_ERROR_SECS allow).
         if req.base.is_some() && resp.status().is_server_error() {
-            return Fetched::Failed(UpstreamError::Status(resp.status().as_u16()));
+            return fail(UpstreamError::Status(resp.status().as_u16()));
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
 
         if parts.status == StatusCode::NOT_MODIFIED {
             if let Some(base) = &req.base {
-                return self.freshen(
-                    &req,
-                    base,
-                    &parts.headers,
-                    request_time,
-                    response_time,
-                    stored_at,
-                );
+                let times = (request_time, response_time, received_at);
+                return match self.freshen(&req, base, &parts.headers, times) {
+                    Ok(entry) => {
+                        flight.publish(FetchOutcome::Stored(entry.clone()));
+                        FetchOutcome::Stored(entry)
+                    }
+                    Err(resp) => pass(flight, pass_to, *resp),
+                };
             }
         }
 
@@ -127,46 +134,20 @@ impl Proxy {
             &resp_cc,
             !lifetime.is_zero(),
         );
-        let too_large = declared_length(&parts.headers)
-            .is_some_and(|n| n > self.config.max_object_bytes as u64);
-        let not_stored = match storable {
-            Err(reason) => Some(reason.as_str()),
-            Ok(()) if too_large => Some("too_large"),
-            Ok(()) => None,
-        };
-        if let Some(reason) = not_stored {
-            tracing::debug!(key = %req.key, reason, "response not stored");
+        if let Err(reason) = storable {
+            tracing::debug!(key = %req.key, reason = reason.as_str(), "response not stored");
             strip_own_fields(&mut parts.headers);
-            return Fetched::Passed(Response::from_parts(parts, ProxyBody::stream(body)));
+            return pass(flight, pass_to, Response::from_parts(parts, body.into()));
         }
-
-        let body = match read_body(body, self.config.max_object_bytes, deadline).await {
-            Ok(ReadBody::Complete(bytes)) => bytes,
-            Ok(ReadBody::TooLarge { prefix, rest }) => {
-                tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
-                strip_own_fields(&mut parts.headers);
-                let body = ProxyBody::Stream {
-                    prefix: Some(prefix),
-                    rest,
-                };
-                return Fetched::Passed(Response::from_parts(parts, body));
-            }
-            Err(e) => return Fetched::Failed(e),
-        };
+        let max = self.config.max_object_bytes as u64;
+        let length = declared_length(&parts.headers);
+        let storing = length.is_none_or(|n| n <= max);
+        if !storing {
+            tracing::debug!(key = %req.key, reason = "too_large", "response not stored");
+        }
 
         let mut headers = owned(&parts.headers);
         strip_own_fields(&mut headers);
-        let upstream_etag = headers.get(header::ETAG).cloned();
-        let upstream_last_modified = headers.get(header::LAST_MODIFIED).cloned();
-        let etag = match &upstream_etag {
-            Some(etag) => etag.clone(),
-            None => {
-                let etag = etag_for_body(&body);
-                headers.insert(header::ETAG, etag.clone());
-                etag
-            }
-        };
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let initial_age = policy::initial_age(&headers, request_time, response_time);
         headers.remove(header::AGE);
         if !headers.contains_key(header::DATE) {
@@ -175,44 +156,147 @@ impl Proxy {
             }
         }
         let vary_names: Vec<String> = policy::vary_names(&headers).collect();
-        let vary = VaryKey::capture(vary_names.iter().map(String::as_str), &req.headers);
-        let entry = NewEntry {
+        let filling = Arc::new(Filling {
             status: parts.status,
+            etag: headers.get(header::ETAG).cloned(),
             last_modified: policy::http_date(&headers, header::LAST_MODIFIED),
+            vary: VaryKey::capture(vary_names.iter().map(String::as_str), &req.headers),
+            headers,
+            length,
+            received_at,
+            initial_age,
+            lifetime,
+            storing,
+        });
+        let fanout = flight.body();
+        fanout.keep_all(storing);
+        flight.publish(FetchOutcome::Streaming(filling.clone()));
+
+        match self.pump(body, fanout, storing, deadline, &req.key).await {
+            Pumped::Complete { stored: true } => {}
+            Pumped::Complete { stored: false } => {
+                fanout.finish();
+                return FetchOutcome::Streaming(filling);
+            }
+            Pumped::Unwanted => {
+                tracing::debug!(key = %req.key, "nobody reads the response any more: fetch stopped");
+                fanout.fail(StreamError::Stopped);
+                return FetchOutcome::Streaming(filling);
+            }
+            Pumped::Failed(e) => {
+                let outcome = fail(e.clone());
+                fanout.fail(StreamError::Upstream(e.to_string().into()));
+                return outcome;
+            }
+        }
+        let Some(body) = fanout.pieces() else {
+            fanout.finish();
+            return FetchOutcome::Streaming(filling);
+        };
+        let entry = self.entry_from(&req, &filling, body, resp_cc, source);
+        // Stored before any reader sees the end: whoever read the whole body finds it stored.
+        self.store(req.key.clone(), entry.clone());
+        flight.publish(FetchOutcome::Stored(entry.clone()));
+        fanout.finish();
+        FetchOutcome::Stored(entry)
+    }
+
+    /// Reads `body` into `fanout` piece by piece; see [`Proxy::fill`] for the pace and bounds.
+    async fn pump(
+        &self,
+        mut body: Incoming,
+        fanout: &Fanout,
+        mut storing: bool,
+        deadline: Instant,
+        key: &str,
+    ) -> Pumped {
+        let max = self.config.max_object_bytes;
+        let mut total = 0usize;
+        loop {
+            if fanout.room().await == Room::Unwanted {
+                return Pumped::Unwanted;
+            }
+            let next = if storing {
+                tokio::time::timeout_at(deadline, body.frame()).await
+            } else {
+                tokio::time::timeout(self.config.upstream_timeout, body.frame()).await
+            };
+            let frame = match next {
+                Err(_) => return Pumped::Failed(UpstreamError::Timeout),
+                Ok(None) => return Pumped::Complete { stored: storing },
+                Ok(Some(Err(e))) => return Pumped::Failed(UpstreamError::Body(chain(&e))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total += data.len();
+            if storing && total > max {
+                tracing::debug!(key, reason = "too_large", "response not stored");
+                storing = false;
+                fanout.keep_all(false);
+            }
+            // Each piece gets its own exact-size allocation: held (for slow readers, or for the
+            // entry's whole life), a slice of hyper's read buffer would pin all of that larger
+            // buffer, several times the bytes counted against the bounds.
+            fanout.push(Bytes::copy_from_slice(&data));
+        }
+    }
+
+    /// The stored entry for a complete body that arrived as `filling`.
+    fn entry_from(
+        &self,
+        req: &FetchRequest,
+        filling: &Filling,
+        body: Pieces,
+        cc: CacheControl,
+        source: policy::FreshnessSource,
+    ) -> Arc<CachedResponse> {
+        let mut headers = filling.headers.clone();
+        let etag = match &filling.etag {
+            Some(etag) => etag.clone(),
+            None => {
+                let etag = etag_for_body(body.as_slice());
+                headers.insert(header::ETAG, etag.clone());
+                etag
+            }
+        };
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let entry = NewEntry {
+            status: filling.status,
+            last_modified: filling.last_modified,
+            upstream_last_modified: headers.get(header::LAST_MODIFIED).cloned(),
+            upstream_etag: filling.etag.clone(),
             headers,
             body,
             etag,
-            upstream_etag,
-            upstream_last_modified,
-            vary,
-            stored_at,
-            initial_age,
-            lifetime,
-            forbids_stale: resp_cc.forbids_stale(),
-            stale_while_revalidate: secs(resp_cc.stale_while_revalidate),
-            stale_if_error: secs(resp_cc.stale_if_error),
+            vary: filling.vary.clone(),
+            stored_at: filling.received_at,
+            initial_age: filling.initial_age,
+            lifetime: filling.lifetime,
+            forbids_stale: cc.forbids_stale(),
+            stale_while_revalidate: secs(cc.stale_while_revalidate),
+            stale_if_error: secs(cc.stale_if_error),
             operator_ttl: source == policy::FreshnessSource::Default,
         };
-        let entry = Arc::new(CachedResponse::new(
+        Arc::new(CachedResponse::new(
             entry,
             req.key.len(),
             req.last_access_ms,
-        ));
-        self.store(req.key.clone(), entry.clone());
-        Fetched::Stored(entry)
+        ))
     }
 
     /// RFC 9111 §4.3.4: a `304` updates the stored headers with those it carries and restarts
     /// the entry's age and freshness; the stored body is kept.
+    /// Errs with the response for this requester alone when the `304` withdraws permission
+    /// to share.
     fn freshen(
         &self,
         req: &FetchRequest,
         base: &CachedResponse,
         update: &HeaderMap,
-        request_time: SystemTime,
-        response_time: SystemTime,
-        stored_at: Instant,
-    ) -> Fetched {
+        (request_time, response_time, stored_at): (SystemTime, SystemTime, Instant),
+    ) -> Result<Arc<CachedResponse>, Box<Response<ProxyBody>>> {
         let mut headers = base.headers.clone();
         for name in update.keys() {
             // Fields describing the stored body itself are kept: updating them from a 304
@@ -270,14 +354,39 @@ impl Proxy {
         if cc.no_store || cc.private {
             // The origin withdrew permission to share: forget it, answer this requester only.
             self.cache.invalidate_version(&req.key, base.id);
-            let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+            let mut resp = Response::new(ProxyBody::from_pieces(&entry.body));
             *resp.status_mut() = entry.status;
             *resp.headers_mut() = entry.headers.clone();
-            return Fetched::Passed(resp);
+            return Err(Box::new(resp));
         }
         self.store(req.key.clone(), entry.clone());
-        Fetched::Revalidated(entry)
+        Ok(entry)
     }
+}
+
+/// How [`Proxy::pump`] ended.
+enum Pumped {
+    /// The whole body arrived; `stored`: it is within `CACHE_MAX_OBJECT_BYTES`.
+    Complete {
+        stored: bool,
+    },
+    /// Nobody reads it and it will not be stored.
+    Unwanted,
+    Failed(UpstreamError),
+}
+
+/// Hands a response that may not be shared to the request that started the flight and tells
+/// the others to fetch their own.
+fn pass(
+    flight: &FlightGuard<FetchOutcome>,
+    pass_to: PassTo,
+    resp: Response<ProxyBody>,
+) -> FetchOutcome {
+    if let Some(to) = pass_to {
+        let _ = to.send(resp);
+    }
+    flight.publish(FetchOutcome::NotShared);
+    FetchOutcome::NotShared
 }
 
 /// Advertises edgecache as a surrogate (W3C Edge Architecture) so origins can target it.
@@ -339,47 +448,4 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
-}
-
-enum ReadBody {
-    Complete(Bytes),
-    /// Passed the size limit: what was read so far and the rest of the stream.
-    TooLarge {
-        prefix: Bytes,
-        rest: Incoming,
-    },
-}
-
-/// Reads a whole body, up to `max` bytes, before `deadline`. A body that errors or ends early
-/// (hyper checks `Content-Length` and chunked framing) is an error: never stored.
-async fn read_body(
-    mut body: Incoming,
-    max: usize,
-    deadline: tokio::time::Instant,
-) -> Result<ReadBody, UpstreamError> {
-    // Sized from Content-Length when known, and returned as an exact-size allocation: a
-    // stored body must not pin hyper's (larger, shared) read buffer for its whole life.
-    let hint = usize::try_from(body.size_hint().lower())
-        .unwrap_or(max)
-        .min(max);
-    let mut buf: Vec<u8> = Vec::with_capacity(hint);
-    loop {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(None) => return Ok(ReadBody::Complete(Bytes::from(buf.into_boxed_slice()))),
-            Ok(Some(Err(e))) => return Err(UpstreamError::Body(chain(&e))),
-            Ok(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                buf.extend_from_slice(&data);
-                if buf.len() > max {
-                    return Ok(ReadBody::TooLarge {
-                        prefix: Bytes::from(buf),
-                        rest: body,
-                    });
-                }
-            }
-        }
-    }
 }

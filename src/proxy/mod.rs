@@ -33,7 +33,8 @@ use tokio::sync::oneshot;
 
 use crate::admin::CLEAR_CACHE;
 use crate::body::ProxyBody;
-use crate::cache::coalesce::{Role, Waiter};
+use crate::body::Reader;
+use crate::cache::coalesce::{FlightGuard, Role, Waiter};
 use crate::cache::decide::{self, ExpiryAction, Now, OnError, Serve, Settings};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{
@@ -45,7 +46,7 @@ use crate::config::Config;
 use crate::error::{ErrorKind, ProxyError, Side, UpstreamError};
 use crate::metrics::{Eviction, Metrics, RequestClass};
 use crate::upstream::Upstream;
-use fetch::{FetchRequest, Fetched};
+use fetch::FetchRequest;
 use headers::{
     set_forwarded, set_forwarded_origin, strip_client_conditionals, strip_hop_by_hop, Downstream,
 };
@@ -71,6 +72,17 @@ pub struct Proxy {
     refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// What a cache fill is asked for on behalf of one request, and how to answer it.
+struct Asking<'a> {
+    head: bool,
+    /// The request's headers (preconditions, `Range`, the `Vary` variant it selects).
+    req: &'a HeaderMap,
+    /// The stored response being revalidated, for `stale-if-error`.
+    base: Option<&'a CachedResponse>,
+    status: CacheStatus,
+    key: &'a str,
+}
+
 /// Facts about one request gathered for its access-log line, and its span.
 struct Trace {
     cache: Option<CacheStatus>,
@@ -87,7 +99,7 @@ impl Proxy {
         let upstream = Upstream::new(&config);
         let max_bytes = config.max_bytes;
         Proxy {
-            cache: Cache::new(max_bytes),
+            cache: Cache::new(max_bytes, config.stream_buffer, config.stream_buffer_total),
             upstream,
             metrics: Metrics::default(),
             admin_throttle: Default::default(),
@@ -292,14 +304,18 @@ impl Proxy {
             last_access_ms: clock_ms(),
         };
 
-        let reply = |fetched| {
-            self.respond_fetched(fetched, head, &parts.headers, base.as_deref(), status, &key)
+        let ctx = Asking {
+            head,
+            req: &parts.headers,
+            base: base.as_deref(),
+            status,
+            key: &key,
         };
 
         // A request with credentials may get a personalised answer: it never leads or joins a
         // flight, though the response is still stored when the origin marks it shareable.
         if parts.headers.contains_key(header::AUTHORIZATION) {
-            return reply(self.fetch_for_cache(fetch).await);
+            return self.lead(self.cache.detached_flight(), fetch, &ctx).await;
         }
 
         let vary_names = match &base {
@@ -327,61 +343,88 @@ impl Proxy {
                         ));
                     }
                 }
-                let (tx, rx) = oneshot::channel();
-                let proxy = self.clone();
-                // The fetch runs in its own task: it completes (and is stored, and followers
-                // are answered) even if this client disconnects. On the cancellation tree, so
-                // a panic in it is logged and shutdown awaits it.
-                self.background.spawn("fill", async move {
-                    let fetched = proxy.fetch_for_cache(fetch).await;
-                    guard.publish(fetched.outcome());
-                    let _ = tx.send(fetched);
-                });
-                match rx.await {
-                    Ok(fetched) => reply(fetched),
-                    Err(_) => {
-                        tracing::warn!(%key, "the upstream fetch task ended without an answer");
-                        Err(ErrorKind::FetchAbandoned.into())
-                    }
-                }
+                self.lead(guard, fetch, &ctx).await
             }
-            Role::Follower(waiter) => {
+            Role::Follower(mut waiter) => {
                 trace.coalesced = true;
                 self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
-                match waiter.wait().await {
-                    Some(FetchOutcome::Stored(entry)) if entry.vary.matches(&parts.headers) => Ok(
-                        respond::from_entry(&entry, head, &parts.headers, status, Instant::now()),
-                    ),
-                    Some(FetchOutcome::Failed(e)) => {
-                        self.respond_failed(e, head, &parts.headers, base.as_deref(), &key)
+                let outcome = waiter.wait().await;
+                let answer = outcome.and_then(|o| self.answer(o, waiter.take_body(), &ctx, true));
+                match answer {
+                    Some(mut resp) => {
+                        if let Ok(resp) = &mut resp {
+                            respond::mark_collapsed(resp);
+                        }
+                        resp
                     }
                     // Not shareable, another variant, or the leader vanished: fetch alone.
-                    _ => reply(self.fetch_for_cache(fetch).await),
+                    None => self.lead(self.cache.detached_flight(), fetch, &ctx).await,
                 }
             }
         }
     }
 
-    /// The response for what a fetch of `key` produced.
-    fn respond_fetched(
-        &self,
-        fetched: Fetched,
-        head: bool,
-        req: &HeaderMap,
-        base: Option<&CachedResponse>,
-        status: CacheStatus,
-        key: &str,
+    /// Starts the fill for `flight` in its own task — it completes (and is stored, and the
+    /// followers are served) even if this client goes away; on the cancellation tree, so a
+    /// panic in it is logged and shutdown awaits it — and answers this request from it.
+    async fn lead(
+        self: &Arc<Self>,
+        flight: FlightGuard<FetchOutcome>,
+        fetch: FetchRequest,
+        ctx: &Asking<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        Ok(match fetched {
-            Fetched::Stored(entry) => {
-                respond::from_entry(&entry, head, req, status, Instant::now())
+        let mut waiter = flight.waiter();
+        let (pass_to, passed) = oneshot::channel();
+        let proxy = self.clone();
+        self.background.spawn("fill", async move {
+            proxy.fill(fetch, &flight, Some(pass_to)).await;
+        });
+        let outcome = waiter.wait().await;
+        if let Some(FetchOutcome::NotShared) = outcome {
+            return match passed.await {
+                Ok(resp) => Ok(respond::passed(resp, ctx.head, ctx.status)),
+                Err(_) => Err(ErrorKind::FetchAbandoned.into()),
+            };
+        }
+        match outcome.and_then(|o| self.answer(o, waiter.take_body(), ctx, false)) {
+            Some(resp) => resp,
+            None => {
+                tracing::warn!(
+                    key = ctx.key,
+                    "the upstream fetch task ended without an answer"
+                );
+                Err(ErrorKind::FetchAbandoned.into())
             }
-            Fetched::Revalidated(entry) => {
-                respond::from_entry(&entry, head, req, CacheStatus::Refresh, Instant::now())
+        }
+    }
+
+    /// The response for what a fill published, when it can be shared with this request:
+    /// `None` when the request must fetch alone (not shareable, or another `Vary` variant).
+    fn answer(
+        &self,
+        outcome: FetchOutcome,
+        body: Option<Reader>,
+        ctx: &Asking<'_>,
+        collapsed: bool,
+    ) -> Option<Result<Response<ProxyBody>, ProxyError>> {
+        let now = Instant::now();
+        match outcome {
+            FetchOutcome::Stored(entry) if entry.vary.matches(ctx.req) => Some(Ok(
+                respond::from_entry(&entry, ctx.head, ctx.req, ctx.status, now),
+            )),
+            FetchOutcome::Streaming(filling) if filling.vary.matches(ctx.req) => {
+                let resp = |body| {
+                    respond::from_filling(
+                        &filling, body, ctx.head, ctx.req, ctx.status, collapsed, now,
+                    )
+                };
+                body.map(|body| Ok(resp(body)))
             }
-            Fetched::Passed(resp) => respond::passed(resp, head, status),
-            Fetched::Failed(e) => return self.respond_failed(e, head, req, base, key),
-        })
+            FetchOutcome::Failed(e) => {
+                Some(self.respond_failed(e, ctx.head, ctx.req, ctx.base, ctx.key))
+            }
+            _ => None,
+        }
     }
 
     /// An upstream failure fetching `key`: the stale entry when its `stale-if-error` allows,
@@ -433,9 +476,13 @@ impl Proxy {
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
         match self.cache.join_flight(flight_key) {
-            Role::Follower(waiter) => waiter,
+            // An admin caller waits for the outcome only, never for the body.
+            Role::Follower(mut waiter) => {
+                drop(waiter.take_body());
+                waiter
+            }
             Role::Leader(guard) => {
-                let waiter = guard.waiter();
+                let waiter = guard.watcher();
                 let fetch = FetchRequest {
                     key: key.clone(),
                     headers,
@@ -446,8 +493,7 @@ impl Proxy {
                 self.background.spawn("refresh", async move {
                     // The semaphore is never closed; without a slot the refresh runs anyway.
                     let _slot = proxy.refresh_slots.clone().acquire_owned().await;
-                    let fetched = proxy.fetch_for_cache(fetch).await;
-                    if let Fetched::Failed(e) = &fetched {
+                    if let FetchOutcome::Failed(e) = proxy.fill(fetch, &guard, None).await {
                         let backoff = entry.refresh_failed();
                         tracing::warn!(
                             path = split_key(&key).1,
@@ -464,7 +510,6 @@ impl Proxy {
                     } else {
                         proxy.metrics.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    guard.publish(fetched.outcome());
                 });
                 waiter
             }

@@ -120,10 +120,11 @@ impl Proxy {
             failure: None,
         };
         for (key, w) in waiters {
-            match w.wait().await {
+            match w.wait_final().await {
                 Some(FetchOutcome::Stored(_)) => refreshes.ok += 1,
-                Some(FetchOutcome::NotShared) => {
-                    // The upstream no longer lets it be shared: the old copy must go too.
+                // The upstream no longer lets it be shared, or it is now too large to store:
+                // the old copy must go too.
+                Some(FetchOutcome::NotShared | FetchOutcome::Streaming(_)) => {
                     self.metrics
                         .evicted(Eviction::Admin, self.cache.invalidate(&key));
                     refreshes.ok += 1;

@@ -1,5 +1,6 @@
 //! Building downstream responses: from a stored entry (200/HEAD/304 with `Age` and
-//! `X-Cache-Status`), from a passed-through upstream response, or for an error ([`error`]:
+//! `X-Cache-Status`), from a response still arriving (the same, its body read from the
+//! fetch's fanout), from a passed-through upstream response, or for an error ([`error`]:
 //! the [`ProxyError::reply`] mapping made into a response).
 
 use tokio::time::Instant;
@@ -8,9 +9,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::headers::{CACHE_STATUS, X_CACHE_STATUS};
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, Reader};
 use crate::cache::conditional::not_modified;
-use crate::cache::entry::CachedResponse;
+use crate::cache::entry::{CachedResponse, Filling};
 use crate::cache::range::{self, RangeReply};
 pub use crate::cache::status::CacheStatus;
 use crate::error::ProxyError;
@@ -27,8 +28,8 @@ const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
 ];
 
 /// Serves a stored response: `304` when the client's preconditions match, a `206`/`416` for a
-/// byte range, else the stored status, headers and (unless `head`) body. The body is a shared
-/// `Bytes`, never copied (a range is a slice of it).
+/// byte range, else the stored status, headers and (unless `head`) body. The body is shared
+/// [`Pieces`](crate::body::Pieces), never copied (a range is a slice of them).
 pub fn from_entry(
     entry: &CachedResponse,
     head: bool,
@@ -46,22 +47,11 @@ pub fn from_entry(
             .flatten()
     });
     if entry.status.is_success() && not_modified(req, Some(&entry.etag), last_modified) {
-        let mut resp = Response::new(ProxyBody::Empty);
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        let h = resp.headers_mut();
-        for name in NOT_MODIFIED_HEADERS {
-            for v in entry.headers.get_all(&name) {
-                h.append(name.clone(), v.clone());
-            }
-        }
-        h.insert(header::AGE, age);
-        h.insert(X_CACHE_STATUS, status.header());
-        h.insert(CACHE_STATUS, cache_status);
-        return resp;
+        return not_modified_response(&entry.headers, age, status, cache_status);
     }
     let len = entry.body.len() as u64;
     let reply = if entry.status == StatusCode::OK {
-        range::select(req, len, &entry.etag, entry.last_modified)
+        range::select(req, len, Some(&entry.etag), entry.last_modified)
     } else {
         RangeReply::Full
     };
@@ -69,34 +59,146 @@ pub fn from_entry(
     headers.insert(header::AGE, age);
     headers.insert(X_CACHE_STATUS, status.header());
     headers.insert(CACHE_STATUS, cache_status);
-    let (code, body) = match reply {
-        RangeReply::Full => (entry.status, entry.body.clone()),
+    let code = range_headers(&mut headers, reply, len, entry.status);
+    let body = match reply {
+        _ if head => ProxyBody::Empty,
+        RangeReply::Full => ProxyBody::from_pieces(&entry.body),
         RangeReply::Partial { start, end } => {
-            let content_range = format!("bytes {start}-{end}/{len}");
-            if let Ok(v) = HeaderValue::from_str(&content_range) {
+            ProxyBody::from_pieces(&entry.body.slice(start as usize..=end as usize))
+        }
+        RangeReply::Unsatisfiable => ProxyBody::Empty,
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = code;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// Serves a response whose body is still arriving, from this request's `reader` of it: like
+/// [`from_entry`] — `304` as soon as the head is in when the client's preconditions match,
+/// a `206` when the length is known (its bytes as they arrive), else the whole body as it
+/// comes. `collapsed`: this request waited on another's fetch (RFC 9211).
+pub fn from_filling(
+    filling: &Filling,
+    reader: Reader,
+    head: bool,
+    req: &HeaderMap,
+    status: CacheStatus,
+    collapsed: bool,
+    now: Instant,
+) -> Response<ProxyBody> {
+    let age = HeaderValue::from(filling.age(now).as_secs());
+    let cache_status = format!(
+        "edgecache; fwd={}{}; ttl={}{}",
+        if status == CacheStatus::Refresh {
+            "stale"
+        } else {
+            "uri-miss"
+        },
+        if filling.storing { "; stored" } else { "" },
+        filling.ttl(now).as_secs(),
+        if collapsed { "; collapsed" } else { "" },
+    );
+    let cache_status = HeaderValue::from_str(&cache_status)
+        .unwrap_or_else(|_| HeaderValue::from_static("edgecache"));
+    let last_modified = filling.last_modified.or_else(|| {
+        req.contains_key(header::IF_MODIFIED_SINCE)
+            .then(|| crate::cache::policy::http_date(&filling.headers, header::DATE))
+            .flatten()
+    });
+    if filling.status.is_success() && not_modified(req, filling.etag.as_ref(), last_modified) {
+        return not_modified_response(&filling.headers, age, status, cache_status);
+    }
+    let reply = match filling.length {
+        Some(len) if filling.status == StatusCode::OK => {
+            range::select(req, len, filling.etag.as_ref(), filling.last_modified)
+        }
+        _ => RangeReply::Full,
+    };
+    let mut headers = filling.headers.clone();
+    headers.insert(header::AGE, age);
+    headers.insert(X_CACHE_STATUS, status.header());
+    headers.insert(CACHE_STATUS, cache_status);
+    let code = range_headers(
+        &mut headers,
+        reply,
+        filling.length.unwrap_or(0),
+        filling.status,
+    );
+    let body = match reply {
+        _ if head => ProxyBody::Empty,
+        RangeReply::Full => ProxyBody::Fanout(reader),
+        RangeReply::Partial { start, end } => {
+            ProxyBody::Fanout(reader.range(start, end - start + 1))
+        }
+        RangeReply::Unsatisfiable => ProxyBody::Empty,
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = code;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// RFC 9211's `collapsed`: this response came from a fetch another request started.
+pub fn mark_collapsed(resp: &mut Response<ProxyBody>) {
+    let h = resp.headers_mut();
+    let Some(v) = h.get(CACHE_STATUS).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if v.contains("collapsed") {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{v}; collapsed")) {
+        h.insert(CACHE_STATUS, v);
+    }
+}
+
+/// A `304` standing for a response with `headers`.
+fn not_modified_response(
+    headers: &HeaderMap,
+    age: HeaderValue,
+    status: CacheStatus,
+    cache_status: HeaderValue,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Empty);
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let h = resp.headers_mut();
+    for name in NOT_MODIFIED_HEADERS {
+        for v in headers.get_all(&name) {
+            h.append(name.clone(), v.clone());
+        }
+    }
+    h.insert(header::AGE, age);
+    h.insert(X_CACHE_STATUS, status.header());
+    h.insert(CACHE_STATUS, cache_status);
+    resp
+}
+
+/// Sets `Content-Range`/`Content-Length` for a range reply on a `len`-byte body; returns the
+/// status to send (`full` for the whole body).
+fn range_headers(
+    headers: &mut HeaderMap,
+    reply: RangeReply,
+    len: u64,
+    full: StatusCode,
+) -> StatusCode {
+    match reply {
+        RangeReply::Full => full,
+        RangeReply::Partial { start, end } => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
                 headers.insert(header::CONTENT_RANGE, v);
             }
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
-            let body = entry.body.slice(start as usize..=end as usize);
-            (StatusCode::PARTIAL_CONTENT, body)
+            StatusCode::PARTIAL_CONTENT
         }
         RangeReply::Unsatisfiable => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 headers.insert(header::CONTENT_RANGE, v);
             }
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new())
+            StatusCode::RANGE_NOT_SATISFIABLE
         }
-    };
-    let body = if head || body.is_empty() {
-        ProxyBody::Empty
-    } else {
-        ProxyBody::Full(Some(body))
-    };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = code;
-    *resp.headers_mut() = headers;
-    resp
+    }
 }
 
 /// RFC 9211 `Cache-Status` for a response served from a stored entry. Hits get a static

@@ -1,6 +1,13 @@
 //! [`ProxyBody`]: the one body type that flows through the proxy in both directions — empty,
-//! a shared in-memory `Bytes` (cache hits: a reference-count bump, never a copy), or a stream
-//! passed through from the other side (optionally after a prefix already read).
+//! a shared in-memory `Bytes` or [`Pieces`] (cache hits: a reference-count bump, never a
+//! copy), a stream passed through from the other side (optionally after a prefix already
+//! read), or a [`fanout::Reader`] (one of the responses sharing a fetch in progress).
+//!
+//! [`pieces`] is the stored body type; [`fanout`] shares one body being fetched among every
+//! request waiting for it, within a memory bound.
+
+pub mod fanout;
+pub mod pieces;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,6 +16,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::error::BodyFault;
+pub use fanout::Reader;
+pub use pieces::Pieces;
 
 /// A request or response body.
 #[derive(Debug)]
@@ -16,6 +25,13 @@ pub enum ProxyBody {
     Empty,
     /// A complete body held in memory; taken on first poll.
     Full(Option<Bytes>),
+    /// A complete body in several shared pieces; `next` is the next piece to send.
+    Pieces {
+        pieces: Pieces,
+        next: usize,
+    },
+    /// One reader of a body being fetched for several requests at once.
+    Fanout(Reader),
     /// A streamed body, with bytes already read from it in `prefix`.
     Stream {
         prefix: Option<Bytes>,
@@ -44,6 +60,20 @@ impl ProxyBody {
         }
     }
 
+    /// A stored body: one `Bytes` when it is one piece (the common case), else its pieces.
+    pub fn from_pieces(pieces: &Pieces) -> Self {
+        if pieces.is_empty() {
+            return ProxyBody::Empty;
+        }
+        match pieces.single() {
+            Some(one) => ProxyBody::Full(Some(one.clone())),
+            None => ProxyBody::Pieces {
+                pieces: pieces.clone(),
+                next: 0,
+            },
+        }
+    }
+
     pub fn stream(rest: Incoming) -> Self {
         ProxyBody::Stream { prefix: None, rest }
     }
@@ -66,6 +96,14 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Pieces { pieces, next } => {
+                let piece = pieces.as_slice().get(*next).cloned();
+                *next += 1;
+                Poll::Ready(piece.map(|b| Ok(Frame::data(b))))
+            }
+            ProxyBody::Fanout(reader) => reader
+                .poll_next(cx)
+                .map(|p| p.map(|r| r.map(Frame::data).map_err(Into::into))),
             ProxyBody::Stream { prefix, rest } => {
                 if let Some(p) = prefix.take().filter(|p| !p.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
@@ -94,6 +132,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Pieces { pieces, next } => *next >= pieces.as_slice().len(),
+            ProxyBody::Fanout(reader) => reader.is_finished(),
             ProxyBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             ProxyBody::Downstream { rest, .. } => rest.is_end_stream(),
         }
@@ -105,6 +145,15 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ProxyBody::Pieces { pieces, next } => SizeHint::with_exact(
+                pieces
+                    .as_slice()
+                    .iter()
+                    .skip(*next)
+                    .map(|p| p.len() as u64)
+                    .sum(),
+            ),
+            ProxyBody::Fanout(_) => SizeHint::new(),
             ProxyBody::Downstream { rest, .. } => rest.size_hint(),
             ProxyBody::Stream { prefix, rest } => {
                 let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
