@@ -3,15 +3,27 @@
 //!
 //! ```text
 //! cargo run --release --example herd -- --url URL [--concurrency C] [--stats-url URL] [--timeout S]
+//!                                           [--expect-bytes N]
 //!     Thundering herd: opens C connections first (connect time is excluded), parks one
 //!     request per connection at a barrier and releases them all at once. Each request's
 //!     latency runs from that release to its last body byte, so the fastest (`min_ms`) is the
 //!     leader's and the rest are the followers'. `last_sent_ms`: when the client had put the
 //!     last request on the wire (its own share of the spread). With --stats-url
 //!     (mock-origin's `/stats?path=<percent-encoded path?query>`) the origin's count for the
-//!     key is read before and after, giving the upstream calls the herd caused. Prints:
+//!     key is read before and after, giving the upstream calls the herd caused.
+//!     Time to first byte (TTFB) also runs from the release, to the first body byte (to the
+//!     response head for an empty body). The request with the earliest first byte is taken
+//!     as the leader (`ttfb_first_ms`); `ttfb_p50_ms`/`ttfb_p99_ms`/`ttfb_max_ms` are over
+//!     the others (all of them when C = 1). `total_ms`: release to the last request's end.
+//!     `bytes`: body bytes received by successful requests. --expect-bytes N: every body must
+//!     be exactly N bytes of mock-origin's `/bytes` pattern (byte i = (i*31+7) % 256),
+//!     checked as it streams in; a body that is not is an error and counts in `bad_bodies`.
+//!     Prints:
 //!     {"count","errors","min_ms","p50_ms","p99_ms","max_ms","p99_minus_min_ms",
-//!      "last_sent_ms","upstream_calls"}   (upstream_calls is null without --stats-url)
+//!      "last_sent_ms","upstream_calls","ttfb_first_ms","ttfb_p50_ms","ttfb_p99_ms",
+//!      "ttfb_max_ms","total_ms","bytes","bad_bodies"}
+//!     (upstream_calls is null without --stats-url; `count` and every latency are over the
+//!     successful requests)
 //!
 //! herd --sequence N --url TEMPLATE [--inflight K] [--start I]
 //!     Fetches N distinct URLs, TEMPLATE with `{i}` replaced by I, I+1, ..., over K keep-alive
@@ -58,7 +70,8 @@ use tokio::sync::{Barrier, Semaphore};
 
 const USAGE: &str = "\
 usage (see the top of examples/herd.rs):
-  herd --url URL [--concurrency C] [--stats-url URL] [--timeout S]   thundering herd
+  herd --url URL [--concurrency C] [--stats-url URL] [--timeout S] [--expect-bytes N]
+                                                                    thundering herd
   herd --sequence N --url TEMPLATE-with-{i} [--inflight K] [--start I]   N distinct keys
   herd --load --url URL [--connections K] [--duration S]            closed-loop load
   herd --serve IP:PORT                                              bare server
@@ -120,6 +133,7 @@ fn main() -> ExitCode {
                 opts.concurrency,
                 opts.stats_url.as_deref(),
                 opts.timeout,
+                opts.expect_bytes,
             )
             .await
         }
@@ -143,6 +157,7 @@ struct Opts {
     concurrency: usize,
     stats_url: Option<String>,
     timeout: Duration,
+    expect_bytes: Option<u64>,
     sequence: Option<u64>,
     start: u64,
     inflight: usize,
@@ -160,6 +175,7 @@ impl Opts {
             concurrency: 1000,
             stats_url: None,
             timeout: Duration::from_secs(30),
+            expect_bytes: None,
             sequence: None,
             start: 0,
             inflight: 64,
@@ -198,6 +214,7 @@ impl Opts {
                 "--concurrency" | "-c" => o.concurrency = num(name, value()?)?,
                 "--stats-url" => o.stats_url = Some(value()?),
                 "--timeout" => o.timeout = secs(name, value()?)?,
+                "--expect-bytes" => o.expect_bytes = Some(num(name, value()?)?),
                 "--sequence" => o.sequence = Some(num(name, value()?)?),
                 "--start" => o.start = num(name, value()?)?,
                 "--inflight" => o.inflight = num(name, value()?)?,
@@ -285,26 +302,67 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, String> 
     Ok(sender)
 }
 
-/// Sends one request and reads the whole body; Ok(status) or a transport error.
+/// What one request got.
+struct Fetched {
+    status: StatusCode,
+    /// Body bytes received.
+    len: u64,
+    /// When the first body byte arrived (the response head, for an empty body).
+    first_byte: Instant,
+    /// False when the body was checked against the `/bytes` pattern and differed.
+    body_ok: bool,
+}
+
+/// Sends one request and reads the whole body; a transport error is an Err. With `expect`,
+/// the body is compared with the first `expect` bytes of the `/bytes` pattern as it arrives.
 async fn fetch(
     sender: &mut SendRequest<Empty<Bytes>>,
     target: &Target,
-) -> Result<(StatusCode, u64), String> {
+    expect: Option<u64>,
+) -> Result<Fetched, String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender
         .send_request(target.request())
         .await
         .map_err(|e| e.to_string())?;
+    let head = Instant::now();
     let status = resp.status();
     let mut body = resp.into_body();
     let mut len = 0u64;
+    let mut first_byte = None;
+    let mut body_ok = true;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
         if let Some(data) = frame.data_ref() {
+            if data.is_empty() {
+                continue;
+            }
+            first_byte.get_or_insert_with(Instant::now);
+            if expect.is_some() && body_ok {
+                body_ok = is_pattern(len, data);
+            }
             len += data.len() as u64;
         }
     }
-    Ok((status, len))
+    if let Some(n) = expect {
+        body_ok &= len == n;
+    }
+    Ok(Fetched {
+        status,
+        len,
+        first_byte: first_byte.unwrap_or(head),
+        body_ok,
+    })
+}
+
+/// Whether `data`, found at body offset `offset`, is that part of the `/bytes` pattern.
+fn is_pattern(offset: u64, data: &[u8]) -> bool {
+    // The pattern repeats every 256 bytes; BUFFER holds it from offset 0.
+    let piece = SERVE_MAX - 256;
+    data.chunks(piece).enumerate().all(|(k, part)| {
+        let start = ((offset + (k * piece) as u64) % 256) as usize;
+        BUFFER[start..start + part.len()] == *part
+    })
 }
 
 /// A keep-alive connection that reconnects when the server closed it (nginx closes after
@@ -322,8 +380,8 @@ impl Conn {
                 self.sender = Some(connect(self.addr).await?);
             }
             let sender = self.sender.as_mut().expect("connected");
-            match tokio::time::timeout(timeout, fetch(sender, target)).await {
-                Ok(Ok((status, _))) => return Ok(status),
+            match tokio::time::timeout(timeout, fetch(sender, target, None)).await {
+                Ok(Ok(fetched)) => return Ok(fetched.status),
                 Ok(Err(e)) => last = e,
                 Err(_) => last = format!("timeout after {timeout:?}"),
             }
@@ -391,6 +449,7 @@ async fn herd(
     concurrency: usize,
     stats_url: Option<&str>,
     timeout: Duration,
+    expect: Option<u64>,
 ) -> Result<String, String> {
     let target = Arc::new(Target::parse(url)?);
     let before = match stats_url {
@@ -421,17 +480,26 @@ async fn herd(
         let barrier = barrier.clone();
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
-            let ready = sender.ready().await.map_err(|e| e.to_string());
+            let ready = sender
+                .ready()
+                .await
+                .map_err(|e| Failed::Other(e.to_string()));
             barrier.wait().await;
             ready?;
             let start = Instant::now();
-            let result = tokio::time::timeout(timeout, fetch(&mut sender, &target)).await;
+            let result = tokio::time::timeout(timeout, fetch(&mut sender, &target, expect)).await;
             let end = Instant::now();
             match result {
-                Ok(Ok((status, _))) if status == StatusCode::OK => Ok((start, end)),
-                Ok(Ok((status, _))) => Err(format!("status {status}")),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(format!("timeout after {timeout:?}")),
+                Ok(Ok(f)) if f.status == StatusCode::OK && f.body_ok => Ok(Timed {
+                    start,
+                    first_byte: f.first_byte,
+                    end,
+                    len: f.len,
+                }),
+                Ok(Ok(f)) if f.status == StatusCode::OK => Err(Failed::BadBody(f.len)),
+                Ok(Ok(f)) => Err(Failed::Other(format!("status {}", f.status))),
+                Ok(Err(e)) => Err(Failed::Other(e)),
+                Err(_) => Err(Failed::Other(format!("timeout after {timeout:?}"))),
             }
         }));
     }
@@ -441,17 +509,31 @@ async fn herd(
     let released = Instant::now();
     barrier.wait().await;
     let mut latencies = Vec::with_capacity(concurrency);
+    let mut ttfbs = Vec::with_capacity(concurrency);
     let mut last_sent = Duration::ZERO;
-    let mut errors = 0u64;
+    let mut last_end = Duration::ZERO;
+    let mut bytes = 0u64;
+    let (mut errors, mut bad_bodies) = (0u64, 0u64);
     let mut first_error = None;
     for t in tasks {
         match t.await.map_err(|e| e.to_string())? {
-            Ok((start, end)) => {
-                latencies.push(ms(end.saturating_duration_since(released)));
-                last_sent = last_sent.max(start.saturating_duration_since(released));
+            Ok(timed) => {
+                let end = timed.end.saturating_duration_since(released);
+                latencies.push(ms(end));
+                ttfbs.push(ms(timed.first_byte.saturating_duration_since(released)));
+                last_sent = last_sent.max(timed.start.saturating_duration_since(released));
+                last_end = last_end.max(end);
+                bytes += timed.len;
             }
             Err(e) => {
                 errors += 1;
+                let e = match e {
+                    Failed::BadBody(len) => {
+                        bad_bodies += 1;
+                        format!("a {len}-byte body that is not the expected pattern")
+                    }
+                    Failed::Other(e) => e,
+                };
                 first_error.get_or_insert(e);
             }
         }
@@ -469,8 +551,16 @@ async fn herd(
     latencies.sort_by(f64::total_cmp);
     let min = latencies.first().copied().unwrap_or(f64::NAN);
     let p99 = pct(&latencies, 99.0);
+    // The earliest first byte is the leader's; the percentiles are the followers'.
+    ttfbs.sort_by(f64::total_cmp);
+    let ttfb_first = ttfbs.first().copied().unwrap_or(f64::NAN);
+    let followers = if ttfbs.len() > 1 {
+        &ttfbs[1..]
+    } else {
+        &ttfbs[..]
+    };
     Ok(format!(
-        "{{\"count\":{},\"errors\":{errors},\"min_ms\":{},\"p50_ms\":{},\"p99_ms\":{},\"max_ms\":{},\"p99_minus_min_ms\":{},\"last_sent_ms\":{},\"upstream_calls\":{upstream}}}",
+        "{{\"count\":{},\"errors\":{errors},\"min_ms\":{},\"p50_ms\":{},\"p99_ms\":{},\"max_ms\":{},\"p99_minus_min_ms\":{},\"last_sent_ms\":{},\"upstream_calls\":{upstream},\"ttfb_first_ms\":{},\"ttfb_p50_ms\":{},\"ttfb_p99_ms\":{},\"ttfb_max_ms\":{},\"total_ms\":{},\"bytes\":{bytes},\"bad_bodies\":{bad_bodies}}}",
         latencies.len(),
         num(min),
         num(pct(&latencies, 50.0)),
@@ -478,7 +568,27 @@ async fn herd(
         num(latencies.last().copied().unwrap_or(f64::NAN)),
         num(p99 - min),
         num(ms(last_sent)),
+        num(ttfb_first),
+        num(pct(followers, 50.0)),
+        num(pct(followers, 99.0)),
+        num(followers.last().copied().unwrap_or(f64::NAN)),
+        num(ms(last_end)),
     ))
+}
+
+/// One successful herd request's timeline.
+struct Timed {
+    start: Instant,
+    first_byte: Instant,
+    end: Instant,
+    len: u64,
+}
+
+/// Why a herd request did not count.
+enum Failed {
+    /// Status 200 but not the `--expect-bytes` body (its length).
+    BadBody(u64),
+    Other(String),
 }
 
 // ---- sequence ---------------------------------------------------------------------------------

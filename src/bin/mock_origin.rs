@@ -22,6 +22,10 @@
 //! - `POST|PUT /admin/health?ok=true|false`: sets the health toggle.
 //! - `GET|HEAD /bytes?size=N` (default 1024, capped at 16 GiB): N deterministic bytes,
 //!   byte i = `(i*31+7) % 256`, `application/octet-stream`, streamed in 64 KiB chunks.
+//!   Optional pacing: `interval_ms=D` pauses D ms after every `chunk=B` bytes (default
+//!   64 KiB; frames stay at most 64 KiB), e.g. `chunk=1048576&interval_ms=50` sends
+//!   1 MiB every 50 ms. No pause before the first byte or after the last; `chunk` without
+//!   `interval_ms` changes nothing. `chunk=0` is a `400`.
 //! - `/echo` (any method): JSON with `method`, `version`, `uri` (path+query), `host`,
 //!   `headers` (lower-case name -> value, repeats joined with `, `), `body_len` and
 //!   `body_sha256` of the request body, which is read as a stream.
@@ -49,6 +53,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -188,10 +193,36 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Lazily generated `/bytes` body: byte i is `(i*31+7) % 256`, in 64 KiB frames.
+/// Lazily generated `/bytes` body: byte i is `(i*31+7) % 256`, in frames of at most 64 KiB.
 struct PatternBody {
     sent: u64,
     len: u64,
+    pacing: Option<Pacing>,
+}
+
+/// `/bytes?chunk=B&interval_ms=D`: a pause of `interval` after every `chunk` bytes.
+struct Pacing {
+    chunk: u64,
+    interval: Duration,
+    /// Bytes still to send before the next pause.
+    left: u64,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl PatternBody {
+    fn new(len: u64, pacing: Option<(u64, Duration)>) -> Self {
+        let pacing = pacing.map(|(chunk, interval)| Pacing {
+            chunk,
+            interval,
+            left: chunk,
+            pause: None,
+        });
+        PatternBody {
+            sent: 0,
+            len,
+            pacing,
+        }
+    }
 }
 
 impl hyper::body::Body for PatternBody {
@@ -200,14 +231,30 @@ impl hyper::body::Body for PatternBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let n = (self.len - self.sent).min(CHUNK as u64) as usize;
+        let this = &mut *self;
+        let mut n = (this.len - this.sent).min(CHUNK as u64) as usize;
         if n == 0 {
             return Poll::Ready(None);
         }
-        let start = (self.sent % 256) as usize;
-        self.sent += n as u64;
+        if let Some(pacing) = &mut this.pacing {
+            if pacing.left == 0 {
+                let interval = pacing.interval;
+                let pause = pacing
+                    .pause
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                pacing.pause = None;
+                pacing.left = pacing.chunk;
+            }
+            n = n.min(pacing.left.min(CHUNK as u64) as usize);
+            pacing.left -= n as u64;
+        }
+        let start = (this.sent % 256) as usize;
+        this.sent += n as u64;
         Poll::Ready(Some(Ok(Frame::data(PATTERN.slice(start..start + n)))))
     }
 
@@ -363,7 +410,15 @@ async fn route(
                 .number("size")?
                 .unwrap_or(DEFAULT_BYTES)
                 .min(MAX_BYTES);
-            let body = PatternBody { sent: 0, len }.boxed();
+            let chunk = query.number::<u64>("chunk")?.unwrap_or(CHUNK as u64);
+            if chunk == 0 {
+                return Err(BadParam("chunk"));
+            }
+            let pacing = query
+                .number::<u64>("interval_ms")?
+                .filter(|ms| *ms > 0)
+                .map(|ms| (chunk, Duration::from_millis(ms)));
+            let body = PatternBody::new(len, pacing).boxed();
             respond(StatusCode::OK, "application/octet-stream", body)
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -519,6 +574,7 @@ const ROUTES: &str = "Routes:
   PUT|POST /data?id=X               bump the id's version
   /health-check                     200 ok, or 503 while toggled off by POST /admin/health?ok=false
   GET|HEAD /bytes?size=N            N deterministic bytes (at most 16 GiB), streamed
+           [&chunk=B&interval_ms=D]   paced: a D ms pause after every B bytes (B default 64 KiB)
   /echo                             the request as JSON (method, version, uri, host, headers, body_len, body_sha256)
   GET /stats[?path=KEY]             request counts; POST /stats/reset zeroes them
 Every route but /stats takes delay_ms=D, status=S, cc=VALUE, set_cookie=1, vary=NAME, etag=0.";
@@ -621,4 +677,46 @@ async fn main() -> ExitCode {
         tracing::warn!("connections still open after the grace period; exiting anyway");
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects a `/bytes` body; returns it and the (paused-clock) time it took.
+    async fn collect(body: PatternBody) -> (Bytes, Duration) {
+        let start = tokio::time::Instant::now();
+        let bytes = body.collect().await.map(|c| c.to_bytes());
+        let Ok(bytes) = bytes;
+        (bytes, start.elapsed())
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i * 31 + 7) % 256) as u8).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_bytes_pause_between_chunks_only() {
+        // 2.5 chunks of 100 KiB: two pauses (none before the first byte or after the last).
+        let len = 250 * 1024;
+        let body = PatternBody::new(len as u64, Some((100 * 1024, Duration::from_millis(50))));
+        let (bytes, took) = collect(body).await;
+        assert_eq!(bytes.as_ref(), pattern(len).as_slice());
+        assert_eq!(took, Duration::from_millis(100));
+
+        let (bytes, took) = collect(PatternBody::new(len as u64, None)).await;
+        assert_eq!(bytes.as_ref(), pattern(len).as_slice());
+        assert_eq!(took, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_frames_stay_within_a_chunk() {
+        // chunk=1000 (not a divisor of 64 KiB): every frame ends at a chunk boundary at most.
+        let mut body = PatternBody::new(2500, Some((1000, Duration::from_millis(10))));
+        let mut sizes = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            sizes.push(frame.into_data().map_or(0, |d| d.len()));
+        }
+        assert_eq!(sizes, [1000, 1000, 500]);
+    }
 }
