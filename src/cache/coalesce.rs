@@ -16,7 +16,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
-use crate::body::fanout::{Budget, Fanout};
+use crate::body::fanout::{Budget, Fanout, StreamError};
 use crate::body::Reader;
 
 /// What a flight publishes: a final outcome ends the flight; others (a body still streaming)
@@ -206,8 +206,11 @@ impl<T> FlightGuard<T> {
 }
 
 impl<T> Drop for FlightGuard<T> {
+    /// Ends the flight; a body left unfinished (the fill panicked or was cancelled at
+    /// shutdown) ends with an error for its readers instead of leaving them waiting.
     fn drop(&mut self) {
         self.remove();
+        self.flight.body.fail(StreamError::Stopped);
     }
 }
 
@@ -303,6 +306,21 @@ mod tests {
         guard.publish(Out::Done(2));
         assert_eq!(watcher.wait_final().await, Some(Out::Done(2)));
         assert!(!flights.in_flight("k"));
+    }
+
+    /// A leader that goes away mid-body (panic, cancellation) fails its readers' bodies.
+    #[tokio::test]
+    async fn an_abandoned_body_fails_its_readers() {
+        let flights = flights();
+        let Role::Leader(guard) = flights.join("k".into()) else {
+            panic!()
+        };
+        let mut w = guard.waiter();
+        guard.publish(Out::Streaming);
+        guard.body().push(Bytes::from_static(b"abc"));
+        drop(guard);
+        let mut body = crate::body::ProxyBody::Fanout(w.take_body().unwrap());
+        assert!(http_body_util::BodyExt::collect(&mut body).await.is_err());
     }
 
     /// Once the start of a body that is not stored was released, a newcomer leads a new
