@@ -808,6 +808,56 @@ async fn upstream_connection_is_released_when_every_reader_is_gone() {
     .await;
 }
 
+/// The raw client itself (no proxy): it tells a complete body from one cut short, for both
+/// framings the proxy may use towards followers.
+#[tokio::test]
+async fn raw_client_tells_complete_bodies_from_cut_ones() {
+    within(30, async {
+        const CASES: [(&str, &[u8], Result<u64, ()>); 7] = [
+            ("/length", b"content-length: 4\r\n\r\nabcd", Ok(4)),
+            ("/length-cut", b"content-length: 8\r\n\r\nabcd", Err(())),
+            (
+                "/chunked",
+                b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n2;x=y\r\ncd\r\n0\r\n\r\n",
+                Ok(4),
+            ),
+            (
+                "/chunked-no-end",
+                b"transfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n",
+                Err(()),
+            ),
+            (
+                "/chunked-cut",
+                b"transfer-encoding: chunked\r\n\r\n8\r\nabcd",
+                Err(()),
+            ),
+            ("/close", b"\r\nabcd", Ok(4)),
+            ("/wrong", b"content-length: 4\r\n\r\nabXd", Ok(4)),
+        ];
+        let origin = RawOrigin::start(|arrival, mut conn| async move {
+            let (_, raw, _) = CASES.iter().find(|c| c.0 == arrival.target).unwrap();
+            let mut out = b"HTTP/1.1 200 OK\r\nconnection: close\r\n".to_vec();
+            out.extend_from_slice(raw);
+            let _ = conn.stream.write_all(&out).await;
+        })
+        .await;
+        let expected = Bytes::from_static(b"abcd");
+        for (path, _, want) in CASES {
+            let got = fetch(origin.addr, "GET", path, &[], Some(expected.clone())).await;
+            assert_eq!(got.status, 200, "{path}: {got:?}");
+            let mismatch = (path == "/wrong").then_some(2);
+            assert_eq!(got.mismatch, mismatch, "{path}: {got:?}");
+            match want {
+                Ok(len) => assert_eq!((got.end.clone(), got.len), (Ok(()), len), "{path}"),
+                Err(()) => assert!(got.end.is_err(), "{path}: {got:?}"),
+            }
+        }
+        let head = fetch(origin.addr, "HEAD", "/length", &[], None).await;
+        assert_eq!((head.status, head.len, head.end), (200, 0, Ok(())));
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
