@@ -16,10 +16,11 @@
 //! close`), so a test scripts exactly when the headers and each byte go out and when the
 //! connection drops. The clients are raw too: a test sees the first body byte as it arrives,
 //! and tells a complete body from one cut short (EOF before `Content-Length`, or a chunked
-//! body without its last chunk). Bodies are checked byte for byte against the pattern they
-//! were cut from as they stream, without being kept. No fixed sleeps: tests wait on gates, on
-//! requests reaching the origin and on metrics, each with a deadline, and every test runs
-//! under a timeout.
+//! body without its last chunk; `raw_client_tells_complete_bodies_from_cut_ones` checks it
+//! does). Bodies are checked byte for byte against the pattern they were cut from as they
+//! stream, without being kept (stronger than comparing digests, and cheap in a debug build).
+//! No fixed sleeps: tests wait on gates, on requests reaching the origin and on metrics, each
+//! with a deadline, and every test runs under a timeout.
 
 mod common;
 
