@@ -254,8 +254,8 @@ async fn follower_that_stops_reading_is_cut_off_and_the_others_complete() {
         .await;
         assert!(
             cut_off,
-            "edgecache_stream_cutoffs_total >= 1 expected; metrics:\n{}",
-            proxy.metrics()
+            "edgecache_stream_cutoffs_total >= 1 expected; flight metrics:\n{}",
+            flight_metrics(&proxy)
         );
         // Now read what the stalled follower was sent: it must end early, visibly.
         let got = tokio::time::timeout(WAIT, async {
@@ -273,6 +273,86 @@ async fn follower_that_stops_reading_is_cut_off_and_the_others_complete() {
         );
         assert_eq!(got.mismatch, None, "what it got before the cut is right");
         assert_eq!(origin.count(), 1, "upstream requests for 5 clients");
+    })
+    .await;
+}
+
+/// The global bound: two flights of a 48 MiB response that is not stored, each with a
+/// reading leader and a follower that never reads. `STREAM_BUFFER_BYTES=64MiB` never binds a
+/// single flight (its whole body fits), but `STREAM_BUFFER_TOTAL_BYTES=64MiB` cannot hold
+/// both stalled followers' backlogs (~2 x 48 MiB): at least one of them is cut off, counted in
+/// `edgecache_stream_cutoffs_total`, and both readers complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_followers_of_two_flights_are_cut_off_at_the_global_bound() {
+    within(180, async {
+        let body = pattern(48 * MIB);
+        let gate = Gate::new();
+        let origin = RawOrigin::serving(Serve::new(CACHEABLE, &body).headers_after(&gate)).await;
+        let proxy = start_proxy(
+            &origin,
+            &[
+                ("CACHE_MAX_OBJECT_BYTES", "1MiB"),
+                ("STREAM_BUFFER_BYTES", "64MiB"),
+                ("STREAM_BUFFER_TOTAL_BYTES", "64MiB"),
+            ],
+        )
+        .await;
+        let addr = proxy.addr;
+        let mut readers = Vec::new();
+        let mut stalled = Vec::new();
+        for path in ["/one", "/two"] {
+            let (tx, rx) = oneshot::channel();
+            let mut tx = Some(tx);
+            let mut flight = herd(&proxy, &origin, 2, |i| {
+                let body = body.clone();
+                let tx = if i == 1 { tx.take() } else { None };
+                tokio::spawn(async move {
+                    match tx {
+                        Some(tx) => {
+                            let _ = tx.send(send_stalled(addr, path).await);
+                            Received::failed("stalled".into())
+                        }
+                        None => fetch(addr, "GET", path, &[], Some(body)).await,
+                    }
+                })
+            })
+            .await;
+            stalled.push(rx.await.unwrap());
+            readers.push(flight.remove(0));
+        }
+        gate.open();
+        for (i, reader) in readers.into_iter().enumerate() {
+            assert_complete(&reader.await.unwrap(), &body, &format!("reader {i}"));
+        }
+        let cut_off = eventually(WAIT, || {
+            series(&proxy.metrics(), "edgecache_stream_cutoffs_total").unwrap_or(0.0) >= 1.0
+        })
+        .await;
+        assert!(
+            cut_off,
+            "edgecache_stream_cutoffs_total >= 1 expected; flight metrics:\n{}",
+            flight_metrics(&proxy)
+        );
+        let mut cut = 0;
+        for (i, stream) in stalled.into_iter().enumerate() {
+            let got = tokio::time::timeout(WAIT, async {
+                match Reply::read(stream, "GET").await {
+                    Ok(reply) => reply.expect(body.clone()).finish().await,
+                    Err(e) => Received::failed(e),
+                }
+            })
+            .await
+            .expect("a stalled follower's response ends, cut off or complete, once read");
+            println!("stalled follower {i}: {got:?}");
+            assert_eq!(got.mismatch, None, "stalled follower {i}: {got:?}");
+            if got.end.is_err() {
+                cut += 1;
+            } else {
+                assert_complete(&got, &body, &format!("stalled follower {i}"));
+            }
+        }
+        assert!(cut >= 1, "at least one stalled follower was cut off");
+        assert_eq!(origin.count(), 2, "one upstream request per flight");
     })
     .await;
 }
@@ -883,7 +963,11 @@ async fn flights_ended(proxy: &ProxyHandle) {
         series(&proxy.metrics(), "edgecache_inflight_fetches") == Some(0.0)
     })
     .await;
-    assert!(ended, "the flight ended; metrics:\n{}", proxy.metrics());
+    assert!(
+        ended,
+        "the flight ended; flight metrics:\n{}",
+        flight_metrics(proxy)
+    );
 }
 
 /// Waits until the store holds something: a storable response is stored when its body is
@@ -949,6 +1033,20 @@ fn series(text: &str, name: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     })
+}
+
+/// The series about flights and streaming in `/metrics`, for failure messages.
+fn flight_metrics(proxy: &ProxyHandle) -> String {
+    let text = proxy.metrics();
+    let wanted = [
+        "edgecache_stream",
+        "edgecache_coalesced",
+        "edgecache_inflight",
+    ];
+    let lines = text
+        .lines()
+        .filter(|l| wanted.iter().any(|w| l.starts_with(w)));
+    lines.collect::<Vec<_>>().join("\n")
 }
 
 /// A `/proc/PID/status` field in KiB (`VmHWM`, `VmRSS`); 0 when unknown.
