@@ -239,7 +239,9 @@ impl Proxy {
             // Each piece gets its own exact-size allocation: held (for slow readers, or for the
             // entry's whole life), a slice of hyper's read buffer would pin all of that larger
             // buffer, several times the bytes counted against the bounds.
-            fanout.push(Bytes::copy_from_slice(&data));
+            for part in data.chunks(PIECE_BYTES) {
+                fanout.push(Bytes::copy_from_slice(part));
+            }
         }
     }
 
@@ -363,6 +365,11 @@ impl Proxy {
         Ok(entry)
     }
 }
+
+/// The largest piece a body is copied into: one size class, so the allocator reuses the
+/// memory of released pieces for new ones instead of fragmenting on every chunk size hyper
+/// happens to read.
+const PIECE_BYTES: usize = 64 << 10;
 
 /// How [`Proxy::pump`] ended.
 enum Pumped {
