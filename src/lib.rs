@@ -14,8 +14,10 @@
 //!   requests in flight, [`server::head_scan`] spots `Content-Length` + `Transfer-Encoding`
 //!   heads, and [`server::io`] wraps the client stream that feeds them.
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
-//!   expiry task that refreshes hot keys and drops cold ones. [`proxy::headers`] rewrites
-//!   headers between the two sides; [`proxy::purge`] executes admin requests.
+//!   expiry task that refreshes hot keys and drops cold ones. [`proxy::fetch`] is the cache
+//!   fill, which streams the response to every waiter as it arrives and stores it when
+//!   complete; [`proxy::headers`] rewrites headers between the two sides; [`proxy::purge`]
+//!   executes admin requests.
 //! * [`admin`] — `Clear-Cache` requests, pure: parse and authorise them (clear/refresh by
 //!   path under every host, prefix or everything), decide refresh or drop per entry, shape
 //!   the JSON report.
@@ -41,12 +43,14 @@
 //!   cancelled and awaited at shutdown, so a panic then is reported, not lost.
 //! * [`config`] — environment variables and flags to a validated [`config::Config`]; the
 //!   settings table ([`config::SETTINGS`]) that `edgecache --help` is generated from.
-//! * [`body`] — the body type shared by hits (shared `Bytes`) and streams; a request body
-//!   passed upstream fails with a [`error::BodyFault`].
+//! * [`body`] — the body type shared by hits (shared [`body::Pieces`]) and streams; a request
+//!   body passed upstream fails with a [`error::BodyFault`]. [`body::fanout`] shares one
+//!   body being fetched among every request waiting on it, within the stream buffer bounds;
+//!   the flights in [`cache::coalesce`] own one each.
 //!
 //! Imports point down this list and never back: `proxy` uses `admin` and `cache`; `admin`
-//! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`; `proxy` and
-//! `upstream` use `body` and `error`, `body` uses `error`, and `error` uses no module.
+//! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`; `proxy`,
+//! `cache` and `upstream` use `body`; `body` uses `error`, and `error` uses no module.
 
 pub mod admin;
 pub mod body;
