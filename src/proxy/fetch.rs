@@ -1,8 +1,8 @@
-//! The cache fill ([`Proxy::fill`]): one upstream GET meant to fill the cache, run once for
+//! The cache fill (`Proxy::fill`): one upstream GET meant to fill the cache, run once for
 //! every request waiting on its flight. It revalidates with the stored validators when it
 //! has a base entry, asks the policy whether the response may be shared, publishes its head
 //! at once and streams its body to every waiter through the flight's
-//! [`Fanout`](crate::body::fanout::Fanout) as it arrives, then stores it (the same pieces)
+//! [`Fanout`] as it arrives, then stores it (the same pieces)
 //! when it is complete and within `CACHE_MAX_OBJECT_BYTES`. A failed or truncated body is
 //! never stored.
 

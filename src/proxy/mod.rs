@@ -6,9 +6,12 @@
 //! 2. `lookup` — the stored variant the request selects, and what to do with it
 //!    ([`decide::serve`]): fresh → `HIT`; stale but servable (refresh window,
 //!    `stale-while-revalidate`) → `STALE` plus a background refresh.
-//! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight; the fetch
-//!    runs in its own task so it survives the leader's client going away.
-//! 4. `fetch_for_cache` / `store` ([`fetch`]) and `respond` ([`respond`]).
+//! 3. `fetch_coalesced` — a miss or a revalidation joins the key's single flight (a request
+//!    with `Authorization` gets a flight of its own); `lead` runs the fill in its own task,
+//!    so it survives the leader's client going away.
+//! 4. The fill ([`fetch`]: `fill`, `store`) publishes the response's head at once and
+//!    streams the body to every waiter; `answer` turns what it published into each waiter's
+//!    response ([`respond`]: from the stored entry, or from the body as it arrives).
 //!
 //! Steps return `Result<_, ProxyError>`; [`Proxy::handle`] turns an error into its one
 //! response ([`respond::error`]), writes the access-log line and counts the request.
