@@ -57,6 +57,9 @@ pub struct Config {
     /// at most `stream_buffer_total` (`STREAM_BUFFER_TOTAL_BYTES`).
     pub stream_buffer: usize,
     pub stream_buffer_total: usize,
+    /// The shared second tier (`REDIS_URL`, `REDIS_TIMEOUT_MS`, `REDIS_MAX_OBJECT_BYTES`);
+    /// `None`: every instance caches on its own, as without Redis.
+    pub redis: Option<RedisConfig>,
     /// How long an expired entry that has validators is kept after its last use, so a later
     /// request can revalidate it (304) instead of refetching it (`STALE_RETENTION_SECS`).
     /// Zero drops every cold entry at expiry, as the predecessor did.
@@ -316,7 +319,22 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_HEADER_BYTES", "64KiB", "Request line + headers above this: 431/414 (8KiB-1MiB)"),
     setting("MAX_CONNECTIONS", "10000", "Open client connections at most; more wait in the listen backlog (1-1000000)"),
     setting("MAX_REQUEST_BODY_BYTES", "0", "Pass-through request bodies above this: 413; 0 = no limit (0-1TiB)"),
+    setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db]; empty = none"),
+    setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
+    setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
 ];
+
+/// Where and how the shared tier is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]`, as given (it may hold a password: never
+    /// logged or shown).
+    pub url: String,
+    /// Each Redis operation on the request path gives up after this (`REDIS_TIMEOUT_MS`).
+    pub timeout: Duration,
+    /// Larger responses stay in this instance's memory only (`REDIS_MAX_OBJECT_BYTES`).
+    pub max_object_bytes: usize,
+}
 
 /// A configuration error: which variable, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,6 +478,30 @@ impl Config {
                 ),
             ));
         }
+        let redis = match var("REDIS_URL").filter(|v| !v.trim().is_empty()) {
+            None => None,
+            Some(url) => {
+                let url = url.trim().to_string();
+                check_redis_url(&url).map_err(|p| bad("REDIS_URL", p))?;
+                let timeout_ms = match var("REDIS_TIMEOUT_MS") {
+                    None => 50,
+                    Some(v) => match v.trim().parse::<u64>() {
+                        Ok(n) if (1..=60_000).contains(&n) => n,
+                        _ => {
+                            return Err(bad(
+                                "REDIS_TIMEOUT_MS",
+                                format!("`{v}` is not a whole number of milliseconds from 1 to 60000"),
+                            ))
+                        }
+                    },
+                };
+                Some(RedisConfig {
+                    url,
+                    timeout: Duration::from_millis(timeout_ms),
+                    max_object_bytes: byte_size("REDIS_MAX_OBJECT_BYTES", 1 << 20, 0..=TIB)?,
+                })
+            }
+        };
         // A whole number within `range`, else an error naming the variable.
         let count = |name: &'static str,
                      default: u32,
@@ -605,6 +647,7 @@ impl Config {
             max_bytes,
             stream_buffer,
             stream_buffer_total,
+            redis,
         })
     }
 }
@@ -726,10 +769,66 @@ impl Config {
                 "MAX_REQUEST_BODY_BYTES",
                 show_bytes(limits.max_request_body.unwrap_or(0)),
             ),
+            (
+                "REDIS_URL",
+                match &self.redis {
+                    None => String::new(),
+                    Some(r) => redact_redis_password(&r.url),
+                },
+            ),
+            (
+                "REDIS_TIMEOUT_MS",
+                self.redis
+                    .as_ref()
+                    .map_or(50, |r| r.timeout.as_millis() as u64)
+                    .to_string(),
+            ),
+            (
+                "REDIS_MAX_OBJECT_BYTES",
+                bytes(self.redis.as_ref().map_or(1 << 20, |r| r.max_object_bytes)),
+            ),
         ];
         // In the order of SETTINGS (a name missing there would sort first; a test checks).
         out.sort_by_key(|(name, _)| SETTINGS.iter().position(|s| s.name == *name));
         out
+    }
+}
+
+/// `REDIS_URL` must be `redis://host[:port][/db]` (with optional `user:password@`); TLS
+/// (`rediss://`) and Redis Cluster are not supported yet, and say so rather than fail later.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("redis://") else {
+        if url.starts_with("rediss://") {
+            return Err("`rediss://` (TLS) is not supported yet: use redis:// on a trusted network or a local TLS tunnel".into());
+        }
+        return Err("must start with redis://, e.g. redis://127.0.0.1:6379".into());
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("has no host: expected redis://host[:port][/db]".into());
+    }
+    if let Some(db) = rest.split_once('/').map(|(_, db)| db).filter(|d| !d.is_empty()) {
+        if db.parse::<u16>().is_err() {
+            return Err(format!("database `{db}` is not a number"));
+        }
+    }
+    Ok(())
+}
+
+/// `url` with any password replaced by `<redacted>` (for `--check`).
+pub fn redact_redis_password(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let path = path.map_or(String::new(), |p| format!("/{p}"));
+            format!("redis://{user}:<redacted>@{host}{path}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -1270,6 +1369,37 @@ mod tests {
             c.ops_listen_addr,
             Some(SocketAddr::from(([127, 0, 0, 1], 9000)))
         );
+    }
+
+    #[test]
+    fn redis_settings_are_checked_and_the_password_never_shown() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        assert_eq!(cfg(&[up]).unwrap().redis, None);
+        assert_eq!(cfg(&[up, ("REDIS_URL", " ")]).unwrap().redis, None);
+        let c = cfg(&[
+            up,
+            ("REDIS_URL", "redis://:s3cret@10.0.0.5:6380/2"),
+            ("REDIS_TIMEOUT_MS", "20"),
+            ("REDIS_MAX_OBJECT_BYTES", "64KiB"),
+        ])
+        .unwrap();
+        let r = c.redis.clone().unwrap();
+        assert_eq!(r.timeout, Duration::from_millis(20));
+        assert_eq!(r.max_object_bytes, 64 << 10);
+        let shown: Vec<_> = c.effective().into_iter().filter(|(n, _)| n.starts_with("REDIS")).collect();
+        assert_eq!(shown[0], ("REDIS_URL", "redis://:<redacted>@10.0.0.5:6380/2".to_string()));
+        for (bad, var) in [
+            ("http://x", "REDIS_URL"),
+            ("rediss://x", "REDIS_URL"),
+            ("redis://", "REDIS_URL"),
+            ("redis://h/abc", "REDIS_URL"),
+        ] {
+            let err = cfg(&[up, ("REDIS_URL", bad)]).unwrap_err();
+            assert_eq!(err.variable, var, "{bad}: {err}");
+        }
+        let err = cfg(&[up, ("REDIS_URL", "redis://h"), ("REDIS_TIMEOUT_MS", "0")]).unwrap_err();
+        assert_eq!(err.variable, "REDIS_TIMEOUT_MS");
+        assert_eq!(redact_redis_password("redis://u@h:1"), "redis://u@h:1");
     }
 
     #[test]

@@ -243,6 +243,23 @@ pub fn on_deadline(entry: &CachedResponse, settings: &Settings, now: Now) -> Exp
     }
 }
 
+/// How long the shared tier keeps a copy of `entry` written at `now`: its remaining freshness
+/// plus the stale allowances another instance could serve it under (`stale-while-revalidate`,
+/// `stale-if-error`, `STALE_IF_ERROR_SECS`; `STALE_RETENTION_SECS` when it has validators).
+/// `None` when that is already over (nothing to write).
+pub fn shared_ttl(entry: &CachedResponse, settings: &Settings, now: Instant) -> Option<Duration> {
+    let mut allowance = entry
+        .stale_while_revalidate
+        .max(entry.stale_if_error)
+        .max(settings.stale_if_error);
+    if entry.revalidatable() {
+        allowance = allowance.max(settings.stale_retention);
+    }
+    let keep_until = entry.expires_at() + allowance;
+    let ttl = keep_until.saturating_duration_since(now);
+    (!ttl.is_zero()).then_some(ttl)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +321,27 @@ mod tests {
         let mut cc = CacheControl::default();
         f(&mut cc);
         cc
+    }
+
+    /// The shared tier keeps a copy for its freshness plus what another instance could still
+    /// serve it stale for; nothing past that.
+    #[test]
+    fn the_shared_tier_keeps_freshness_plus_stale_allowances() {
+        let c = Clock::new();
+        let s = settings();
+        let plain = c.entry(|_| {});
+        assert_eq!(shared_ttl(&plain, &s, c.at(30.0).at), Some(70 * S));
+        assert_eq!(shared_ttl(&plain, &s, c.at(100.0).at), None);
+        let swr = c.entry(|e| e.stale_while_revalidate = 50 * S);
+        assert_eq!(shared_ttl(&swr, &s, c.at(120.0).at), Some(30 * S));
+        let sie = Settings {
+            stale_if_error: 200 * S,
+            stale_retention: 500 * S,
+            ..settings()
+        };
+        assert_eq!(shared_ttl(&plain, &sie, c.at(0.0).at), Some(300 * S));
+        let validated = c.entry(|e| e.upstream_etag = Some(HeaderValue::from_static("\"v\"")));
+        assert_eq!(shared_ttl(&validated, &sie, c.at(0.0).at), Some(600 * S));
     }
 
     #[test]

@@ -242,6 +242,11 @@ impl VaryKey {
         &self.names
     }
 
+    /// The values captured for [`VaryKey::names`], in order (`None`: the request lacked it).
+    pub fn values(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        self.values.iter().map(|v| v.as_deref())
+    }
+
     /// Whether a request selects this variant.
     pub fn matches(&self, req: &HeaderMap) -> bool {
         self.names

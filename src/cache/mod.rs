@@ -17,10 +17,12 @@ pub mod expiry;
 pub mod key;
 pub mod policy;
 pub mod range;
+pub mod shared;
 pub mod status;
 pub mod store;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderName};
@@ -29,6 +31,7 @@ use crate::error::UpstreamError;
 use coalesce::{FlightGuard, Flights, Outcome, Role};
 use entry::{CachedResponse, Filling};
 use expiry::ExpiryQueue;
+use shared::SharedTier;
 use key::split_key;
 use store::Store;
 
@@ -54,17 +57,19 @@ impl Outcome for FetchOutcome {
     }
 }
 
-/// Where a looked-up entry came from. Only the in-memory tier exists today; a second tier
-/// would add a variant here (and promote what it finds into memory).
+/// Where a looked-up entry came from: this instance's memory, or the shared tier on Redis
+/// (`REDIS_URL`), whose finds the caller puts into memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
     Memory,
+    Shared,
 }
 
 impl Tier {
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Memory => "memory",
+            Tier::Shared => "redis",
         }
     }
 }
@@ -102,11 +107,13 @@ pub struct CacheStats {
     pub stream_cutoffs: u64,
 }
 
-/// Store, timers and in-flight fetches together, behind the operations the proxy needs.
+/// Store, timers and in-flight fetches together, behind the operations the proxy needs; and
+/// the shared tier behind them, when there is one.
 pub struct Cache {
     store: Store,
     flights: Flights<FetchOutcome>,
     expiry: ExpiryQueue,
+    shared: Option<SharedTier>,
 }
 
 impl Cache {
@@ -118,7 +125,44 @@ impl Cache {
             store: Store::new(max_bytes),
             flights: Flights::new(stream_limit, stream_total),
             expiry: ExpiryQueue::default(),
+            shared: None,
         }
+    }
+
+    /// The same cache with a shared second tier behind it.
+    pub fn with_shared(mut self, tier: SharedTier) -> Self {
+        self.shared = Some(tier);
+        self
+    }
+
+    /// The shared tier, when `REDIS_URL` configured one.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// The variant of `key` that a request with headers `req` selects, from the shared tier
+    /// (`None` without one, on a miss, or when Redis is unavailable). Not put into memory:
+    /// the caller decides whether it is usable, then stores it ([`Cache::insert`]).
+    pub async fn lookup_shared(&self, key: &str, req: &HeaderMap) -> Option<Hit> {
+        let tier = self.shared.as_ref()?;
+        let blobs = tier.variants(key).await;
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for blob in blobs {
+            match codec::decode(&blob, key, now, wall) {
+                Ok(e) if e.vary.matches(req) => {
+                    let entry = CachedResponse::new(e, key.len(), entry::clock_ms());
+                    return Some(Hit {
+                        entry: Arc::new(entry),
+                        tier: Tier::Shared,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(key, %error, "unreadable entry in the shared tier skipped")
+                }
+            }
+        }
+        None
     }
 
     /// The stored variant of `key` that a request with headers `req` selects.

@@ -61,7 +61,7 @@ impl Proxy {
     /// it any more. A body that fails is never stored, and its readers' bodies end with an
     /// error.
     pub(crate) async fn fill(
-        &self,
+        self: &Arc<Self>,
         req: FetchRequest,
         flight: &FlightGuard<FetchOutcome>,
         pass_to: PassTo,
@@ -108,6 +108,7 @@ impl Proxy {
                 let times = (request_time, response_time, received_at);
                 return match self.freshen(&req, base, &parts.headers, times) {
                     Ok(entry) => {
+                        self.share(&req.key, &entry);
                         flight.publish(FetchOutcome::Stored(entry.clone()));
                         FetchOutcome::Stored(entry)
                     }
@@ -196,6 +197,7 @@ impl Proxy {
         let entry = self.entry_from(&req, &filling, body, resp_cc, source);
         // Stored before any reader sees the end: whoever read the whole body finds it stored.
         self.store(req.key.clone(), entry.clone());
+        self.share(&req.key, &entry);
         flight.publish(FetchOutcome::Stored(entry.clone()));
         fanout.finish();
         FetchOutcome::Stored(entry)

@@ -21,6 +21,7 @@
 //! [`crate::cache::decide`]; this module only carries them out.
 
 pub mod fetch;
+pub mod fleet;
 pub mod headers;
 pub mod purge;
 pub mod respond;
@@ -101,8 +102,16 @@ impl Proxy {
     pub fn new(config: Config) -> Self {
         let upstream = Upstream::new(&config);
         let max_bytes = config.max_bytes;
+        let mut cache = Cache::new(max_bytes, config.stream_buffer, config.stream_buffer_total);
+        if let Some(redis) = &config.redis {
+            // The URL was checked with the same parser when the configuration was read.
+            match crate::cache::shared::SharedTier::new(redis) {
+                Ok(tier) => cache = cache.with_shared(tier),
+                Err(error) => tracing::error!(%error, "REDIS_URL unusable: running without the shared tier"),
+            }
+        }
         Proxy {
-            cache: Cache::new(max_bytes, config.stream_buffer, config.stream_buffer_total),
+            cache,
             upstream,
             metrics: Metrics::default(),
             admin_throttle: Default::default(),
@@ -346,6 +355,12 @@ impl Proxy {
                         ));
                     }
                 }
+                // Another instance may have it (REDIS_URL): one look per flight.
+                if let Some(entry) = self.from_shared(&key, &parts.headers).await {
+                    guard.publish(FetchOutcome::Stored(entry.clone()));
+                    trace.cache = Some(CacheStatus::Hit);
+                    return Ok(fleet::respond_shared(&entry, head, &parts.headers));
+                }
                 self.lead(guard, fetch, &ctx).await
             }
             Role::Follower(mut waiter) => {
@@ -582,11 +597,12 @@ impl Proxy {
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the
     /// same-origin URIs in the response's `Location` and `Content-Location`.
-    fn invalidate(&self, origin: &str, path: &str, resp: &HeaderMap) {
+    fn invalidate(self: &Arc<Self>, origin: &str, path: &str, resp: &HeaderMap) {
         let mut key = String::with_capacity(origin.len() + path.len());
         key.push_str(origin);
         key.push_str(path);
         let mut removed = self.cache.invalidate(&key);
+        self.invalidate_shared(&key);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -602,6 +618,7 @@ impl Proxy {
                 key.truncate(origin.len());
                 key.push_str(path_and_query(&uri));
                 removed += self.cache.invalidate(&key);
+                self.invalidate_shared(&key);
             }
         }
         self.metrics.evicted(Eviction::Invalidated, removed);

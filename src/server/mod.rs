@@ -66,6 +66,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let proxy = expiry_proxy;
         supervise(Task::Expiry, &proxy.metrics, || proxy.clone().run_expiry()).await;
     });
+    if proxy.cache.shared().is_some() {
+        let retry_proxy = proxy.clone();
+        proxy.background.spawn("shared_purge_retry", async move {
+            retry_proxy.run_shared_retry().await;
+        });
+    }
     for probe in proxy.upstream.health_checks() {
         let probe_proxy = proxy.clone();
         proxy

@@ -1,0 +1,586 @@
+//! The shared second tier on Redis (`REDIS_URL`): what one instance stored, the others find.
+//!
+//! Layout (version `ec1`), all keys of one path and query in one Redis Cluster slot (the
+//! `{…}` hash tag is the first 16 hex digits of the path's SHA-256):
+//!
+//! * `ec1:{TAG}:v:ORIGIN` — a hash per stored URL (`ORIGIN` = `scheme://host[:port]`): one
+//!   field per `Vary` variant ([`variant_field`]), each value one encoded entry
+//!   ([`super::codec`]). Its TTL is raised to the longest a variant may still be served.
+//! * `ec1:{TAG}:i:PATH` — the set of origins that have `PATH` stored: an exact-path purge
+//!   reaches every host through it; a prefix purge finds these index keys by `SCAN`.
+//!
+//! Every operation on the request path is bounded by `REDIS_TIMEOUT_MS` and goes through a
+//! [`Breaker`]: after [`FAILURES_TO_OPEN`] failures in a row Redis is left out of the path for
+//! a while (1 s, doubling up to 30 s), then one trial operation decides. Nothing here fails a
+//! client request: an unavailable tier is a miss, a write that fails is dropped and counted.
+//! A purge that cannot reach Redis is kept and retried ([`SharedTier::retry_pending`]); until
+//! it lands, reads of what it covers are misses, so a purged copy never comes back from Redis.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::config::RedisConfig;
+
+use super::key::{split_key, VaryKey};
+
+/// Failures in a row that take Redis out of the path.
+pub const FAILURES_TO_OPEN: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pending purges kept for retry; past this, recovery drops everything the tier holds.
+const MAX_PENDING: usize = 1000;
+/// Admin purges may take longer than a request-path read (a prefix purge scans).
+const PURGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Circuit breaker for the tier: pure, `now` passed in.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    backoff: Duration,
+    /// A trial operation is under way (half-open).
+    trial: bool,
+}
+
+impl Breaker {
+    /// Whether an operation may go to Redis now. When the open period is over, one trial is
+    /// let through; others wait for its outcome.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            None => true,
+            Some(until) if now >= until && !self.trial => {
+                self.trial = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    pub fn success(&mut self) {
+        *self = Breaker::default();
+    }
+
+    pub fn failure(&mut self, now: Instant) {
+        self.failures += 1;
+        if self.trial || self.failures >= FAILURES_TO_OPEN {
+            self.backoff = if self.open_until.is_none() {
+                FIRST_BACKOFF
+            } else {
+                (self.backoff * 2).min(MAX_BACKOFF)
+            };
+            self.open_until = Some(now + self.backoff);
+            self.trial = false;
+        }
+    }
+
+    /// Whether Redis is out of the path (open, or half-open awaiting a trial).
+    pub fn is_open(&self) -> bool {
+        self.open_until.is_some()
+    }
+}
+
+/// What the tier did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    pub get_hit: AtomicU64,
+    pub get_miss: AtomicU64,
+    pub get_error: AtomicU64,
+    pub get_skipped: AtomicU64,
+    pub set_ok: AtomicU64,
+    pub set_error: AtomicU64,
+    pub set_skipped: AtomicU64,
+    pub purge_ok: AtomicU64,
+    pub purge_error: AtomicU64,
+}
+
+/// A purge Redis has not confirmed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    /// One path and query, under the listed origins (`None`: every origin).
+    Path {
+        path: String,
+        origins: Option<Vec<String>>,
+    },
+    /// Every path starting with this, under every origin.
+    Prefix(String),
+    /// Too many pending: drop everything.
+    Everything,
+}
+
+impl Pending {
+    fn covers(&self, origin: &str, path: &str) -> bool {
+        match self {
+            Pending::Path { path: p, origins } => {
+                p == path && origins.as_ref().is_none_or(|o| o.iter().any(|o| o == origin))
+            }
+            Pending::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            Pending::Everything => true,
+        }
+    }
+}
+
+/// The tier's hash tag for a path and query.
+pub fn path_tag(path: &str) -> String {
+    let digest = Sha256::digest(path.as_bytes());
+    let mut tag = String::with_capacity(16);
+    for byte in &digest[..8] {
+        tag.push_str(&format!("{byte:02x}"));
+    }
+    tag
+}
+
+/// The hash holding the variants of `key` (`scheme://host[:port]/path?query`).
+pub fn variants_key(key: &str) -> String {
+    let (origin, path) = split_key(key);
+    format!("ec1:{{{}}}:v:{origin}", path_tag(path))
+}
+
+/// The set of origins that have `path` stored.
+pub fn index_key(path: &str) -> String {
+    format!("ec1:{{{}}}:i:{path}", path_tag(path))
+}
+
+/// The path an index key is for, if `key` is one.
+pub fn index_path(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("ec1:{")?;
+    let (tag, rest) = rest.split_once("}:i:")?;
+    (tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit())).then_some(rest)
+}
+
+/// The `SCAN MATCH` pattern for index keys of paths starting with `prefix` (a superset:
+/// callers check [`index_path`]).
+pub fn index_pattern(prefix: &str) -> String {
+    let mut pattern = String::from("ec1:*:i:");
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
+}
+
+/// The hash field of one `Vary` variant: empty when the response does not vary, else a
+/// digest of the names and the values the request had.
+pub fn variant_field(vary: &VaryKey) -> Vec<u8> {
+    if vary.names().is_empty() {
+        return Vec::new();
+    }
+    let mut h = Sha256::new();
+    for (name, value) in vary.names().iter().zip(vary.values()) {
+        h.update(name.as_str().as_bytes());
+        match value {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.len() as u64).to_le_bytes());
+                h.update(v);
+            }
+            None => h.update([0]),
+        }
+    }
+    h.finalize()[..16].to_vec()
+}
+
+/// Stores one variant and raises the TTLs of its hash and of the path's index to at least
+/// ARGV[3] ms. KEYS: variants hash, index set. ARGV: field, blob, ttl ms, origin.
+const WRITE: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local ttl = tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+redis.call('SADD', KEYS[2], ARGV[4])
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+";
+
+/// The shared tier: a Redis connection (multiplexed, reconnecting by itself), its breaker and
+/// counters.
+pub struct SharedTier {
+    conn: ConnectionManager,
+    timeout: Duration,
+    max_object_bytes: usize,
+    breaker: Mutex<Breaker>,
+    pending: Mutex<Vec<Pending>>,
+    write: redis::Script,
+    pub stats: SharedStats,
+}
+
+impl SharedTier {
+    /// The tier for `config`; connects lazily (a Redis that is down at start-up is only a
+    /// miss until it is up). Errs only for a URL the client library refuses.
+    pub fn new(config: &RedisConfig) -> Result<SharedTier, String> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| e.to_string())?;
+        Ok(SharedTier {
+            conn,
+            timeout: config.timeout,
+            max_object_bytes: config.max_object_bytes,
+            breaker: Mutex::default(),
+            pending: Mutex::default(),
+            write: redis::Script::new(WRITE),
+            stats: SharedStats::default(),
+        })
+    }
+
+    /// Larger bodies are not written to the tier.
+    pub fn max_object_bytes(&self) -> usize {
+        self.max_object_bytes
+    }
+
+    /// Whether Redis is out of the path now.
+    pub fn breaker_open(&self) -> bool {
+        self.breaker().is_open()
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` against Redis within `timeout` unless the breaker says no; `None` when it
+    /// was skipped or failed (logged at debug, the breaker told).
+    async fn run<T, F>(&self, timeout: Duration, op: F) -> Result<T, Skipped>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.breaker().allow(Instant::now()) {
+            return Err(Skipped::BreakerOpen);
+        }
+        match tokio::time::timeout(timeout, op).await {
+            Ok(Ok(v)) => {
+                self.breaker().success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis operation failed");
+                self.failed();
+                Err(Skipped::Failed)
+            }
+            Err(_) => {
+                tracing::debug!(timeout_ms = timeout.as_millis() as u64, "redis operation timed out");
+                self.failed();
+                Err(Skipped::Failed)
+            }
+        }
+    }
+
+    fn failed(&self) {
+        let mut b = self.breaker();
+        let was_open = b.is_open();
+        b.failure(Instant::now());
+        if b.is_open() && !was_open {
+            tracing::warn!("redis unavailable: shared tier taken out of the request path");
+        }
+    }
+
+    /// The encoded variants stored for `key`; empty on a miss, when Redis is unavailable, or
+    /// while a purge covering `key` waits to reach Redis.
+    pub async fn variants(&self, key: &str) -> Vec<Vec<u8>> {
+        let (origin, path) = split_key(key);
+        if self.pending().iter().any(|p| p.covers(origin, path)) {
+            self.stats.get_skipped.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("HVALS").arg(variants_key(key)).clone();
+        match self
+            .run(self.timeout, async move { cmd.query_async::<Vec<Vec<u8>>>(&mut conn).await })
+            .await
+        {
+            Ok(v) if v.is_empty() => {
+                self.stats.get_miss.fetch_add(1, Ordering::Relaxed);
+                v
+            }
+            Ok(v) => {
+                self.stats.get_hit.fetch_add(1, Ordering::Relaxed);
+                v
+            }
+            Err(Skipped::BreakerOpen) => {
+                self.stats.get_skipped.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
+            }
+            Err(Skipped::Failed) => {
+                self.stats.get_error.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Stores one encoded variant of `key` for `ttl`.
+    pub async fn put(&self, key: &str, field: Vec<u8>, blob: Vec<u8>, ttl: Duration) {
+        let (origin, path) = split_key(key);
+        if self.pending().iter().any(|p| p.covers(origin, path)) {
+            self.stats.set_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut invocation = self.write.prepare_invoke();
+        invocation
+            .key(variants_key(key))
+            .key(index_key(path))
+            .arg(field)
+            .arg(blob)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(origin);
+        let mut conn = self.conn.clone();
+        let result = self
+            .run(self.timeout, async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await;
+        let counter = match result {
+            Ok(_) => &self.stats.set_ok,
+            Err(Skipped::BreakerOpen) => &self.stats.set_skipped,
+            Err(Skipped::Failed) => &self.stats.set_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes what the tier holds for `path` under the origins `origin` admits (`None`: all).
+    /// Returns false when Redis could not be reached: the purge is then kept and retried.
+    pub async fn purge_path(&self, path: &str, origins: Option<Vec<String>>) -> bool {
+        let pending = Pending::Path {
+            path: path.to_string(),
+            origins,
+        };
+        self.purge(pending).await
+    }
+
+    /// Removes every path starting with `prefix` (`""`: everything), under every origin.
+    pub async fn purge_prefix(&self, prefix: &str) -> bool {
+        self.purge(Pending::Prefix(prefix.to_string())).await
+    }
+
+    async fn purge(&self, what: Pending) -> bool {
+        let mut conn = self.conn.clone();
+        let job = what.clone();
+        let ok = self
+            .run(PURGE_TIMEOUT, async move { execute(&mut conn, &job).await })
+            .await
+            .is_ok();
+        if ok {
+            self.stats.purge_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.purge_error.fetch_add(1, Ordering::Relaxed);
+            let mut pending = self.pending();
+            if pending.len() >= MAX_PENDING {
+                pending.clear();
+                pending.push(Pending::Everything);
+            } else if !pending.contains(&Pending::Everything) {
+                pending.push(what);
+            }
+            tracing::warn!(
+                pending = pending.len(),
+                "redis unavailable: purge applied here, kept to reach the shared tier later"
+            );
+        }
+        ok
+    }
+
+    /// Sends the purges Redis missed, oldest first; each leaves the list once it landed.
+    /// Returns how many are still pending.
+    pub async fn retry_pending(&self) -> usize {
+        loop {
+            let Some(next) = self.pending().first().cloned() else {
+                return 0;
+            };
+            let mut conn = self.conn.clone();
+            let job = next.clone();
+            if self
+                .run(PURGE_TIMEOUT, async move { execute(&mut conn, &job).await })
+                .await
+                .is_err()
+            {
+                return self.pending().len();
+            }
+            self.stats.purge_ok.fetch_add(1, Ordering::Relaxed);
+            let mut pending = self.pending();
+            if let Some(i) = pending.iter().position(|p| *p == next) {
+                pending.remove(i);
+            }
+        }
+    }
+
+    /// Purges waiting to reach Redis.
+    pub fn pending_purges(&self) -> usize {
+        self.pending().len()
+    }
+}
+
+/// Why an operation did not reach Redis.
+enum Skipped {
+    BreakerOpen,
+    Failed,
+}
+
+/// Carries out one purge.
+async fn execute(conn: &mut ConnectionManager, what: &Pending) -> redis::RedisResult<()> {
+    match what {
+        Pending::Path { path, origins } => purge_index(conn, &index_key(path), origins.as_deref()).await,
+        Pending::Prefix(prefix) => {
+            let pattern = index_pattern(prefix);
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?;
+                for key in keys {
+                    if index_path(&key).is_some_and(|p| p.starts_with(prefix.as_str())) {
+                        purge_index(conn, &key, None).await?;
+                    }
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        }
+        Pending::Everything => {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("ec1:*")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?;
+                if !keys.is_empty() {
+                    redis::cmd("DEL").arg(&keys).query_async::<()>(conn).await?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        }
+    }
+}
+
+/// Deletes the variants of the path an index key is for, under `origins` (`None`: all), and
+/// those origins from the index.
+async fn purge_index(
+    conn: &mut ConnectionManager,
+    index: &str,
+    origins: Option<&[String]>,
+) -> redis::RedisResult<()> {
+    let Some(path) = index_path(index) else {
+        return Ok(());
+    };
+    let stored: Vec<String> = redis::cmd("SMEMBERS").arg(index).query_async(conn).await?;
+    let chosen: Vec<&String> = stored
+        .iter()
+        .filter(|o| origins.is_none_or(|list| list.contains(o)))
+        .collect();
+    if chosen.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for origin in &chosen {
+        pipe.cmd("DEL").arg(variants_key(&format!("{origin}{path}"))).ignore();
+    }
+    pipe.cmd("SREM").arg(index).arg(&chosen).ignore();
+    pipe.query_async::<()>(conn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    #[test]
+    fn the_breaker_opens_backs_off_and_lets_one_trial_through() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        for _ in 0..FAILURES_TO_OPEN - 1 {
+            assert!(b.allow(t0));
+            b.failure(t0);
+        }
+        assert!(!b.is_open(), "not yet");
+        b.failure(t0);
+        assert!(b.is_open());
+        assert!(!b.allow(t0 + Duration::from_millis(999)));
+        assert!(b.allow(t0 + FIRST_BACKOFF), "one trial after the back-off");
+        assert!(!b.allow(t0 + FIRST_BACKOFF), "only one");
+        b.failure(t0 + FIRST_BACKOFF);
+        assert!(!b.allow(t0 + FIRST_BACKOFF * 2), "the back-off doubled");
+        assert!(b.allow(t0 + FIRST_BACKOFF * 3));
+        b.success();
+        assert!(!b.is_open());
+        assert!(b.allow(t0));
+        // The back-off stops growing at the cap.
+        let mut b = Breaker::default();
+        let mut now = t0;
+        for _ in 0..FAILURES_TO_OPEN {
+            b.failure(now);
+        }
+        for _ in 0..10 {
+            now += MAX_BACKOFF;
+            assert!(b.allow(now));
+            b.failure(now);
+        }
+        assert!(b.allow(now + MAX_BACKOFF));
+    }
+
+    #[test]
+    fn keys_share_a_slot_per_path_and_index_keys_name_their_path() {
+        let v = variants_key("https://a.example/x?y=1");
+        let i = index_key("/x?y=1");
+        let tag = path_tag("/x?y=1");
+        assert_eq!(v, format!("ec1:{{{tag}}}:v:https://a.example"));
+        assert_eq!(i, format!("ec1:{{{tag}}}:i:/x?y=1"));
+        assert_eq!(index_path(&i), Some("/x?y=1"));
+        assert_eq!(index_path(&v), None);
+        assert_eq!(index_path("ec1:{zz}:i:/x"), None);
+        assert_eq!(index_pattern("/a*[b]?\\"), "ec1:*:i:/a\\*\\[b\\]\\?\\\\*");
+    }
+
+    #[test]
+    fn variant_fields_tell_vary_selections_apart() {
+        let none = VaryKey::default();
+        assert!(variant_field(&none).is_empty());
+        let mut gzip = HeaderMap::new();
+        gzip.insert("accept-encoding", "gzip".parse().unwrap());
+        let a = VaryKey::capture(["accept-encoding"].into_iter(), &gzip);
+        let b = VaryKey::capture(["accept-encoding"].into_iter(), &HeaderMap::new());
+        assert_ne!(variant_field(&a), variant_field(&b), "absent differs from present");
+        assert_eq!(variant_field(&a), variant_field(&a.clone()));
+        assert_eq!(variant_field(&a).len(), 16);
+    }
+
+    #[test]
+    fn pending_purges_cover_what_they_name() {
+        let p = Pending::Path {
+            path: "/x".into(),
+            origins: Some(vec!["http://a".into()]),
+        };
+        assert!(p.covers("http://a", "/x"));
+        assert!(!p.covers("http://b", "/x"));
+        assert!(!p.covers("http://a", "/xy"));
+        let all = Pending::Path {
+            path: "/x".into(),
+            origins: None,
+        };
+        assert!(all.covers("http://b", "/x"));
+        assert!(Pending::Prefix("/a/".into()).covers("http://z", "/a/b"));
+        assert!(!Pending::Prefix("/a/".into()).covers("http://z", "/b"));
+        assert!(Pending::Everything.covers("http://z", "/"));
+    }
+}
