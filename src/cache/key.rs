@@ -505,7 +505,10 @@ mod tests {
         let values: Vec<Option<&[u8]>> = k.values().collect();
         assert_eq!(values, [Some(&b"br, gzip"[..]), None, Some(&b""[..])]);
         let owned = values.iter().map(|v| v.map(Box::from)).collect();
-        assert_eq!(VaryKey::from_parts(k.names().to_vec(), owned), Some(k.clone()));
+        assert_eq!(
+            VaryKey::from_parts(k.names().to_vec(), owned),
+            Some(k.clone())
+        );
         assert_eq!(VaryKey::from_parts(k.names().to_vec(), vec![None]), None);
         assert_eq!(
             VaryKey::from_parts(Vec::new(), Vec::new()),
