@@ -4,7 +4,7 @@
 # and fuzzes it for N seconds (default 60) starting from the committed corpus. New interesting inputs go to a scratch
 # copy; a crash leaves `crash-*` in fuzz/artifacts/ — add it to fuzz/corpus/<target>/ once
 # fixed, so tests/parser_corpus.rs replays it on every `cargo test`.
-#   fuzz/run.sh [SECONDS [TARGET]]   0 = build only; TARGET: header_parsers (default), head_scan
+#   fuzz/run.sh [SECONDS [TARGET]]   0 = build only; TARGET: header_parsers (default), head_scan, entry_codec
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-60}

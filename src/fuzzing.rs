@@ -1,8 +1,9 @@
 //! Entry points that feed arbitrary bytes to the parsers a client or upstream controls:
 //! every header parser (`Cache-Control` and the targeted fields, `Age`, `Expires`/`Date`,
-//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), and the server's
-//! request head scanner ([`crate::server::head_scan`]). Shared by the `cargo fuzz` targets
-//! (`fuzz/`) and the regression test over their corpora (`tests/parser_corpus.rs`). Not part
+//! `Vary`, `If-None-Match`, `If-Modified-Since`, `Range`/`If-Range`), the server's
+//! request head scanner ([`crate::server::head_scan`]), and the stored-entry decoder a shared
+//! tier reads ([`crate::cache::codec`]). Shared by the `cargo fuzz` targets (`fuzz/`), the
+//! regression test over their corpora (`tests/parser_corpus.rs`) and unit tests. Not part
 //! of the proxy's API.
 
 use std::time::{Duration, SystemTime};
@@ -111,5 +112,49 @@ pub fn exercise_head_scan(data: &[u8]) {
             "empty lines counted as a head"
         );
         start = end;
+    }
+}
+
+/// Decodes `data` as a stored-entry blob ([`crate::cache::codec`]), as it is and behind a
+/// valid magic and version, from a slice and from shared bytes; panics unless both agree and
+/// unless what decodes re-encodes to a fixed point (encoding the decoded entry and decoding
+/// that again gives the same bytes). Must never panic otherwise, loop or allocate without
+/// bound.
+pub fn exercise_entry_codec(data: &[u8]) {
+    use crate::cache::codec::{self, MAGIC, VERSION};
+    use crate::cache::entry::CachedResponse;
+    use bytes::Bytes;
+    use tokio::time::Instant;
+
+    let now = Instant::now();
+    let wall = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+    let framed: Vec<u8> = MAGIC
+        .iter()
+        .chain(&[VERSION])
+        .chain(data)
+        .copied()
+        .collect();
+    for blob in [data, &framed] {
+        // The key the blob names, so decoding goes past the collision check.
+        let key = codec::stored_key(blob)
+            .ok()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or("")
+            .to_owned();
+        let shared = codec::decode_shared(&Bytes::copy_from_slice(blob), &key, now, wall);
+        let reencode = |e| {
+            let entry = CachedResponse::new(e, key.len(), 0);
+            codec::encode(&entry, &key, now, wall)
+        };
+        match codec::decode(blob, &key, now, wall) {
+            Err(e) => assert_eq!(shared.err(), Some(e), "decode and decode_shared differ"),
+            Ok(entry) => {
+                let once = reencode(entry);
+                let shared = reencode(shared.expect("decode_shared fails where decode does not"));
+                assert_eq!(once, shared, "decode and decode_shared differ");
+                let again = codec::decode(&once, &key, now, wall).expect("re-encoded blob decodes");
+                assert_eq!(reencode(again), once, "not a fixed point");
+            }
+        }
     }
 }

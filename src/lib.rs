@@ -27,7 +27,8 @@
 //!   expiry task's refresh/recheck/drop),
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
-//!   [`cache::entry`], [`cache::store`] (the sharded map), [`cache::coalesce`] (single
+//!   [`cache::entry`], [`cache::codec`] (an entry as one versioned blob, for a shared tier),
+//!   [`cache::store`] (the sharded map), [`cache::coalesce`] (single
 //!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
 //!   `X-Cache-Status` verdict, shared with the metrics).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,

@@ -237,13 +237,23 @@ impl VaryKey {
         VaryKey { names, values }
     }
 
+    /// A key from its parts as [`Self::names`] and [`Self::values`] give them (a stored
+    /// variant read back, [`super::codec`]); `None` unless there is one value per name.
+    pub fn from_parts(names: Vec<HeaderName>, values: Vec<Option<Box<[u8]>>>) -> Option<Self> {
+        (names.len() == values.len()).then(|| VaryKey {
+            names: names.into(),
+            values: values.into(),
+        })
+    }
+
     /// The header names this key varies on.
     pub fn names(&self) -> &[HeaderName] {
         &self.names
     }
 
-    /// The values captured for [`VaryKey::names`], in order (`None`: the request lacked it).
-    pub fn values(&self) -> impl Iterator<Item = Option<&[u8]>> {
+    /// The captured (normalised) request values, one per name in [`Self::names`]' order;
+    /// `None` where the request lacked the header.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = Option<&[u8]>> + '_ {
         self.values.iter().map(|v| v.as_deref())
     }
 
@@ -484,5 +494,25 @@ mod tests {
         assert!(multi.matches(&h(&[("x", "a, b")])));
         assert!(multi.matches(&h(&[("x", "a"), ("x", "b")])));
         assert_eq!(multi.request_headers().get("x").unwrap(), "a, b");
+    }
+
+    #[test]
+    fn vary_key_rebuilds_from_its_parts() {
+        let k = VaryKey::capture(
+            ["accept-encoding", "x-absent", "x-empty"].into_iter(),
+            &h(&[("accept-encoding", "GZIP, br"), ("x-empty", "")]),
+        );
+        let values: Vec<Option<&[u8]>> = k.values().collect();
+        assert_eq!(values, [Some(&b"br, gzip"[..]), None, Some(&b""[..])]);
+        let owned = values.iter().map(|v| v.map(Box::from)).collect();
+        assert_eq!(
+            VaryKey::from_parts(k.names().to_vec(), owned),
+            Some(k.clone())
+        );
+        assert_eq!(VaryKey::from_parts(k.names().to_vec(), vec![None]), None);
+        assert_eq!(
+            VaryKey::from_parts(Vec::new(), Vec::new()),
+            Some(VaryKey::default())
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
 //! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
-//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop).
+//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop); [`codec`] writes a
+//! stored variant as one versioned binary blob and reads it back (the shared tier's value).
 //!
 //! [`Cache`] is the only way in from the rest of the crate: its store, timers and flights are
 //! private, so "every stored version has a timer" is enforced here rather than by convention
@@ -9,6 +10,7 @@
 //! without the pipeline changing.
 
 pub mod coalesce;
+pub mod codec;
 pub mod conditional;
 pub mod decide;
 pub mod entry;

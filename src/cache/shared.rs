@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::RedisConfig;
 
-use super::key::{split_key, VaryKey};
+use super::key::{origin_host, split_key, VaryKey};
 
 /// Failures in a row that take Redis out of the path.
 pub const FAILURES_TO_OPEN: u32 = 3;
@@ -101,11 +101,8 @@ pub struct SharedStats {
 /// A purge Redis has not confirmed yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pending {
-    /// One path and query, under the listed origins (`None`: every origin).
-    Path {
-        path: String,
-        origins: Option<Vec<String>>,
-    },
+    /// One path and query, under one host (`None`: every host), any scheme.
+    Path { path: String, host: Option<String> },
     /// Every path starting with this, under every origin.
     Prefix(String),
     /// Too many pending: drop everything.
@@ -115,8 +112,8 @@ enum Pending {
 impl Pending {
     fn covers(&self, origin: &str, path: &str) -> bool {
         match self {
-            Pending::Path { path: p, origins } => {
-                p == path && origins.as_ref().is_none_or(|o| o.iter().any(|o| o == origin))
+            Pending::Path { path: p, host } => {
+                p == path && host.as_deref().is_none_or(|h| origin_host(origin) == h)
             }
             Pending::Prefix(prefix) => path.starts_with(prefix.as_str()),
             Pending::Everything => true,
@@ -347,12 +344,12 @@ impl SharedTier {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Removes what the tier holds for `path` under the origins `origin` admits (`None`: all).
+    /// Removes what the tier holds for `path` under `host` (`None`: every host; any scheme).
     /// Returns false when Redis could not be reached: the purge is then kept and retried.
-    pub async fn purge_path(&self, path: &str, origins: Option<Vec<String>>) -> bool {
+    pub async fn purge_path(&self, path: &str, host: Option<&str>) -> bool {
         let pending = Pending::Path {
             path: path.to_string(),
-            origins,
+            host: host.map(str::to_string),
         };
         self.purge(pending).await
     }
@@ -427,7 +424,7 @@ enum Skipped {
 /// Carries out one purge.
 async fn execute(conn: &mut ConnectionManager, what: &Pending) -> redis::RedisResult<()> {
     match what {
-        Pending::Path { path, origins } => purge_index(conn, &index_key(path), origins.as_deref()).await,
+        Pending::Path { path, host } => purge_index(conn, &index_key(path), host.as_deref()).await,
         Pending::Prefix(prefix) => {
             let pattern = index_pattern(prefix);
             let mut cursor: u64 = 0;
@@ -474,12 +471,12 @@ async fn execute(conn: &mut ConnectionManager, what: &Pending) -> redis::RedisRe
     }
 }
 
-/// Deletes the variants of the path an index key is for, under `origins` (`None`: all), and
+/// Deletes the variants of the path an index key is for, under `host` (`None`: all), and
 /// those origins from the index.
 async fn purge_index(
     conn: &mut ConnectionManager,
     index: &str,
-    origins: Option<&[String]>,
+    host: Option<&str>,
 ) -> redis::RedisResult<()> {
     let Some(path) = index_path(index) else {
         return Ok(());
@@ -487,7 +484,7 @@ async fn purge_index(
     let stored: Vec<String> = redis::cmd("SMEMBERS").arg(index).query_async(conn).await?;
     let chosen: Vec<&String> = stored
         .iter()
-        .filter(|o| origins.is_none_or(|list| list.contains(o)))
+        .filter(|o| host.is_none_or(|h| origin_host(o) == h))
         .collect();
     if chosen.is_empty() {
         return Ok(());
@@ -569,14 +566,15 @@ mod tests {
     fn pending_purges_cover_what_they_name() {
         let p = Pending::Path {
             path: "/x".into(),
-            origins: Some(vec!["http://a".into()]),
+            host: Some("a".into()),
         };
         assert!(p.covers("http://a", "/x"));
+        assert!(p.covers("https://a", "/x"));
         assert!(!p.covers("http://b", "/x"));
         assert!(!p.covers("http://a", "/xy"));
         let all = Pending::Path {
             path: "/x".into(),
-            origins: None,
+            host: None,
         };
         assert!(all.covers("http://b", "/x"));
         assert!(Pending::Prefix("/a/".into()).covers("http://z", "/a/b"));

@@ -17,7 +17,7 @@ use crate::body::ProxyBody;
 use crate::cache::codec;
 use crate::cache::decide::{self, Now, Serve};
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::split_key;
+use crate::cache::key::{origin_host, split_key};
 use crate::cache::shared::variant_field;
 use crate::cache::Target;
 
@@ -68,13 +68,13 @@ impl Proxy {
     /// Removes what an admin request addresses from the shared tier too — before it is
     /// refreshed, so a refresh never finds the old copy there. A purge Redis cannot take now
     /// is kept and sent when it can (`cache::shared`); until then reads of it miss.
-    pub(crate) async fn purge_shared(&self, target: Target<'_>, origins: Option<Vec<String>>) {
+    pub(crate) async fn purge_shared(&self, target: Target<'_>, host: Option<&str>) {
         let Some(tier) = self.cache.shared() else {
             return;
         };
         match target {
             Target::Path(path) => {
-                tier.purge_path(path, origins).await;
+                tier.purge_path(path, host).await;
             }
             // A host-narrowed prefix purge removes the prefix under every host there: the
             // tier cannot list hosts by prefix cheaply, and over-purging is safe.
@@ -90,11 +90,11 @@ impl Proxy {
             return;
         }
         let (origin, path) = split_key(key);
-        let (origin, path) = (origin.to_string(), path.to_string());
+        let (host, path) = (origin_host(origin).to_string(), path.to_string());
         let proxy = self.clone();
         self.background.spawn("share", async move {
             if let Some(tier) = proxy.cache.shared() {
-                tier.purge_path(&path, Some(vec![origin])).await;
+                tier.purge_path(&path, Some(&host)).await;
             }
         });
     }

@@ -65,6 +65,9 @@ impl Proxy {
                 return into_response(reply);
             }
         };
+        // The shared tier first: a refresh must not find the old copy there.
+        self.purge_shared(request.target(), request.hosts.host())
+            .await;
         let outcome = match request.scope {
             Scope::Exact => self.purge_path(&request).await,
             Scope::Prefix | Scope::All => self.purge_many(&request),
