@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 pub mod process;
+pub mod redis;
 
 pub type OriginResponse = Response<edgecache::body::ProxyBody>;
 type Handler = Arc<

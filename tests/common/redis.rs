@@ -1,0 +1,357 @@
+//! A real `redis-server` as a child process for the fleet tests: on a free loopback port, no
+//! persistence, its own directory; killed on drop. [`RedisServer::cmd`] runs a command over a
+//! raw RESP connection (a tiny encoder and reader: enough for simple, error, integer, bulk
+//! and array replies), so tests can look into the shared tier without a client library.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::{Guard, TempDir, DEADLINE};
+
+/// The binary; CI installs it (`.ci/run`) when missing.
+pub const REDIS_SERVER: &str = "redis-server";
+
+/// How long one RESP command from a test may take.
+const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    /// `None` is the null bulk string (`$-1`).
+    Bulk(Option<Vec<u8>>),
+    /// `None` is the null array (`*-1`).
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The integer of an integer reply; panics on anything else.
+    pub fn int(&self) -> i64 {
+        match self {
+            Resp::Int(n) => *n,
+            other => panic!("expected an integer reply, got {other:?}"),
+        }
+    }
+
+    /// A simple or bulk string as text; panics on anything else.
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) => s.clone(),
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            other => panic!("expected a string reply, got {other:?}"),
+        }
+    }
+
+    /// The elements of an array reply (none for the null array); panics on anything else.
+    pub fn items(&self) -> Vec<Resp> {
+        match self {
+            Resp::Array(items) => items.clone().unwrap_or_default(),
+            other => panic!("expected an array reply, got {other:?}"),
+        }
+    }
+
+    /// Every byte string in this reply (nested arrays flattened, integers and errors left out).
+    pub fn bytes(&self) -> Vec<Vec<u8>> {
+        match self {
+            Resp::Simple(s) => vec![s.as_bytes().to_vec()],
+            Resp::Bulk(Some(b)) => vec![b.clone()],
+            Resp::Array(Some(items)) => items.iter().flat_map(Resp::bytes).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Encodes `args` as a RESP array of bulk strings.
+pub fn encode(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Reads one RESP reply.
+pub fn read_reply(r: &mut impl BufRead) -> std::io::Result<Resp> {
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line)?;
+    if !line.ends_with(b"\r\n") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("truncated RESP line {:?}", String::from_utf8_lossy(&line)),
+        ));
+    }
+    let body = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+    let len = || -> std::io::Result<i64> {
+        body.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad RESP length {body:?}"),
+            )
+        })
+    };
+    Ok(match line[0] {
+        b'+' => Resp::Simple(body.clone()),
+        b'-' => Resp::Error(body.clone()),
+        b':' => Resp::Int(len()?),
+        b'$' => match len()? {
+            n if n < 0 => Resp::Bulk(None),
+            n => {
+                let mut buf = vec![0; n as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Resp::Bulk(Some(buf))
+            }
+        },
+        b'*' => match len()? {
+            n if n < 0 => Resp::Array(None),
+            n => Resp::Array(Some(
+                (0..n)
+                    .map(|_| read_reply(r))
+                    .collect::<std::io::Result<_>>()?,
+            )),
+        },
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown RESP type byte {:?}", char::from(other)),
+            ))
+        }
+    })
+}
+
+/// Sends one command to `addr` on a fresh connection and reads its reply.
+pub fn command(addr: SocketAddr, args: &[&[u8]]) -> std::io::Result<Resp> {
+    let mut stream = TcpStream::connect_timeout(&addr, CMD_TIMEOUT)?;
+    stream.set_read_timeout(Some(CMD_TIMEOUT))?;
+    stream.set_write_timeout(Some(CMD_TIMEOUT))?;
+    stream.write_all(&encode(args))?;
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// Whether something on `addr` answers `PING` with `+PONG` (the inline form, as the brief
+/// for readiness asks: a plain `PING\r\n`).
+pub fn pings(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+}
+
+/// A running `redis-server` (or, between [`RedisServer::kill`] and
+/// [`RedisServer::restart`], the port one ran on).
+pub struct RedisServer {
+    pub port: u16,
+    /// Extra arguments, kept for restarts.
+    extra: Vec<String>,
+    dir: TempDir,
+    child: Option<Guard>,
+}
+
+impl RedisServer {
+    /// Starts one with the defaults (no persistence, loopback only).
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra arguments, e.g. `["--maxmemory", "2mb", "--maxmemory-policy",
+    /// "allkeys-lru"]`. Panics, saying how to install it, when `redis-server` is missing:
+    /// the fleet tests must not pass by skipping.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        require_redis_server();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // A port is picked by binding :0 and letting go of it, so someone else may take it
+        // before redis binds it: then redis exits ("Address already in use") and another is
+        // picked.
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                extra: extra.clone(),
+                dir: TempDir::new("redis"),
+                child: None,
+            };
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("redis-server did not start on a free port in 5 tries; last log:\n{last_log}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Whether the server process is running (started and not killed).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.0.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILLs the server (by its PID) and reaps it: the port refuses connections afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.0.kill();
+            let _ = child.0.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: nothing is persisted), after [`kill`]. Retries
+    /// until [`DEADLINE`] if the port is briefly unavailable.
+    ///
+    /// [`kill`]: RedisServer::kill
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(log) if Instant::now() >= deadline => {
+                    panic!("redis-server did not restart on port {}:\n{log}", self.port)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Runs one command; panics if the server cannot be reached or answers with an error.
+    pub fn cmd(&self, args: &[&str]) -> Resp {
+        let raw: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        match command(self.addr(), &raw) {
+            Ok(Resp::Error(e)) => panic!("redis {args:?}: error reply {e}"),
+            Ok(reply) => reply,
+            Err(e) => panic!("redis {args:?}: {e}"),
+        }
+    }
+
+    /// `DBSIZE`.
+    pub fn dbsize(&self) -> i64 {
+        self.cmd(&["DBSIZE"]).int()
+    }
+
+    /// `KEYS pattern`, as text (lossy for binary keys).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .cmd(&["KEYS", pattern])
+            .items()
+            .iter()
+            .map(Resp::text)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Every byte string stored under `key`, whatever its type (string, hash, list, set,
+    /// sorted set; anything else as `DUMP`): to look for a marker in what was stored.
+    pub fn contents(&self, key: &str) -> Vec<Vec<u8>> {
+        let reply = match self.cmd(&["TYPE", key]).text().as_str() {
+            "none" => return Vec::new(),
+            "string" => self.cmd(&["GET", key]),
+            "hash" => self.cmd(&["HGETALL", key]),
+            "list" => self.cmd(&["LRANGE", key, "0", "-1"]),
+            "set" => self.cmd(&["SMEMBERS", key]),
+            "zset" => self.cmd(&["ZRANGE", key, "0", "-1"]),
+            _ => self.cmd(&["DUMP", key]),
+        };
+        reply.bytes()
+    }
+
+    /// What redis-server logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Spawns the server on `self.port` and waits until it answers PING; on failure (it
+    /// exited, or did not answer within [`DEADLINE`]) kills it and returns its log.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log_path = self.dir.path.join("redis.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let port = self.port.to_string();
+        let mut cmd = Command::new(REDIS_SERVER);
+        cmd.args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--logfile", ""])
+            .arg("--dir")
+            .arg(&self.dir.path)
+            .args(&self.extra)
+            .current_dir(&self.dir.path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = Guard::spawn(REDIS_SERVER, cmd);
+        let addr = self.addr();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if pings(addr) {
+                // Ours, not something else on the port: it is still running.
+                if let Ok(None) = child.0.try_wait() {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(status)) = child.0.try_wait() {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("redis-server exited ({status}):\n{log}"));
+            }
+            if Instant::now() >= deadline {
+                drop(child);
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!(
+                    "redis-server not answering PING after {DEADLINE:?}:\n{log}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Panics with how to install `redis-server` if it cannot be run.
+pub fn require_redis_server() {
+    match Command::new(REDIS_SERVER)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(status) if status.success() => {}
+        Ok(status) => panic!("`redis-server --version` failed ({status})"),
+        Err(e) => panic!(
+            "redis-server is required by the fleet tests but cannot be run ({e}): \
+             install it, e.g. `apt-get install -y redis-server` (.ci/run does this)"
+        ),
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,736 @@
+//! Issue 13, first slice: fleet mode on Redis. Real `edgecache` processes share a real
+//! `redis-server` as a second tier (L2) behind each one's in-memory cache (L1), in front of an
+//! in-test origin that counts what reaches it. Everything is on 127.0.0.1; nothing waits a
+//! fixed time: tests wait on events or poll with a deadline, and each is bounded by
+//! [`TEST_TIMEOUT`].
+//!
+//! What is assumed of the daemon (the contract these tests pin down):
+//! - `REDIS_URL` (`redis://127.0.0.1:PORT`) turns the tier on; unset, nothing changes.
+//!   `REDIS_TIMEOUT_MS` (default 50) bounds each Redis operation on the request path;
+//!   `REDIS_MAX_OBJECT_BYTES` (default 1MiB): larger responses stay L1-only.
+//! - An L1 miss looks in Redis before going upstream; a copy found there is served with
+//!   `X-Cache-Status: HIT` and `Cache-Status: edgecache; hit; detail=redis`. A response
+//!   stored in L1 is written to Redis shortly after.
+//! - Redis down or slow never fails a request; a breaker takes it out of the path.
+//! - `/metrics` on the operator listener: `edgecache_redis_requests_total{op, result}` with
+//!   op `get`/`set` and result `hit`/`miss`/`ok`/`error`/`skipped`, and the gauge
+//!   `edgecache_redis_breaker_open` (0/1).
+//!
+//! The host is part of the cache key, so every request here sends the same `Host`
+//! ([`HOST`]): otherwise each instance (each on its own port) would key `/k` differently.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::process::{Edgecache, TempDir, DEADLINE};
+use common::redis::RedisServer;
+use common::{get, reply, Got, Origin};
+
+/// The `Host` every request sends, whichever instance it goes to.
+const HOST: &str = "fleet.example";
+
+/// Every test finishes within this or fails (a hang is a failure, not a stuck CI job).
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long an asynchronous Redis write may take to show up.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Size of the body of `/large*` paths.
+const LARGE: usize = 4096;
+
+/// Runs a test body under [`TEST_TIMEOUT`].
+async fn bounded<F: Future>(test: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {TEST_TIMEOUT:?}"))
+}
+
+/// The origin: every response is numbered by arrival (`#N`, counted over all paths), so two
+/// copies of one path fetched separately differ. Paths:
+/// - `/private*`: `Cache-Control: private, max-age=60`;
+/// - `/nostore*`: `Cache-Control: no-store`;
+/// - `/cookie*`: `max-age=60` with `Set-Cookie`;
+/// - `/large*`: `max-age=60`, a body of [`LARGE`] bytes;
+/// - anything else: `max-age=60`.
+///
+/// Uncacheable bodies carry `SECRET-<path>` so a test can look for them in Redis.
+async fn fleet_origin() -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |req| {
+        let v = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let path = req.uri().path().to_owned();
+        async move {
+            let cacheable = [("cache-control", "max-age=60")];
+            if path.starts_with("/private") {
+                let h = [("cache-control", "private, max-age=60")];
+                reply(200, &h, format!("SECRET-{path} #{v}"))
+            } else if path.starts_with("/nostore") {
+                reply(
+                    200,
+                    &[("cache-control", "no-store")],
+                    format!("SECRET-{path} #{v}"),
+                )
+            } else if path.starts_with("/cookie") {
+                let h = [
+                    ("cache-control", "max-age=60"),
+                    ("set-cookie", "session=SECRET-cookie"),
+                ];
+                reply(200, &h, format!("SECRET-{path} #{v}"))
+            } else if path.starts_with("/large") {
+                let mut body = format!("{path} #{v} ").into_bytes();
+                body.resize(LARGE, b'x');
+                reply(200, &cacheable, body)
+            } else {
+                reply(200, &cacheable, format!("{path} #{v}"))
+            }
+        }
+    })
+    .await
+}
+
+/// One `edgecache` process of the fleet, in its own directory.
+struct Node {
+    name: &'static str,
+    proc: Edgecache,
+    _dir: TempDir,
+}
+
+impl Node {
+    /// Starts an instance in front of `origin`, with `REDIS_URL=redis` when given, and `env`
+    /// on top. No background refreshes (`DEFAULT_REFRESH_WINDOW_SECS=0`): the origin sees
+    /// only what the test's requests cause.
+    async fn start(
+        name: &'static str,
+        origin: &Origin,
+        redis: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Node {
+        let dir = TempDir::new(&format!("fleet-{name}"));
+        let upstream = origin.url();
+        let mut vars: Vec<(&str, &str)> = vec![
+            ("UPSTREAM_URL", upstream.as_str()),
+            ("DEFAULT_REFRESH_WINDOW_SECS", "0"),
+            ("REQ_TIMEOUT", "10"),
+            ("SHUTDOWN_GRACE_SECS", "2"),
+        ];
+        if let Some(url) = redis {
+            vars.push(("REDIS_URL", url));
+        }
+        vars.extend_from_slice(env);
+        let proc = Edgecache::start(&dir, &vars).await;
+        Node {
+            name,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.proc.addr
+    }
+
+    /// `GET path` with `Host: fleet.example`; asserts nothing.
+    async fn get(&self, path: &str) -> Got {
+        get(self.addr(), path, &[("host", HOST)]).await
+    }
+
+    /// `GET path`, asserting a 200 (showing the daemon's stderr otherwise).
+    async fn get_ok(&self, path: &str) -> Got {
+        let got = self.get(path).await;
+        assert_eq!(
+            got.status,
+            200,
+            "{} GET {path}: {got:?}; stderr:\n{}",
+            self.name,
+            self.proc.stderr()
+        );
+        got
+    }
+
+    /// The `/metrics` text from the operator listener.
+    async fn metrics(&self) -> String {
+        let got = get(self.proc.ops(), "/metrics", &[]).await;
+        assert_eq!(got.status, 200, "{} /metrics: {got:?}", self.name);
+        got.text()
+    }
+
+    /// `edgecache_redis_requests_total{op="OP",result="RESULT"}`; 0 when absent.
+    async fn redis_requests(&self, op: &str, result: &str) -> f64 {
+        series(&self.metrics().await, &redis_series(op, result)).unwrap_or(0.0)
+    }
+
+    /// `edgecache_redis_breaker_open`; 0 when absent.
+    async fn breaker_open(&self) -> f64 {
+        series(&self.metrics().await, "edgecache_redis_breaker_open").unwrap_or(0.0)
+    }
+
+    /// Waits until this instance has written `n` entries to Redis
+    /// (`op="set",result="ok"` ≥ n), at most [`WRITE_DEADLINE`].
+    async fn wait_writes(&self, n: f64, redis: &RedisServer) {
+        let ok = until(WRITE_DEADLINE, || async {
+            self.redis_requests("set", "ok").await >= n
+        })
+        .await;
+        assert!(
+            ok,
+            "{}: fewer than {n} Redis writes (set ok) within {WRITE_DEADLINE:?}; \
+             redis keys: {:?}\nmetrics:\n{}\nstderr:\n{}",
+            self.name,
+            redis.keys("*"),
+            redis_lines(&self.metrics().await),
+            self.proc.stderr()
+        );
+    }
+
+    fn assert_no_panic(&self) {
+        let stderr = self.proc.stderr();
+        assert!(
+            !stderr.contains("panicked"),
+            "{} panicked:\n{stderr}",
+            self.name
+        );
+    }
+}
+
+/// The rendered name of one Redis request counter series.
+fn redis_series(op: &str, result: &str) -> String {
+    format!("edgecache_redis_requests_total{{op=\"{op}\",result=\"{result}\"}}")
+}
+
+/// The value of one series (name and labels exactly as rendered), if present.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+/// The `edgecache_redis_*` lines of a metrics text (for failure messages).
+fn redis_lines(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("edgecache_redis_"))
+        .collect();
+    if lines.is_empty() {
+        "(no edgecache_redis_* series)".into()
+    } else {
+        lines.join("\n")
+    }
+}
+
+/// Polls the async `cond` every 10 ms until it holds or `within` passes; returns whether it
+/// held.
+async fn until<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `Cache-Status` of a response ("" when absent).
+fn cache_status(got: &Got) -> &str {
+    got.header("cache-status").unwrap_or("")
+}
+
+/// Asserts `got` was served from Redis: `X-Cache-Status: HIT` and `detail=redis`.
+fn assert_from_redis(got: &Got, what: &str) {
+    assert_eq!(got.cache(), "HIT", "{what}: want a HIT from Redis: {got:?}");
+    assert!(
+        cache_status(got).contains("detail=redis"),
+        "{what}: want `Cache-Status: edgecache; hit; detail=redis`: {got:?}"
+    );
+}
+
+/// Asserts `got` is a plain L1 hit: `X-Cache-Status: HIT`, `Cache-Status: edgecache; hit`
+/// without `detail=redis`.
+fn assert_l1_hit(got: &Got, what: &str) {
+    assert_eq!(got.cache(), "HIT", "{what}: want an L1 HIT: {got:?}");
+    let cs = cache_status(got);
+    assert!(
+        cs.starts_with("edgecache; hit") && !cs.contains("detail=redis"),
+        "{what}: want `Cache-Status: edgecache; hit` (L1), got {cs:?}: {got:?}"
+    );
+}
+
+/// Without `REDIS_URL` an instance behaves as before: MISS then a plain HIT, one upstream
+/// request, and no Redis activity in its metrics (no `edgecache_redis_*` series, or all 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unset_redis_url_changes_nothing() {
+    bounded(async {
+        let origin = fleet_origin().await;
+        let a = Node::start("A", &origin, None, &[]).await;
+
+        let first = a.get_ok("/k").await;
+        assert_eq!(first.cache(), "MISS", "{first:?}");
+        assert!(cache_status(&first).contains("fwd=uri-miss"), "{first:?}");
+        let second = a.get_ok("/k").await;
+        assert_l1_hit(&second, "second GET on A");
+        assert_eq!(second.body, first.body);
+        assert_eq!(origin.hits("/k"), 1);
+
+        let metrics = a.metrics().await;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("edgecache_redis_"))
+        {
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("unparseable metric line {line:?}"));
+            assert_eq!(value, 0.0, "Redis activity without REDIS_URL: {line}");
+        }
+        a.assert_no_panic();
+    })
+    .await
+}
+
+/// A key fetched through A is written to Redis; B and C then serve it from Redis (same body
+/// as A's, `detail=redis`) without going upstream; B's second request is a plain L1 hit.
+/// A looked in Redis (a `get` miss) before going upstream; B and C each count a `get` hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_warmed_through_one_instance_is_a_hit_on_the_others() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+        let c = Node::start("C", &origin, Some(&url), &[]).await;
+
+        let warmed = a.get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        assert_eq!(origin.hits("/k"), 1);
+        a.wait_writes(1.0, &redis).await;
+        assert!(redis.dbsize() >= 1, "keys: {:?}", redis.keys("*"));
+        assert_eq!(
+            a.redis_requests("get", "miss").await,
+            1.0,
+            "A looks in Redis once before going upstream:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+
+        for node in [&b, &c] {
+            let got = node.get_ok("/k").await;
+            assert_from_redis(&got, &format!("first GET /k on {}", node.name));
+            assert_eq!(
+                got.text(),
+                warmed.text(),
+                "{} serves A's copy, not a new one",
+                node.name
+            );
+            assert_eq!(origin.hits("/k"), 1, "{} went upstream", node.name);
+            assert_eq!(
+                node.redis_requests("get", "hit").await,
+                1.0,
+                "{}:\n{}",
+                node.name,
+                redis_lines(&node.metrics().await)
+            );
+        }
+
+        let again = b.get_ok("/k").await;
+        assert_l1_hit(&again, "second GET /k on B (now in its L1)");
+        assert_eq!(again.text(), warmed.text());
+        assert_eq!(origin.hits("/k"), 1);
+        for node in [&a, &b, &c] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// An instance that restarts with an empty L1 finds what the fleet stored in Redis: after A
+/// warmed `/k` and exited, its replacement A2 serves `/k` from Redis at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_restarted_empty_is_warm_at_once() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let mut a = Node::start("A", &origin, Some(&url), &[]).await;
+
+        let warmed = a.get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        a.wait_writes(1.0, &redis).await;
+        a.assert_no_panic();
+
+        a.proc.terminate();
+        let status = a.proc.child.wait_exit(DEADLINE);
+        assert!(
+            status.is_some(),
+            "A did not exit on SIGTERM; stderr:\n{}",
+            a.proc.stderr()
+        );
+
+        let a2 = Node::start("A2", &origin, Some(&url), &[]).await;
+        let got = a2.get_ok("/k").await;
+        assert_from_redis(&got, "GET /k on the restarted A2");
+        assert_eq!(got.text(), warmed.text());
+        assert_eq!(origin.hits("/k"), 1, "A2 went upstream");
+        a2.assert_no_panic();
+    })
+    .await
+}
+
+/// Redis killed under a working fleet: a stream of 200 sequential GETs over 20 keys,
+/// alternating instances, all answer 200 (no 5xx); each key goes upstream at most once per
+/// instance and each instance keeps serving its own copy; the breaker opens
+/// (`edgecache_redis_breaker_open` 1 on an instance). Redis restarted on the same port: the
+/// fleet shares again (a key newly warmed on A becomes a `detail=redis` hit on B).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_never_fails_a_request() {
+    bounded(async {
+        let mut redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+
+        // The fleet works (and both instances have talked to Redis) before the outage.
+        a.get_ok("/before").await;
+        a.wait_writes(1.0, &redis).await;
+        assert_from_redis(&b.get_ok("/before").await, "GET /before on B");
+
+        redis.kill();
+        let mut copies: std::collections::HashMap<(usize, String), String> = Default::default();
+        for i in 0..200 {
+            // Key i%20; instance alternates every round of 20, so each key is asked of both.
+            let (n, node) = if (i / 20) % 2 == 0 { (0, &a) } else { (1, &b) };
+            let path = format!("/down/{}", i % 20);
+            let got = node.get(&path).await;
+            assert_eq!(
+                got.status,
+                200,
+                "request {i} ({} {path}) with Redis down: {got:?}; stderr:\n{}",
+                node.name,
+                node.proc.stderr()
+            );
+            let first = copies
+                .entry((n, path.clone()))
+                .or_insert_with(|| got.text());
+            assert_eq!(
+                *first,
+                got.text(),
+                "{} {path}: the instance's L1 copy changed",
+                node.name
+            );
+        }
+        for k in 0..20 {
+            let path = format!("/down/{k}");
+            let hits = origin.hits(&path);
+            assert!(
+                (1..=2).contains(&hits),
+                "{path} went upstream {hits} times for 2 instances"
+            );
+        }
+
+        // Failures open the breaker; more misses (fresh keys) feed it until it does.
+        let mut extra = 0;
+        let opened = until(Duration::from_secs(20), || {
+            extra += 1;
+            let path = format!("/down/extra/{extra}");
+            let (a, b) = (&a, &b);
+            async move {
+                assert_eq!(a.get(&path).await.status, 200, "A {path}");
+                a.breaker_open().await == 1.0 || b.breaker_open().await == 1.0
+            }
+        })
+        .await;
+        assert!(
+            opened,
+            "the Redis breaker never opened with Redis down; A:\n{}\nB:\n{}",
+            redis_lines(&a.metrics().await),
+            redis_lines(&b.metrics().await)
+        );
+        for node in [&a, &b] {
+            assert!(
+                node.redis_requests("get", "error").await
+                    + node.redis_requests("get", "skipped").await
+                    >= 1.0,
+                "{}: Redis gets with Redis down are counted as error or skipped:\n{}",
+                node.name,
+                redis_lines(&node.metrics().await)
+            );
+        }
+
+        redis.restart();
+        // Recovery: warm a new key on A until one is written and B then gets it from Redis.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut round = 0;
+        loop {
+            round += 1;
+            let path = format!("/after/{round}");
+            let before = a.redis_requests("set", "ok").await;
+            a.get_ok(&path).await;
+            let written = until(Duration::from_secs(2), || async {
+                a.redis_requests("set", "ok").await > before
+            })
+            .await;
+            if written {
+                let got = b.get_ok(&path).await;
+                if cache_status(&got).contains("detail=redis") {
+                    assert_from_redis(&got, &format!("GET {path} on B after recovery"));
+                    assert_eq!(origin.hits(&path), 1);
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleet sharing did not come back within 60 s of Redis restarting \
+                 ({round} keys tried); redis keys: {:?}\nA:\n{}\nB:\n{}",
+                redis.keys("*"),
+                redis_lines(&a.metrics().await),
+                redis_lines(&b.metrics().await)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// With `REDIS_MAX_OBJECT_BYTES=1KiB` a 4 KiB response stays in A's L1: B fetches it from
+/// upstream (2 upstream requests), while a small response warmed after it on A is shared
+/// (so B does use Redis). A wrote exactly one entry, the small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_responses_stay_in_l1() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("REDIS_MAX_OBJECT_BYTES", "1KiB")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+
+        let large = a.get_ok("/large").await;
+        assert_eq!(large.body.len(), LARGE);
+        assert_eq!(large.cache(), "MISS");
+        assert_l1_hit(&a.get_ok("/large").await, "second GET /large on A");
+        // Written after the large one: once it is in Redis, any write of the large one
+        // would have been attempted too.
+        a.get_ok("/small").await;
+        a.wait_writes(1.0, &redis).await;
+
+        let got = b.get_ok("/large").await;
+        assert_eq!(got.cache(), "MISS", "B must fetch /large upstream: {got:?}");
+        assert!(!cache_status(&got).contains("detail=redis"), "{got:?}");
+        assert_ne!(got.text(), large.text(), "B's copy is a new fetch");
+        assert_eq!(origin.hits("/large"), 2);
+
+        assert_from_redis(&b.get_ok("/small").await, "GET /small on B");
+        assert_eq!(origin.hits("/small"), 1);
+        assert_eq!(
+            a.redis_requests("set", "ok").await,
+            1.0,
+            "A wrote only /small:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// Private, no-store and Set-Cookie responses never reach Redis. A writes `/ok`, then serves
+/// the three uncacheable ones (twice each), then writes `/ok2`: Redis then holds exactly
+/// twice the keys one entry takes (beyond any it held before `/ok`), nothing stored there
+/// contains their bodies or cookie, A counts exactly 2 writes, and B fetches them from
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_and_private_responses_never_reach_redis() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+
+        // Whatever an instance may keep in Redis besides entries is there before `/ok`.
+        let empty = redis.dbsize();
+        a.get_ok("/ok").await;
+        a.wait_writes(1.0, &redis).await;
+        let per_entry = redis.dbsize() - empty;
+        assert!(per_entry >= 1, "keys: {:?}", redis.keys("*"));
+
+        let uncacheable = ["/private", "/nostore", "/cookie"];
+        for path in uncacheable {
+            for round in 1..=2 {
+                let got = a.get_ok(path).await;
+                assert_ne!(got.cache(), "HIT", "{path} #{round} on A: {got:?}");
+                assert!(got.text().starts_with("SECRET-"), "{got:?}");
+            }
+            assert_eq!(origin.hits(path), 2, "{path} is not stored");
+        }
+
+        // Written after them: once it is in Redis, any write of theirs would have been too.
+        a.get_ok("/ok2").await;
+        a.wait_writes(2.0, &redis).await;
+        let keys = redis.keys("*");
+        assert_eq!(
+            redis.dbsize(),
+            empty + 2 * per_entry,
+            "Redis holds more than /ok and /ok2: {keys:?}"
+        );
+        for key in &keys {
+            assert!(
+                !uncacheable.iter().any(|p| key.contains(p)),
+                "uncacheable response in Redis under {key:?}"
+            );
+            for value in redis.contents(key) {
+                let value = String::from_utf8_lossy(&value);
+                assert!(
+                    !value.contains("SECRET-"),
+                    "uncacheable response stored in Redis under {key:?}"
+                );
+            }
+        }
+        assert_eq!(
+            a.redis_requests("set", "ok").await,
+            2.0,
+            "A wrote only /ok and /ok2:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+
+        for path in uncacheable {
+            let got = b.get_ok(path).await;
+            assert!(
+                !cache_status(&got).contains("detail=redis"),
+                "{path} on B: {got:?}"
+            );
+            assert_eq!(origin.hits(path), 3, "{path} on B goes upstream");
+        }
+        assert_from_redis(&b.get_ok("/ok").await, "GET /ok on B");
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// A "Redis" that accepts connections and never answers (a black hole): with the default
+/// `REDIS_TIMEOUT_MS`, 20 requests for distinct keys all answer 200 from upstream (one
+/// upstream request each), in well under 10 s in all (a client library's default timeouts
+/// would take seconds each); the failures are counted (`op="get",result="error"`) and the
+/// breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_timeouts_are_short() {
+    bounded(async {
+        let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hole_addr = hole.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let hole_task = tokio::spawn(async move {
+            // Held, never read or written: every command waits forever.
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = hole.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+
+        let origin = fleet_origin().await;
+        let url = format!("redis://{hole_addr}");
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+
+        let started = Instant::now();
+        for i in 0..20 {
+            let path = format!("/slow/{i}");
+            let one = Instant::now();
+            let got = a.get_ok(&path).await;
+            assert_eq!(got.cache(), "MISS", "{got:?}");
+            assert_eq!(origin.hits(&path), 1);
+            assert!(
+                one.elapsed() < Duration::from_secs(5),
+                "GET {path} took {:?} with Redis not answering (REQ_TIMEOUT is 10 s)",
+                one.elapsed()
+            );
+        }
+        let total = started.elapsed();
+        assert!(
+            total < Duration::from_secs(10),
+            "20 requests took {total:?} with Redis not answering"
+        );
+        assert!(
+            accepted.load(Ordering::SeqCst) >= 1,
+            "the daemon never connected to REDIS_URL"
+        );
+        assert!(
+            a.redis_requests("get", "error").await >= 1.0,
+            "timeouts are counted as errors:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+        let mut extra = 0;
+        let opened = until(Duration::from_secs(20), || {
+            extra += 1;
+            let path = format!("/slow/extra/{extra}");
+            let a = &a;
+            async move {
+                assert_eq!(a.get(&path).await.status, 200, "{path}");
+                a.breaker_open().await == 1.0
+            }
+        })
+        .await;
+        assert!(
+            opened,
+            "the breaker never opened with Redis not answering:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+        a.assert_no_panic();
+        hole_task.abort();
+    })
+    .await
+}
+
+/// The harness itself (passes without the feature): `RedisServer` starts with extra
+/// arguments, answers commands through the RESP helper (string, integer, bulk, array and hash
+/// replies), refuses connections once killed, and comes back empty on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_harness_starts_kills_and_restarts() {
+    bounded(async {
+        let mut redis =
+            RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
+        assert!(redis.url().starts_with("redis://127.0.0.1:"));
+        assert_eq!(redis.cmd(&["PING"]).text(), "PONG");
+        let maxmemory = redis.cmd(&["CONFIG", "GET", "maxmemory"]).items();
+        assert_eq!(maxmemory[1].text(), "2097152", "{maxmemory:?}");
+        assert_eq!(redis.cmd(&["SET", "a", "1"]).text(), "OK");
+        assert_eq!(redis.cmd(&["HSET", "h", "f", "SECRET-x"]).int(), 1);
+        assert_eq!(redis.dbsize(), 2);
+        assert_eq!(redis.keys("*"), ["a", "h"]);
+        assert_eq!(redis.contents("h"), [b"f".to_vec(), b"SECRET-x".to_vec()]);
+        assert_eq!(
+            redis.cmd(&["GET", "missing"]),
+            common::redis::Resp::Bulk(None)
+        );
+
+        let port = redis.port;
+        redis.kill();
+        assert!(!redis.running());
+        assert!(!common::redis::pings(redis.addr()), "killed, still answers");
+        redis.restart();
+        assert!(redis.running());
+        assert_eq!(redis.port, port);
+        assert_eq!(redis.dbsize(), 0, "nothing persisted across the restart");
+    })
+    .await
+}
