@@ -490,7 +490,9 @@ impl Config {
                         _ => {
                             return Err(bad(
                                 "REDIS_TIMEOUT_MS",
-                                format!("`{v}` is not a whole number of milliseconds from 1 to 60000"),
+                                format!(
+                                    "`{v}` is not a whole number of milliseconds from 1 to 60000"
+                                ),
                             ))
                         }
                     },
@@ -808,7 +810,11 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     if host.is_empty() || host.contains(char::is_whitespace) {
         return Err("has no host: expected redis://host[:port][/db]".into());
     }
-    if let Some(db) = rest.split_once('/').map(|(_, db)| db).filter(|d| !d.is_empty()) {
+    if let Some(db) = rest
+        .split_once('/')
+        .map(|(_, db)| db)
+        .filter(|d| !d.is_empty())
+    {
         if db.parse::<u16>().is_err() {
             return Err(format!("database `{db}` is not a number"));
         }
@@ -821,7 +827,9 @@ pub fn redact_redis_password(url: &str) -> String {
     let Some(rest) = url.strip_prefix("redis://") else {
         return url.to_string();
     };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
     match authority.rsplit_once('@') {
         Some((userinfo, host)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or("");
@@ -1386,8 +1394,18 @@ mod tests {
         let r = c.redis.clone().unwrap();
         assert_eq!(r.timeout, Duration::from_millis(20));
         assert_eq!(r.max_object_bytes, 64 << 10);
-        let shown: Vec<_> = c.effective().into_iter().filter(|(n, _)| n.starts_with("REDIS")).collect();
-        assert_eq!(shown[0], ("REDIS_URL", "redis://:<redacted>@10.0.0.5:6380/2".to_string()));
+        let shown: Vec<_> = c
+            .effective()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("REDIS"))
+            .collect();
+        assert_eq!(
+            shown[0],
+            (
+                "REDIS_URL",
+                "redis://:<redacted>@10.0.0.5:6380/2".to_string()
+            )
+        );
         for (bad, var) in [
             ("http://x", "REDIS_URL"),
             ("rediss://x", "REDIS_URL"),

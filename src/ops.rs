@@ -106,8 +106,62 @@ pub fn metrics_text(proxy: &Proxy) -> String {
         "edgecache_stream_cutoffs_total {}",
         stats.stream_cutoffs
     );
+    if let Some(tier) = proxy.cache.shared() {
+        render_shared(&mut out, tier);
+    }
     proxy.upstream.render_metrics(&mut out);
     out
+}
+
+/// The shared tier's series (only with `REDIS_URL`).
+fn render_shared(out: &mut String, tier: &crate::cache::shared::SharedTier) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &tier.stats;
+    crate::metrics::series(
+        out,
+        "edgecache_redis_requests_total",
+        "counter",
+        "Operations on the shared tier (REDIS_URL) by result; skipped: the breaker kept Redis out of the path, or a pending purge covers the key.",
+    );
+    for (op, result, n) in [
+        ("get", "hit", &s.get_hit),
+        ("get", "miss", &s.get_miss),
+        ("get", "error", &s.get_error),
+        ("get", "skipped", &s.get_skipped),
+        ("set", "ok", &s.set_ok),
+        ("set", "error", &s.set_error),
+        ("set", "skipped", &s.set_skipped),
+        ("purge", "ok", &s.purge_ok),
+        ("purge", "error", &s.purge_error),
+    ] {
+        let _ = writeln!(
+            out,
+            "edgecache_redis_requests_total{{op=\"{op}\",result=\"{result}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    crate::metrics::series(
+        out,
+        "edgecache_redis_breaker_open",
+        "gauge",
+        "1 while Redis is out of the request path after repeated failures.",
+    );
+    let _ = writeln!(
+        out,
+        "edgecache_redis_breaker_open {}",
+        u8::from(tier.breaker_open())
+    );
+    crate::metrics::series(
+        out,
+        "edgecache_redis_pending_purges",
+        "gauge",
+        "Purges applied here that have not reached Redis yet.",
+    );
+    let _ = writeln!(
+        out,
+        "edgecache_redis_pending_purges {}",
+        tier.pending_purges()
+    );
 }
 
 /// The `GET /status` body (the field names are the JSON keys).

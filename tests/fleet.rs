@@ -734,3 +734,83 @@ async fn redis_harness_starts_kills_and_restarts() {
     })
     .await
 }
+
+/// `Clear-Cache` on any instance removes the shared copy first: neither that instance nor a
+/// new one brings the purged copy back from Redis. With Redis down the purge is applied
+/// locally, kept, and sent when Redis is back; meanwhile no instance that saw it reads the
+/// purged key from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_removes_the_shared_copy() {
+    bounded(async {
+        let mut redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        let purge = |node: &Node, path: &'static str| {
+            let addr = node.addr();
+            async move {
+                common::send(
+                    "POST",
+                    addr,
+                    path,
+                    &[
+                        ("host", HOST),
+                        ("clear-cache", "true"),
+                        ("clear-cache-key", "sekret"),
+                    ],
+                    bytes::Bytes::new(),
+                )
+                .await
+            }
+        };
+
+        let first = a.get_ok("/p").await;
+        a.wait_writes(1.0, &redis).await;
+        // B, which never had /p in memory, clears it: the shared copy goes.
+        let cleared = purge(&b, "/p").await;
+        assert_eq!(cleared.status, 200, "{cleared:?}");
+        assert!(
+            redis.keys("*").iter().all(|k| !k.contains(":v:")),
+            "no variant left in Redis: {:?}",
+            redis.keys("*")
+        );
+        let c = Node::start("C", &origin, Some(&url), &env).await;
+        let fresh = c.get_ok("/p").await;
+        assert_eq!(fresh.cache(), "MISS", "{fresh:?}");
+        assert_ne!(fresh.text(), first.text(), "C fetched a new copy");
+        assert_eq!(origin.hits("/p"), 2);
+
+        // Redis down: a purge on B is applied there and kept; Redis back: it lands.
+        c.wait_writes(1.0, &redis).await;
+        let before = redis.dbsize();
+        assert!(before >= 1);
+        redis.kill();
+        let cleared = purge(&b, "/p").await;
+        assert_eq!(
+            cleared.status, 200,
+            "a purge never fails because Redis is away: {cleared:?}"
+        );
+        assert_eq!(
+            series(&b.metrics().await, "edgecache_redis_pending_purges"),
+            Some(1.0),
+            "kept for later:\n{}",
+            redis_lines(&b.metrics().await)
+        );
+        redis.restart();
+        let drained = until(Duration::from_secs(20), || async {
+            series(&b.metrics().await, "edgecache_redis_pending_purges") == Some(0.0)
+        })
+        .await;
+        assert!(
+            drained,
+            "B's pending purge reached Redis:\n{}",
+            redis_lines(&b.metrics().await)
+        );
+        for node in [&a, &b, &c] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}

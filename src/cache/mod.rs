@@ -33,8 +33,8 @@ use crate::error::UpstreamError;
 use coalesce::{FlightGuard, Flights, Outcome, Role};
 use entry::{CachedResponse, Filling};
 use expiry::ExpiryQueue;
-use shared::SharedTier;
 use key::split_key;
+use shared::SharedTier;
 use store::Store;
 
 /// What a single-flight fetch produced, as handed to every waiter.

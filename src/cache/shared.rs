@@ -217,8 +217,8 @@ impl SharedTier {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(|e| e.to_string())?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager).map_err(|e| e.to_string())?;
         Ok(SharedTier {
             conn,
             timeout: config.timeout,
@@ -268,7 +268,10 @@ impl SharedTier {
                 Err(Skipped::Failed)
             }
             Err(_) => {
-                tracing::debug!(timeout_ms = timeout.as_millis() as u64, "redis operation timed out");
+                tracing::debug!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "redis operation timed out"
+                );
                 self.failed();
                 Err(Skipped::Failed)
             }
@@ -295,7 +298,9 @@ impl SharedTier {
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("HVALS").arg(variants_key(key)).clone();
         match self
-            .run(self.timeout, async move { cmd.query_async::<Vec<Vec<u8>>>(&mut conn).await })
+            .run(self.timeout, async move {
+                cmd.query_async::<Vec<Vec<u8>>>(&mut conn).await
+            })
             .await
         {
             Ok(v) if v.is_empty() => {
@@ -334,7 +339,9 @@ impl SharedTier {
             .arg(origin);
         let mut conn = self.conn.clone();
         let result = self
-            .run(self.timeout, async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .run(self.timeout, async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
             .await;
         let counter = match result {
             Ok(_) => &self.stats.set_ok,
@@ -491,7 +498,9 @@ async fn purge_index(
     }
     let mut pipe = redis::pipe();
     for origin in &chosen {
-        pipe.cmd("DEL").arg(variants_key(&format!("{origin}{path}"))).ignore();
+        pipe.cmd("DEL")
+            .arg(variants_key(&format!("{origin}{path}")))
+            .ignore();
     }
     pipe.cmd("SREM").arg(index).arg(&chosen).ignore();
     pipe.query_async::<()>(conn).await
@@ -557,7 +566,11 @@ mod tests {
         gzip.insert("accept-encoding", "gzip".parse().unwrap());
         let a = VaryKey::capture(["accept-encoding"].into_iter(), &gzip);
         let b = VaryKey::capture(["accept-encoding"].into_iter(), &HeaderMap::new());
-        assert_ne!(variant_field(&a), variant_field(&b), "absent differs from present");
+        assert_ne!(
+            variant_field(&a),
+            variant_field(&b),
+            "absent differs from present"
+        );
         assert_eq!(variant_field(&a), variant_field(&a.clone()));
         assert_eq!(variant_field(&a).len(), 16);
     }

@@ -26,7 +26,7 @@ impl Proxy {
     /// memory (without writing it back) and returned, to be served as a `HIT` whose
     /// `Cache-Status` says `detail=redis`. `None` when there is no tier, no copy, or the copy
     /// is not fresh enough for this request.
-    pub(crate) async fn from_shared(
+    pub(crate) async fn look_in_shared(
         &self,
         key: &Arc<str>,
         req: &HeaderMap,

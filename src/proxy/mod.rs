@@ -107,7 +107,9 @@ impl Proxy {
             // The URL was checked with the same parser when the configuration was read.
             match crate::cache::shared::SharedTier::new(redis) {
                 Ok(tier) => cache = cache.with_shared(tier),
-                Err(error) => tracing::error!(%error, "REDIS_URL unusable: running without the shared tier"),
+                Err(error) => {
+                    tracing::error!(%error, "REDIS_URL unusable: running without the shared tier")
+                }
             }
         }
         Proxy {
@@ -356,7 +358,7 @@ impl Proxy {
                     }
                 }
                 // Another instance may have it (REDIS_URL): one look per flight.
-                if let Some(entry) = self.from_shared(&key, &parts.headers).await {
+                if let Some(entry) = self.look_in_shared(&key, &parts.headers).await {
                     guard.publish(FetchOutcome::Stored(entry.clone()));
                     trace.cache = Some(CacheStatus::Hit);
                     return Ok(fleet::respond_shared(&entry, head, &parts.headers));
