@@ -797,7 +797,7 @@ impl Config {
 }
 
 /// `REDIS_URL` must be `redis://host[:port][/db]` (with optional `user:password@`); TLS
-/// (`rediss://`) and Redis Cluster are not supported yet, and say so rather than fail later.
+/// (`rediss://`) is not supported yet, and says so rather than fail later.
 fn check_redis_url(url: &str) -> Result<(), String> {
     let Some(rest) = url.strip_prefix("redis://") else {
         if url.starts_with("rediss://") {
@@ -819,7 +819,10 @@ fn check_redis_url(url: &str) -> Result<(), String> {
             return Err(format!("database `{db}` is not a number"));
         }
     }
-    Ok(())
+    // The client library's own parser, so nothing it would refuse gets past start-up.
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("is not a usable Redis URL: {e}"))
 }
 
 /// `url` with any password replaced by `<redacted>` (for `--check`).

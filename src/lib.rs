@@ -16,8 +16,9 @@
 //! * [`proxy`] — the pipeline: route → lookup → coalesced fetch → store → respond; plus the
 //!   expiry task that refreshes hot keys and drops cold ones. [`proxy::fetch`] is the cache
 //!   fill, which streams the response to every waiter as it arrives and stores it when
-//!   complete; [`proxy::headers`] rewrites headers between the two sides; [`proxy::purge`]
-//!   executes admin requests.
+//!   complete; [`proxy::fleet`] reads and writes the shared tier around it (`REDIS_URL`);
+//!   [`proxy::headers`] rewrites headers between the two sides; [`proxy::purge`] executes
+//!   admin requests.
 //! * [`admin`] — `Clear-Cache` requests, pure: parse and authorise them (clear/refresh by
 //!   path under every host, prefix or everything), decide refresh or drop per entry, shape
 //!   the JSON report.
@@ -28,6 +29,7 @@
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
 //!   [`cache::entry`], [`cache::codec`] (an entry as one versioned blob, for a shared tier),
+//!   [`cache::shared`] (that tier on Redis: layout, breaker, purges kept while it is away),
 //!   [`cache::store`] (the sharded map), [`cache::coalesce`] (single
 //!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
 //!   `X-Cache-Status` verdict, shared with the metrics).

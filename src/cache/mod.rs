@@ -1,13 +1,13 @@
 //! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
 //! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
 //! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop); [`codec`] writes a
-//! stored variant as one versioned binary blob and reads it back (the shared tier's value).
+//! stored variant as one versioned binary blob and reads it back (the shared tier's value);
+//! [`shared`] is the second tier on Redis (`REDIS_URL`) behind this instance's memory.
 //!
 //! [`Cache`] is the only way in from the rest of the crate: its store, timers and flights are
 //! private, so "every stored version has a timer" is enforced here rather than by convention
 //! (the only insert is [`Cache::insert`], which arms one). Lookups answer with the [`Tier`] that
-//! held the entry, so a second tier (disk, a shared cache) can later sit behind this facade
-//! without the pipeline changing.
+//! held the entry: memory ([`Cache::lookup`]) or the shared tier ([`Cache::lookup_shared`]).
 
 pub mod coalesce;
 pub mod codec;
