@@ -142,6 +142,33 @@ fn render_shared(out: &mut String, tier: &crate::cache::shared::SharedTier) {
     }
     crate::metrics::series(
         out,
+        "edgecache_redis_lease_waits_total",
+        "counter",
+        "Misses that waited for another instance's fetch: served its copy from Redis, or fetched after all (it passed, died, or REQ_TIMEOUT ran out).",
+    );
+    for (result, n) in [
+        ("served", &s.lease_waits_served),
+        ("fetched", &s.lease_waits_fetched),
+    ] {
+        let _ = writeln!(
+            out,
+            "edgecache_redis_lease_waits_total{{result=\"{result}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    crate::metrics::series(
+        out,
+        "edgecache_redis_leases_total",
+        "counter",
+        "Fleet leases asked for (one per miss led here that Redis did not have).",
+    );
+    let _ = writeln!(
+        out,
+        "edgecache_redis_leases_total {}",
+        s.lease_tries.load(Relaxed)
+    );
+    crate::metrics::series(
+        out,
         "edgecache_redis_breaker_open",
         "gauge",
         "1 while Redis is out of the request path after repeated failures.",

@@ -61,11 +61,22 @@ async fn bounded<F: Future>(test: F) -> F::Output {
 /// Uncacheable bodies carry `SECRET-<path>` so a test can look for them in Redis.
 async fn fleet_origin() -> Origin {
     let n = Arc::new(AtomicUsize::new(0));
+    let hung: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     Origin::start(move |req| {
         let v = n.fetch_add(1, Ordering::SeqCst) + 1;
         let path = req.uri().path().to_owned();
+        // `/hang…`: the first request for the path never gets an answer.
+        let hang = path.starts_with("/hang") && hung.lock().unwrap().insert(path.clone());
         async move {
             let cacheable = [("cache-control", "max-age=60")];
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            if path.starts_with("/slow") {
+                // An origin that takes its time (not a synchronisation: the herd is formed
+                // before the requests are sent, see the test).
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             if path.starts_with("/private") {
                 let h = [("cache-control", "private, max-age=60")];
                 reply(200, &h, format!("SECRET-{path} #{v}"))
@@ -809,6 +820,138 @@ async fn a_purge_removes_the_shared_copy() {
             redis_lines(&b.metrics().await)
         );
         for node in [&a, &b, &c] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// Fleet-wide single flight: 300 concurrent requests for one cold key, spread over 3
+/// instances, origin 300 ms: exactly one upstream request; every client gets the same body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_fetch_a_cold_key_once() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let nodes = [
+            Node::start("A", &origin, Some(&url), &[]).await,
+            Node::start("B", &origin, Some(&url), &[]).await,
+            Node::start("C", &origin, Some(&url), &[]).await,
+        ];
+        let clients: Vec<_> = (0..300)
+            .map(|i| {
+                let addr = nodes[i % 3].addr();
+                tokio::spawn(async move { get(addr, "/slow-cold", &[("host", HOST)]).await })
+            })
+            .collect();
+        let mut bodies = std::collections::HashSet::new();
+        for c in clients {
+            let got = c.await.unwrap();
+            assert_eq!(got.status, 200, "{got:?}");
+            bodies.insert(got.text());
+        }
+        assert_eq!(
+            origin.hits("/slow-cold"),
+            1,
+            "one upstream request for the fleet"
+        );
+        assert_eq!(
+            bodies.len(),
+            1,
+            "every client got the same body: {bodies:?}"
+        );
+        let mut served = 0.0;
+        for node in &nodes {
+            served += series(
+                &node.metrics().await,
+                "edgecache_redis_lease_waits_total{result=\"served\"}",
+            )
+            .unwrap_or(0.0);
+            node.assert_no_panic();
+        }
+        assert_eq!(
+            served, 2.0,
+            "the two other instances were served the holder's copy"
+        );
+        assert!(
+            redis.keys("*").iter().all(|k| !k.contains(":l:")),
+            "no lease left: {:?}",
+            redis.keys("*")
+        );
+    })
+    .await
+}
+
+/// The lease holder dies (SIGKILL) mid-fetch: its lease runs out and another instance takes
+/// the fetch over; every client of the surviving instances gets a 200 and no lease is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_lease_holder_is_taken_over() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let mut a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+        let c = Node::start("C", &origin, Some(&url), &[]).await;
+        // A leads the fleet's fetch; the origin never answers it.
+        let a_addr = a.addr();
+        let doomed = tokio::spawn(async move { get(a_addr, "/hang-k", &[("host", HOST)]).await });
+        assert!(
+            origin
+                .wait_until(Duration::from_secs(10), |o| o.hits("/hang-k") == 1)
+                .await,
+            "A's request reached the origin"
+        );
+        assert!(
+            until(Duration::from_secs(10), || async {
+                redis.keys("*").iter().any(|k| k.contains(":l:"))
+            })
+            .await,
+            "A holds the lease"
+        );
+        let waiting: Vec<_> = [&b, &c]
+            .iter()
+            .flat_map(|n| std::iter::repeat_n(n.addr(), 5))
+            .map(|addr| tokio::spawn(async move { get(addr, "/hang-k", &[("host", HOST)]).await }))
+            .collect();
+        // B and C wait on A's lease (they asked for it and did not get it).
+        assert!(
+            until(Duration::from_secs(10), || async {
+                b.redis_requests("get", "miss").await >= 1.0
+                    && c.redis_requests("get", "miss").await >= 1.0
+            })
+            .await,
+            "B and C looked in Redis and now wait"
+        );
+        let _ = a.proc.child.0.kill();
+        let _ = a.proc.child.0.wait();
+        let mut bodies = std::collections::HashSet::new();
+        for w in waiting {
+            let got = w.await.unwrap();
+            assert_eq!(got.status, 200, "{got:?}");
+            bodies.insert(got.text());
+        }
+        assert_eq!(bodies.len(), 1, "{bodies:?}");
+        assert_eq!(
+            origin.hits("/hang-k"),
+            2,
+            "the hung fetch and the one that took over"
+        );
+        // The killed instance's client sees its connection end (`get` panics on that).
+        assert!(
+            doomed.await.is_err(),
+            "A's client got no answer from a dead instance"
+        );
+        assert!(
+            until(Duration::from_secs(10), || async {
+                redis.keys("*").iter().all(|k| !k.contains(":l:"))
+            })
+            .await,
+            "no lease left: {:?}",
+            redis.keys("*")
+        );
+        for node in [&b, &c] {
             node.assert_no_panic();
         }
     })

@@ -148,6 +148,11 @@ impl Cache {
     pub async fn lookup_shared(&self, key: &str, req: &HeaderMap) -> Option<Hit> {
         let tier = self.shared.as_ref()?;
         let blobs = tier.variants(key).await;
+        Self::select_shared(key, blobs, req)
+    }
+
+    /// The variant among encoded `blobs` of `key` that a request with headers `req` selects.
+    pub fn select_shared(key: &str, blobs: Vec<Vec<u8>>, req: &HeaderMap) -> Option<Hit> {
         let (now, wall) = (Instant::now(), SystemTime::now());
         for blob in blobs {
             match codec::decode(&blob, key, now, wall) {

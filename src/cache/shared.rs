@@ -96,6 +96,11 @@ pub struct SharedStats {
     pub set_skipped: AtomicU64,
     pub purge_ok: AtomicU64,
     pub purge_error: AtomicU64,
+    /// Leases asked for, and the waits for another instance's fetch that ended with its
+    /// copy (`lease_waits_served`) or with this instance fetching after all.
+    pub lease_tries: AtomicU64,
+    pub lease_waits_served: AtomicU64,
+    pub lease_waits_fetched: AtomicU64,
 }
 
 /// A purge Redis has not confirmed yet.
@@ -195,9 +200,139 @@ if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) en
 return 1
 ";
 
+/// How long a fleet lease lasts unless renewed; the holder renews it every third of that.
+pub const LEASE: Duration = Duration::from_secs(2);
+/// A waiter looks at Redis again this often even without a wake-up (a lost message, a holder
+/// that died): the safety net, not the mechanism.
+pub const RECHECK: Duration = Duration::from_millis(500);
+
+/// One round trip for a miss: the stored variants if there are any, else the flight's lease
+/// if it is free. KEYS: variants hash, lease. ARGV: token, ttl ms. Returns {1, values},
+/// {2, {}} (leased) or {3, {}} (another instance holds the lease).
+const LOOK_OR_LEASE: &str = r"
+local v = redis.call('HVALS', KEYS[1])
+if #v > 0 then return {1, v} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, {}} end
+return {3, {}}
+";
+
+/// What [`SharedTier::look_or_lease`] found.
+pub enum Look {
+    /// The stored variants (encoded).
+    Stored(Vec<Vec<u8>>),
+    /// Nothing stored, and this instance now holds the flight's lease.
+    Leased(Lease),
+    /// Nothing stored; another instance holds the lease (it is fetching).
+    Held,
+}
+
+/// Renews a lease if it is still ours. KEYS: lease. ARGV: token, ttl ms.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// Deletes a lease if it is still ours. KEYS: lease. ARGV: token.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// The lease key and wake-up channel of one flight (a URL and its `Vary` selection), in the
+/// path's slot.
+pub fn lease_names(key: &str, flight_key: &str) -> (String, String) {
+    let (_, path) = split_key(key);
+    let digest = Sha256::digest(flight_key.as_bytes());
+    let mut id = String::with_capacity(16);
+    for byte in &digest[..8] {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    let tag = path_tag(path);
+    (format!("ec1:{{{tag}}}:l:{id}"), format!("ec1:c:{tag}:{id}"))
+}
+
+/// What the lease holder tells the instances waiting on its fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The response is in the tier: read it.
+    Stored,
+    /// It will not be in the tier (not shareable, too large, failed): fetch your own.
+    Pass,
+}
+
+impl Wake {
+    fn as_str(self) -> &'static str {
+        match self {
+            Wake::Stored => "stored",
+            Wake::Pass => "pass",
+        }
+    }
+}
+
+/// Waiters for wake-ups, by channel: fed by the instance's one pattern subscription.
+#[derive(Default)]
+struct Wakeups(dashmap::DashMap<String, tokio::sync::watch::Sender<Option<Wake>>>);
+
+/// A registration for one channel's wake-up; unregisters when dropped.
+pub struct WakeWaiter<'a> {
+    wakeups: &'a Wakeups,
+    channel: String,
+    rx: tokio::sync::watch::Receiver<Option<Wake>>,
+}
+
+impl WakeWaiter<'_> {
+    /// The wake-up, or `None` if `within` passed first.
+    pub async fn wait(&mut self, within: Duration) -> Option<Wake> {
+        match tokio::time::timeout(within, self.rx.wait_for(Option::is_some)).await {
+            Ok(Ok(v)) => *v,
+            _ => None,
+        }
+    }
+}
+
+impl Drop for WakeWaiter<'_> {
+    fn drop(&mut self) {
+        // Ours is the last receiver besides the sender's own count: remove the channel.
+        self.wakeups
+            .0
+            .remove_if(&self.channel, |_, tx| tx.receiver_count() <= 1);
+    }
+}
+
+/// A lease this instance holds on one flight.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub key: String,
+    pub channel: String,
+    pub token: String,
+}
+
+/// A token no other lease holder in the fleet has: std's per-process random hash keys over
+/// the process id, a counter and the time.
+fn lease_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = STATE
+        .get_or_init(std::hash::RandomState::new)
+        .build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    format!("{:016x}{:08x}", h.finish(), std::process::id())
+}
+
 /// The shared tier: a Redis connection (multiplexed, reconnecting by itself), its breaker and
 /// counters.
 pub struct SharedTier {
+    client: redis::Client,
+    wakeups: Wakeups,
+    look_or_lease: redis::Script,
+    renew: redis::Script,
+    release: redis::Script,
     conn: ConnectionManager,
     timeout: Duration,
     max_object_bytes: usize,
@@ -217,9 +352,14 @@ impl SharedTier {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager).map_err(|e| e.to_string())?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+            .map_err(|e| e.to_string())?;
         Ok(SharedTier {
+            client,
+            wakeups: Wakeups::default(),
+            look_or_lease: redis::Script::new(LOOK_OR_LEASE),
+            renew: redis::Script::new(RENEW),
+            release: redis::Script::new(RELEASE),
             conn,
             timeout: config.timeout,
             max_object_bytes: config.max_object_bytes,
@@ -322,12 +462,12 @@ impl SharedTier {
         }
     }
 
-    /// Stores one encoded variant of `key` for `ttl`.
-    pub async fn put(&self, key: &str, field: Vec<u8>, blob: Vec<u8>, ttl: Duration) {
+    /// Stores one encoded variant of `key` for `ttl`; whether it landed.
+    pub async fn put(&self, key: &str, field: Vec<u8>, blob: Vec<u8>, ttl: Duration) -> bool {
         let (origin, path) = split_key(key);
         if self.pending().iter().any(|p| p.covers(origin, path)) {
             self.stats.set_skipped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let mut invocation = self.write.prepare_invoke();
         invocation
@@ -349,6 +489,7 @@ impl SharedTier {
             Err(Skipped::Failed) => &self.stats.set_error,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        result.is_ok()
     }
 
     /// Removes what the tier holds for `path` under `host` (`None`: every host; any scheme).
@@ -419,6 +560,150 @@ impl SharedTier {
     /// Purges waiting to reach Redis.
     pub fn pending_purges(&self) -> usize {
         self.pending().len()
+    }
+
+    /// Registers for the wake-up of `channel` (before looking at the lease, so a wake-up
+    /// between the two is not missed).
+    pub fn wake_waiter(&self, channel: &str) -> WakeWaiter<'_> {
+        let rx = self
+            .wakeups
+            .0
+            .entry(channel.to_string())
+            .or_insert_with(|| tokio::sync::watch::Sender::new(None))
+            .subscribe();
+        WakeWaiter {
+            wakeups: &self.wakeups,
+            channel: channel.to_string(),
+            rx,
+        }
+    }
+
+    /// For a miss this instance leads: the variants stored for `key`, else the lease on the
+    /// flight (`lease_key`, woken through `channel`) if it is free — atomically, so a holder
+    /// that stored its copy and let go in between cannot be missed. `Err` when Redis cannot
+    /// say (no tier in the path, or a pending purge covers `key`).
+    pub async fn look_or_lease(
+        &self,
+        key: &str,
+        lease_key: &str,
+        channel: &str,
+    ) -> Result<Look, ()> {
+        let (origin, path) = split_key(key);
+        if self.pending().iter().any(|p| p.covers(origin, path)) {
+            self.stats.get_skipped.fetch_add(1, Ordering::Relaxed);
+            return Err(());
+        }
+        let token = lease_token();
+        let mut invocation = self.look_or_lease.prepare_invoke();
+        invocation
+            .key(variants_key(key))
+            .key(lease_key)
+            .arg(&token)
+            .arg(LEASE.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        let result = self
+            .run(self.timeout, async move {
+                invocation
+                    .invoke_async::<(i64, Vec<Vec<u8>>)>(&mut conn)
+                    .await
+            })
+            .await;
+        let counter = match &result {
+            Ok((1, _)) => &self.stats.get_hit,
+            Ok(_) => &self.stats.get_miss,
+            Err(Skipped::BreakerOpen) => &self.stats.get_skipped,
+            Err(Skipped::Failed) => &self.stats.get_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok((1, values)) => Ok(Look::Stored(values)),
+            Ok((2, _)) => {
+                self.stats.lease_tries.fetch_add(1, Ordering::Relaxed);
+                Ok(Look::Leased(Lease {
+                    key: lease_key.to_string(),
+                    channel: channel.to_string(),
+                    token,
+                }))
+            }
+            Ok(_) => {
+                self.stats.lease_tries.fetch_add(1, Ordering::Relaxed);
+                Ok(Look::Held)
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Keeps `lease` alive until the future is dropped (renewed every third of [`LEASE`]).
+    pub async fn keep(&self, lease: &Lease) {
+        let mut tick = tokio::time::interval(LEASE / 3);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut invocation = self.renew.prepare_invoke();
+            invocation
+                .key(&lease.key)
+                .arg(&lease.token)
+                .arg(LEASE.as_millis() as u64);
+            let mut conn = self.conn.clone();
+            let _ = self
+                .run(self.timeout, async move {
+                    invocation.invoke_async::<i64>(&mut conn).await
+                })
+                .await;
+        }
+    }
+
+    /// Tells the waiters how the fetch ended, then gives the lease back.
+    pub async fn finish(&self, lease: &Lease, wake: Wake) {
+        let mut conn = self.conn.clone();
+        let publish = redis::cmd("PUBLISH")
+            .arg(&lease.channel)
+            .arg(wake.as_str())
+            .clone();
+        let _ = self
+            .run(self.timeout, async move {
+                publish.query_async::<i64>(&mut conn).await
+            })
+            .await;
+        let mut invocation = self.release.prepare_invoke();
+        invocation.key(&lease.key).arg(&lease.token);
+        let mut conn = self.conn.clone();
+        let _ = self
+            .run(self.timeout, async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await;
+    }
+
+    /// Listens for wake-ups (`PSUBSCRIBE ec1:c:*`) and hands them to the waiters; reconnects
+    /// after a failure. Runs until shutdown.
+    pub async fn run_wakeups(&self) {
+        use futures_util::StreamExt;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.psubscribe("ec1:c:*").await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(msg) = messages.next().await {
+                            let wake = match msg.get_payload_bytes() {
+                                b"stored" => Wake::Stored,
+                                _ => Wake::Pass,
+                            };
+                            if let Some(tx) = self.wakeups.0.get(msg.get_channel_name()) {
+                                tx.send_replace(Some(wake));
+                            }
+                        }
+                        tracing::debug!("redis wake-up subscription ended; reconnecting");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "redis PSUBSCRIBE failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "redis pub/sub connection failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 }
 

@@ -42,6 +42,9 @@ pub(crate) struct FetchRequest {
     /// Access time carried into the new entry (a background refresh must not make a key
     /// look recently requested).
     pub last_access_ms: u64,
+    /// The caller writes the stored entry to the shared tier itself (it holds the fleet's
+    /// lease and must wake the other instances only once the copy is there).
+    pub defer_share: bool,
 }
 
 /// Where the fill sends a response that may not be shared: to the request that started the
@@ -108,7 +111,9 @@ impl Proxy {
                 let times = (request_time, response_time, received_at);
                 return match self.freshen(&req, base, &parts.headers, times) {
                     Ok(entry) => {
-                        self.share(&req.key, &entry);
+                        if !req.defer_share {
+                            self.share(&req.key, &entry);
+                        }
                         flight.publish(FetchOutcome::Stored(entry.clone()));
                         FetchOutcome::Stored(entry)
                     }
@@ -197,7 +202,9 @@ impl Proxy {
         let entry = self.entry_from(&req, &filling, body, resp_cc, source);
         // Stored before any reader sees the end: whoever read the whole body finds it stored.
         self.store(req.key.clone(), entry.clone());
-        self.share(&req.key, &entry);
+        if !req.defer_share {
+            self.share(&req.key, &entry);
+        }
         flight.publish(FetchOutcome::Stored(entry.clone()));
         fanout.finish();
         FetchOutcome::Stored(entry)

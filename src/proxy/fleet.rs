@@ -18,20 +18,103 @@ use crate::cache::codec;
 use crate::cache::decide::{self, Now, Serve};
 use crate::cache::entry::CachedResponse;
 use crate::cache::key::{origin_host, split_key};
-use crate::cache::shared::variant_field;
+use crate::cache::shared::{lease_names, variant_field, Lease, Look, Wake, RECHECK};
 use crate::cache::Target;
+use std::sync::atomic::Ordering;
 
 impl Proxy {
-    /// A usable copy of `key` from the shared tier for a request with headers `req`: put into
-    /// memory (without writing it back) and returned, to be served as a `HIT` whose
-    /// `Cache-Status` says `detail=redis`. `None` when there is no tier, no copy, or the copy
-    /// is not fresh enough for this request.
-    pub(crate) async fn look_in_shared(
+    /// Writes a response just stored here to the shared tier, in the background, when it is
+    /// small enough (`REDIS_MAX_OBJECT_BYTES`) and still worth keeping.
+    pub(crate) fn share(self: &Arc<Self>, key: &Arc<str>, entry: &Arc<CachedResponse>) {
+        if self.cache.shared().is_none() {
+            return;
+        }
+        let (key, entry) = (key.clone(), entry.clone());
+        let proxy = self.clone();
+        self.background.spawn("share", async move {
+            proxy.share_now(&key, &entry).await;
+        });
+    }
+
+    /// [`Proxy::share`], awaited: whether the copy is in the tier now.
+    pub(crate) async fn share_now(&self, key: &str, entry: &CachedResponse) -> bool {
+        let Some(tier) = self.cache.shared() else {
+            return false;
+        };
+        if entry.body.len() > tier.max_object_bytes() {
+            return false;
+        }
+        let now = Instant::now();
+        let Some(ttl) = decide::shared_ttl(entry, &self.settings, now) else {
+            return false;
+        };
+        let blob = codec::encode(entry, key, now, SystemTime::now());
+        tier.put(key, variant_field(&entry.vary), blob.to_vec(), ttl)
+            .await
+    }
+
+    /// Fleet-wide single flight for a miss this instance leads: one round trip finds the
+    /// stored copy, or takes the flight's lease (fetch for the fleet), or learns that another
+    /// instance holds it — then waits for the holder's wake-up and looks again (also every
+    /// [`RECHECK`], taking the lease over if the holder died). Fetches alone when there is no
+    /// tier, Redis cannot say, the holder passed, the copy does not suit this request, or
+    /// `REQ_TIMEOUT` ran out.
+    pub(crate) async fn fleet_turn(
         &self,
         key: &Arc<str>,
+        flight_key: &str,
+        req: &HeaderMap,
+    ) -> FleetTurn {
+        let Some(tier) = self.cache.shared() else {
+            return FleetTurn::Alone;
+        };
+        let (lease_key, channel) = lease_names(key, flight_key);
+        let mut wake = tier.wake_waiter(&channel);
+        let deadline = Instant::now() + self.config.upstream_timeout;
+        let mut waited = false;
+        let count = |waited: bool, counter: &std::sync::atomic::AtomicU64| {
+            if waited {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        loop {
+            match tier.look_or_lease(key, &lease_key, &channel).await {
+                Err(()) => return FleetTurn::Alone,
+                Ok(Look::Stored(blobs)) => {
+                    return match self.usable_shared(key, blobs, req) {
+                        Some(entry) => {
+                            count(waited, &tier.stats.lease_waits_served);
+                            FleetTurn::Found(entry)
+                        }
+                        None => {
+                            count(waited, &tier.stats.lease_waits_fetched);
+                            FleetTurn::Alone
+                        }
+                    };
+                }
+                Ok(Look::Leased(lease)) => {
+                    count(waited, &tier.stats.lease_waits_fetched);
+                    return FleetTurn::Lead(lease);
+                }
+                Ok(Look::Held) => {}
+            }
+            waited = true;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || wake.wait(RECHECK.min(left)).await == Some(Wake::Pass) {
+                count(waited, &tier.stats.lease_waits_fetched);
+                return FleetTurn::Alone;
+            }
+        }
+    }
+
+    /// A copy from the tier this request may be served: put into memory (not written back).
+    fn usable_shared(
+        &self,
+        key: &Arc<str>,
+        blobs: Vec<Vec<u8>>,
         req: &HeaderMap,
     ) -> Option<Arc<CachedResponse>> {
-        let hit = self.cache.lookup_shared(key, req).await?;
+        let hit = crate::cache::Cache::select_shared(key, blobs, req)?;
         let client = decide::client_directives(req, &self.settings);
         let now = Now::at(Instant::now());
         if decide::serve(Some(&hit.entry), &client, &self.settings, now) != Serve::Fresh {
@@ -39,30 +122,6 @@ impl Proxy {
         }
         self.store(key.clone(), hit.entry.clone());
         Some(hit.entry)
-    }
-
-    /// Writes a response just stored here to the shared tier, in the background, when it is
-    /// small enough (`REDIS_MAX_OBJECT_BYTES`) and still worth keeping.
-    pub(crate) fn share(self: &Arc<Self>, key: &Arc<str>, entry: &Arc<CachedResponse>) {
-        let Some(tier) = self.cache.shared() else {
-            return;
-        };
-        if entry.body.len() > tier.max_object_bytes() {
-            return;
-        }
-        let now = Instant::now();
-        let Some(ttl) = decide::shared_ttl(entry, &self.settings, now) else {
-            return;
-        };
-        let blob = codec::encode(entry, key, now, SystemTime::now());
-        let field = variant_field(&entry.vary);
-        let key = key.clone();
-        let proxy = self.clone();
-        self.background.spawn("share", async move {
-            if let Some(tier) = proxy.cache.shared() {
-                tier.put(&key, field, blob.to_vec(), ttl).await;
-            }
-        });
     }
 
     /// Removes what an admin request addresses from the shared tier too — before it is
@@ -116,6 +175,16 @@ impl Proxy {
             }
         }
     }
+}
+
+/// What the fleet says about a miss this instance leads.
+pub(crate) enum FleetTurn {
+    /// Fetch it for the fleet, holding this lease.
+    Lead(Lease),
+    /// Another instance fetched it: here it is (already in memory).
+    Found(Arc<CachedResponse>),
+    /// Fetch it alone.
+    Alone,
 }
 
 /// Marks a response served from the shared tier (`Cache-Status: edgecache; hit;

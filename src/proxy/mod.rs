@@ -316,6 +316,7 @@ impl Proxy {
             headers: self.upstream_headers(&parts.headers, down, split_key(&key).0, true),
             base: base.clone(),
             last_access_ms: clock_ms(),
+            defer_share: false,
         };
 
         let ctx = Asking {
@@ -340,6 +341,7 @@ impl Proxy {
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, &vary_names, &parts.headers);
 
+        let flight = flight_key.clone();
         match self.cache.join_flight(flight_key) {
             Role::Leader(guard) => {
                 // Someone may have stored it between our lookup and taking the flight.
@@ -357,13 +359,18 @@ impl Proxy {
                         ));
                     }
                 }
-                // Another instance may have it (REDIS_URL): one look per flight.
-                if let Some(entry) = self.look_in_shared(&key, &parts.headers).await {
-                    guard.publish(FetchOutcome::Stored(entry.clone()));
-                    trace.cache = Some(CacheStatus::Hit);
-                    return Ok(fleet::respond_shared(&entry, head, &parts.headers));
-                }
-                self.lead(guard, fetch, &ctx).await
+                // With REDIS_URL: another instance may have it, or be fetching it — one
+                // fetch for the whole fleet (one look per flight here).
+                let lease = match self.fleet_turn(&key, &flight, &parts.headers).await {
+                    fleet::FleetTurn::Found(entry) => {
+                        guard.publish(FetchOutcome::Stored(entry.clone()));
+                        trace.cache = Some(CacheStatus::Hit);
+                        return Ok(fleet::respond_shared(&entry, head, &parts.headers));
+                    }
+                    fleet::FleetTurn::Lead(lease) => Some(lease),
+                    fleet::FleetTurn::Alone => None,
+                };
+                self.lead_for(guard, fetch, &ctx, lease).await
             }
             Role::Follower(mut waiter) => {
                 trace.coalesced = true;
@@ -393,11 +400,43 @@ impl Proxy {
         fetch: FetchRequest,
         ctx: &Asking<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.lead_for(flight, fetch, ctx, None).await
+    }
+
+    /// [`Proxy::lead`], holding the fleet's `lease` on this fetch when given: it is kept
+    /// alive while the fill runs; the copy is written to the shared tier, then the other
+    /// instances are woken (to read it, or to fetch their own if it is not there), then the
+    /// lease is given back.
+    async fn lead_for(
+        self: &Arc<Self>,
+        flight: FlightGuard<FetchOutcome>,
+        mut fetch: FetchRequest,
+        ctx: &Asking<'_>,
+        lease: Option<crate::cache::shared::Lease>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut waiter = flight.waiter();
         let (pass_to, passed) = oneshot::channel();
         let proxy = self.clone();
+        fetch.defer_share = lease.is_some();
         self.background.spawn("fill", async move {
-            proxy.fill(fetch, &flight, Some(pass_to)).await;
+            let key = fetch.key.clone();
+            let (Some(lease), Some(tier)) = (lease, proxy.cache.shared()) else {
+                proxy.fill(fetch, &flight, Some(pass_to)).await;
+                return;
+            };
+            let fill = proxy.fill(fetch, &flight, Some(pass_to));
+            tokio::pin!(fill);
+            let outcome = tokio::select! {
+                outcome = &mut fill => outcome,
+                () = tier.keep(&lease) => fill.await, // (keeping never ends)
+            };
+            let wake = match &outcome {
+                FetchOutcome::Stored(entry) if proxy.share_now(&key, entry).await => {
+                    crate::cache::shared::Wake::Stored
+                }
+                _ => crate::cache::shared::Wake::Pass,
+            };
+            tier.finish(&lease, wake).await;
         });
         let outcome = waiter.wait().await;
         if let Some(FetchOutcome::NotShared) = outcome {
@@ -508,6 +547,7 @@ impl Proxy {
                     headers,
                     last_access_ms: entry.last_access_ms(),
                     base: Some(entry.clone()),
+                    defer_share: false,
                 };
                 let proxy = self.clone();
                 self.background.spawn("refresh", async move {

@@ -71,6 +71,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         proxy.background.spawn("shared_purge_retry", async move {
             retry_proxy.run_shared_retry().await;
         });
+        let wake_proxy = proxy.clone();
+        proxy.background.spawn("shared_wakeups", async move {
+            if let Some(tier) = wake_proxy.cache.shared() {
+                tier.run_wakeups().await;
+            }
+        });
     }
     for probe in proxy.upstream.health_checks() {
         let probe_proxy = proxy.clone();
