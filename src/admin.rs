@@ -453,6 +453,35 @@ pub struct Reply {
 /// `{"path":…,"action":…,"variants":N}` (plus `"error"` and `"kept":"previous"` when every
 /// refresh failed), or for prefix and all `{"prefix":…,"action":…,"cleared":N,"refreshing":N}`.
 pub fn report(req: &AdminRequest, outcome: &Outcome) -> Reply {
+    report_fleet(req, outcome, None)
+}
+
+/// How many live instances of the fleet acknowledged a purge (this one included) out of how
+/// many are live (`REDIS_URL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acks {
+    pub acks: usize,
+    pub instances: usize,
+}
+
+/// [`report`] for a fleet: the reply also says `"acks"` and `"instances"`, and is `202
+/// Accepted` instead of `200` when some live instance did not acknowledge in time (it will
+/// apply the purge when it catches up).
+pub fn report_fleet(req: &AdminRequest, outcome: &Outcome, fleet: Option<Acks>) -> Reply {
+    let mut reply = report_local(req, outcome);
+    if let Some(a) = fleet {
+        // Appended after the local fields, which keep their order (the predecessor's).
+        if let Some(open) = reply.body.strip_suffix('}') {
+            reply.body = format!("{open},\"acks\":{},\"instances\":{}}}", a.acks, a.instances);
+        }
+        if reply.status == StatusCode::OK && a.acks < a.instances {
+            reply.status = StatusCode::ACCEPTED;
+        }
+    }
+    reply
+}
+
+fn report_local(req: &AdminRequest, outcome: &Outcome) -> Reply {
     let action = outcome.action();
     let (status, body) = match outcome {
         Outcome::Path { cleared, refreshes } => {
@@ -525,6 +554,51 @@ struct ErrorReport {
 /// Compact JSON. Serialising these plain structs cannot fail; `{}` is a guard, not a path.
 fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "{}".into())
+}
+
+#[cfg(test)]
+mod fleet_report_tests {
+    use super::*;
+
+    #[test]
+    fn fleet_replies_count_acknowledgements_and_are_202_when_some_are_missing() {
+        let req = AdminRequest {
+            mode: Mode::Clear,
+            scope: Scope::Exact,
+            hosts: HostFilter::parse(None),
+            path: "/x".into(),
+        };
+        let outcome = Outcome::Path {
+            cleared: 1,
+            refreshes: None,
+        };
+        let all = report_fleet(
+            &req,
+            &outcome,
+            Some(Acks {
+                acks: 3,
+                instances: 3,
+            }),
+        );
+        assert_eq!(all.status, StatusCode::OK);
+        assert_eq!(
+            all.body,
+            r#"{"path":"/x","action":"cleared","variants":1,"acks":3,"instances":3}"#
+        );
+        let some = report_fleet(
+            &req,
+            &outcome,
+            Some(Acks {
+                acks: 2,
+                instances: 3,
+            }),
+        );
+        assert_eq!(some.status, StatusCode::ACCEPTED);
+        assert_eq!(
+            report_fleet(&req, &outcome, None).body,
+            report(&req, &outcome).body
+        );
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,13 @@ impl<T> Flights<T> {
         }
     }
 
+    /// Takes the flights whose keys `hit` selects out of the map: they run on for the
+    /// requests already waiting, and later requests start new flights (after a purge, nobody
+    /// new may join a fetch that started before it).
+    pub fn detach_matching(&self, hit: impl Fn(&str) -> bool) {
+        self.map.retain(|key, _| !hit(key));
+    }
+
     /// Whether a flight for `key` is running.
     pub fn in_flight(&self, key: &str) -> bool {
         self.map.contains_key(key)

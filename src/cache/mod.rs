@@ -116,7 +116,22 @@ pub struct Cache {
     flights: Flights<FetchOutcome>,
     expiry: ExpiryQueue,
     shared: Option<SharedTier>,
+    /// Recent purges (admin requests here and, with a shared tier, from other instances):
+    /// a fill that started before one of them must not store what it fetched.
+    purges: std::sync::Mutex<std::collections::VecDeque<Purged>>,
 }
+
+/// One purge in [`Cache::purges`].
+struct Purged {
+    at: Instant,
+    prefix: bool,
+    path: String,
+    host: Option<String>,
+}
+
+/// Purges remembered for [`Cache::purged_since`]; a fill that started before the oldest of a
+/// full log is not stored (a forgotten purge may have covered it).
+const PURGE_LOG: usize = 1024;
 
 impl Cache {
     /// A cache whose store holds at most `max_bytes` (`CACHE_MAX_BYTES`); a body streamed to
@@ -128,7 +143,57 @@ impl Cache {
             flights: Flights::new(stream_limit, stream_total),
             expiry: ExpiryQueue::default(),
             shared: None,
+            purges: Default::default(),
         }
+    }
+
+    /// Records a purge of `path` (or, `prefix`, every path starting with it) under `host`
+    /// (`None`: all) at `now`, and detaches the flights it covers so later requests do not
+    /// join a fetch that started before it.
+    pub fn note_purge(&self, prefix: bool, path: &str, host: Option<&str>, now: Instant) {
+        let covers = |flight_key: &str| {
+            let (origin, rest) = split_key(flight_key);
+            let rest = rest.split('\0').next().unwrap_or(rest);
+            let path_ok = if prefix {
+                rest.starts_with(path)
+            } else {
+                rest == path
+            };
+            path_ok && host.is_none_or(|h| key::origin_host(origin) == h)
+        };
+        self.flights.detach_matching(covers);
+        let mut log = self.purges.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= PURGE_LOG {
+            log.pop_front();
+        }
+        log.push_back(Purged {
+            at: now,
+            prefix,
+            path: path.to_string(),
+            host: host.map(str::to_string),
+        });
+    }
+
+    /// Whether a purge covering `key` happened after `since` (when a fill started): what it
+    /// fetched must then not be stored. A fill older than the oldest purge of a full log is
+    /// treated as purged (a forgotten purge may have covered it).
+    pub fn purged_since(&self, key: &str, since: Instant) -> bool {
+        let (origin, path) = split_key(key);
+        let log = self.purges.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= PURGE_LOG && log.front().is_some_and(|oldest| since < oldest.at) {
+            return true;
+        }
+        log.iter().rev().take_while(|p| p.at > since).any(|p| {
+            let path_ok = if p.prefix {
+                path.starts_with(p.path.as_str())
+            } else {
+                path == p.path
+            };
+            path_ok
+                && p.host
+                    .as_deref()
+                    .is_none_or(|h| key::origin_host(origin) == h)
+        })
     }
 
     /// The same cache with a shared second tier behind it.
@@ -304,6 +369,51 @@ impl Cache {
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
         self.store.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod purge_log_tests {
+    use super::*;
+
+    /// A fill that started before a purge covering its key may not store; one that started
+    /// after, or a purge of another path or host, does not matter.
+    #[test]
+    fn fills_older_than_a_covering_purge_are_not_stored() {
+        let cache = Cache::new(1 << 20, 1 << 20, 1 << 20);
+        let t0 = Instant::now();
+        let later = t0 + std::time::Duration::from_secs(1);
+        cache.note_purge(false, "/a?x=1", None, later);
+        assert!(cache.purged_since("http://h/a?x=1", t0));
+        assert!(!cache.purged_since("http://h/a?x=1", later));
+        assert!(!cache.purged_since("http://h/b", t0));
+        cache.note_purge(true, "/p/", Some("one.example"), later);
+        assert!(cache.purged_since("https://one.example/p/q", t0));
+        assert!(!cache.purged_since("https://two.example/p/q", t0));
+        for _ in 0..PURGE_LOG {
+            cache.note_purge(false, "/other", None, later);
+        }
+        assert!(
+            cache.purged_since("http://h/unrelated", t0),
+            "older than a full log"
+        );
+    }
+
+    /// Requests after a purge start a new flight instead of joining one that began before.
+    #[test]
+    fn a_purge_detaches_the_flights_it_covers() {
+        let cache = Cache::new(1 << 20, 1 << 20, 1 << 20);
+        let _a = cache.join_flight("http://h/a\0accept=x".into());
+        let _b = cache.join_flight("http://h/b".into());
+        cache.note_purge(false, "/a", None, Instant::now());
+        assert!(matches!(
+            cache.join_flight("http://h/a\0accept=x".into()),
+            Role::Leader(_)
+        ));
+        assert!(matches!(
+            cache.join_flight("http://h/b".into()),
+            Role::Follower(_)
+        ));
     }
 }
 

@@ -101,6 +101,8 @@ pub struct SharedStats {
     pub lease_tries: AtomicU64,
     pub lease_waits_served: AtomicU64,
     pub lease_waits_fetched: AtomicU64,
+    /// Live instances at the last acknowledgement count.
+    pub last_live: AtomicU64,
 }
 
 /// A purge Redis has not confirmed yet.
@@ -216,6 +218,58 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, {}} 
 return {3, {}}
 ";
 
+/// The stream every purge is announced on; each instance reads it from its own cursor, so
+/// one that was away replays what it missed.
+pub const PURGES: &str = "ec1:purges";
+/// Live instances: member = instance id, score = last heartbeat (ms since the epoch).
+const INSTANCES: &str = "ec1:instances";
+/// The purge stream keeps about this many entries (an instance further behind drops its
+/// whole memory tier instead).
+const STREAM_MAXLEN: usize = 10_000;
+/// An instance whose heartbeat is older than this is not counted as live.
+pub const ALIVE: Duration = Duration::from_secs(3);
+
+/// A purge announced to the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeMsg {
+    /// Acknowledgements are counted under this id.
+    pub id: String,
+    /// The instance that announced it (it applied it already).
+    pub from: String,
+    /// One path (`prefix == false`) or every path starting with `path`.
+    pub prefix: bool,
+    pub path: String,
+    /// Only this host (`None`: every host).
+    pub host: Option<String>,
+}
+
+/// What the purge reader does with what it reads.
+pub trait PurgeSink: Send + Sync {
+    /// Apply a purge another instance announced.
+    fn apply(&self, msg: &PurgeMsg);
+    /// Purges were missed (the stream was trimmed past this instance's cursor, or Redis lost
+    /// it): drop everything held in memory.
+    fn missed(&self);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether stream id `a` is older than `b` (`ms-seq`).
+fn stream_id_before(a: &str, b: &str) -> bool {
+    let parse = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) < parse(b)
+}
+
 /// What [`SharedTier::look_or_lease`] found.
 pub enum Look {
     /// The stored variants (encoded).
@@ -329,6 +383,8 @@ fn lease_token() -> String {
 /// counters.
 pub struct SharedTier {
     client: redis::Client,
+    /// This instance, in leases' place of origin and the purge stream's acknowledgements.
+    instance: String,
     wakeups: Wakeups,
     look_or_lease: redis::Script,
     renew: redis::Script,
@@ -356,6 +412,7 @@ impl SharedTier {
             .map_err(|e| e.to_string())?;
         Ok(SharedTier {
             client,
+            instance: lease_token(),
             wakeups: Wakeups::default(),
             look_or_lease: redis::Script::new(LOOK_OR_LEASE),
             renew: redis::Script::new(RENEW),
@@ -673,6 +730,206 @@ impl SharedTier {
                 invocation.invoke_async::<i64>(&mut conn).await
             })
             .await;
+    }
+
+    /// Announces a purge this instance applied to the others; its id, to count their
+    /// acknowledgements ([`SharedTier::acks`]). `None` when Redis could not be reached.
+    pub async fn announce(&self, prefix: bool, path: &str, host: Option<&str>) -> Option<String> {
+        let id = lease_token();
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(PURGES)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(STREAM_MAXLEN)
+            .arg("*")
+            .arg("id")
+            .arg(&id)
+            .arg("from")
+            .arg(&self.instance)
+            .arg("kind")
+            .arg(if prefix { "prefix" } else { "path" })
+            .arg("path")
+            .arg(path)
+            .arg("host")
+            .arg(host.unwrap_or(""))
+            .ignore();
+        let acks = format!("ec1:acks:{id}");
+        pipe.cmd("SADD").arg(&acks).arg(&self.instance).ignore();
+        pipe.cmd("EXPIRE").arg(&acks).arg(60).ignore();
+        let mut conn = self.conn.clone();
+        self.run(PURGE_TIMEOUT, async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+        .ok()
+        .map(|()| id)
+    }
+
+    /// How many live instances (this one included) acknowledged purge `id`, and how many are
+    /// live, once all did or `within` passed.
+    pub async fn acks(&self, id: &str, within: Duration) -> (usize, usize) {
+        let deadline = Instant::now() + within;
+        let key = format!("ec1:acks:{id}");
+        let mut last = (1, 1);
+        loop {
+            let since = now_ms().saturating_sub(ALIVE.as_millis() as u64);
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCARD").arg(&key);
+            pipe.cmd("ZCOUNT").arg(INSTANCES).arg(since).arg("+inf");
+            let mut conn = self.conn.clone();
+            if let Ok((acks, live)) = self
+                .run(self.timeout, async move {
+                    pipe.query_async::<(usize, usize)>(&mut conn).await
+                })
+                .await
+            {
+                last = (acks, live.max(1));
+                self.stats.last_live.store(live as u64, Ordering::Relaxed);
+                if acks >= live {
+                    return last;
+                }
+            }
+            if Instant::now() >= deadline {
+                return last;
+            }
+            // Acknowledgements arrive within a few ms of the announcement; this is the admin
+            // path, never a client's.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Says this instance is alive every second (for acknowledgement counts). Runs until
+    /// shutdown; on the way out the caller may [`SharedTier::leave`].
+    pub async fn heartbeat(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZADD")
+                .arg(INSTANCES)
+                .arg(now)
+                .arg(&self.instance)
+                .ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(INSTANCES)
+                .arg("-inf")
+                .arg(now.saturating_sub(60_000))
+                .ignore();
+            let mut conn = self.conn.clone();
+            let _ = self
+                .run(self.timeout, async move {
+                    pipe.query_async::<()>(&mut conn).await
+                })
+                .await;
+        }
+    }
+
+    /// Reads the purge stream from this instance's cursor and hands other instances' purges
+    /// to `sink`, acknowledging each; reconnects after a failure and replays from the cursor.
+    /// If purges were lost in between (trimmed, or Redis restarted empty), tells `sink` to
+    /// drop everything. Runs until shutdown.
+    pub async fn run_purges(&self, sink: &dyn PurgeSink) {
+        use redis::streams::{StreamRangeReply, StreamReadReply};
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        // None: not connected yet (start from the newest entry, nothing was missed).
+        let mut cursor: Option<String> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Ok(mut conn) = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            };
+            // Where the stream starts now: a cursor older than that missed purges.
+            let first: Result<StreamRangeReply, _> = redis::cmd("XRANGE")
+                .arg(PURGES)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await;
+            let Ok(first) = first else {
+                tokio::time::sleep(backoff).await;
+                continue;
+            };
+            match (&cursor, first.ids.first()) {
+                (None, _) => {
+                    let last: Result<StreamRangeReply, _> = redis::cmd("XREVRANGE")
+                        .arg(PURGES)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(&mut conn)
+                        .await;
+                    let Ok(last) = last else { continue };
+                    cursor = Some(last.ids.first().map_or("0-0".into(), |e| e.id.clone()));
+                }
+                (Some(c), Some(oldest)) if c != "0-0" && stream_id_before(c, &oldest.id) => {
+                    tracing::warn!("purges were trimmed before this instance read them: dropping its memory tier");
+                    sink.missed();
+                    cursor = Some("0-0".into());
+                }
+                (Some(c), None) if c != "0-0" => {
+                    tracing::warn!("the purge stream is gone (Redis restarted empty?): dropping this instance's memory tier");
+                    sink.missed();
+                    cursor = Some("0-0".into());
+                }
+                _ => {}
+            }
+            backoff = Duration::from_millis(100);
+            loop {
+                let from = cursor.clone().unwrap_or_else(|| "0-0".into());
+                let read: Result<Option<StreamReadReply>, _> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(100)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(PURGES)
+                    .arg(&from)
+                    .query_async(&mut conn)
+                    .await;
+                let Ok(read) = read else { break };
+                let Some(read) = read else { continue };
+                for entry in read.keys.into_iter().flat_map(|k| k.ids) {
+                    let get = |f: &str| entry.get::<String>(f).unwrap_or_default();
+                    let msg = PurgeMsg {
+                        id: get("id"),
+                        from: get("from"),
+                        prefix: get("kind") == "prefix",
+                        path: get("path"),
+                        host: Some(get("host")).filter(|h| !h.is_empty()),
+                    };
+                    if msg.from != self.instance {
+                        sink.apply(&msg);
+                        let acks = format!("ec1:acks:{}", msg.id);
+                        let _ = redis::pipe()
+                            .cmd("SADD")
+                            .arg(&acks)
+                            .arg(&self.instance)
+                            .ignore()
+                            .cmd("EXPIRE")
+                            .arg(&acks)
+                            .arg(60)
+                            .ignore()
+                            .query_async::<()>(&mut conn)
+                            .await;
+                    }
+                    cursor = Some(entry.id.clone());
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
     }
 
     /// Listens for wake-ups (`PSUBSCRIBE ec1:c:*`) and hands them to the waiters; reconnects

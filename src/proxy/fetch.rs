@@ -42,6 +42,8 @@ pub(crate) struct FetchRequest {
     /// Access time carried into the new entry (a background refresh must not make a key
     /// look recently requested).
     pub last_access_ms: u64,
+    /// When the fill was asked for: a purge after this keeps it from being stored.
+    pub started: Instant,
     /// The caller writes the stored entry to the shared tier itself (it holds the fleet's
     /// lease and must wake the other instances only once the copy is there).
     pub defer_share: bool,
@@ -199,6 +201,12 @@ impl Proxy {
             fanout.finish();
             return FetchOutcome::Streaming(filling);
         };
+        if self.cache.purged_since(&req.key, req.started) {
+            // Purged while it was fetched: the waiters had asked before; nobody else gets it.
+            tracing::debug!(key = %req.key, "purged while fetched: not stored");
+            fanout.finish();
+            return FetchOutcome::Streaming(filling);
+        }
         let entry = self.entry_from(&req, &filling, body, resp_cc, source);
         // Stored before any reader sees the end: whoever read the whole body finds it stored.
         self.store(req.key.clone(), entry.clone());
@@ -362,7 +370,7 @@ impl Proxy {
             req.key.len(),
             req.last_access_ms,
         ));
-        if cc.no_store || cc.private {
+        if cc.no_store || cc.private || self.cache.purged_since(&req.key, req.started) {
             // The origin withdrew permission to share: forget it, answer this requester only.
             self.cache.invalidate_version(&req.key, base.id);
             let mut resp = Response::new(ProxyBody::from_pieces(&entry.body));

@@ -13,12 +13,15 @@ use tokio::time::Instant;
 use super::headers::CACHE_STATUS;
 use super::respond::{self, CacheStatus};
 use super::Proxy;
+use crate::admin::Acks;
 use crate::body::ProxyBody;
 use crate::cache::codec;
 use crate::cache::decide::{self, Now, Serve};
 use crate::cache::entry::CachedResponse;
 use crate::cache::key::{origin_host, split_key};
-use crate::cache::shared::{lease_names, variant_field, Lease, Look, Wake, RECHECK};
+use crate::cache::shared::{
+    lease_names, variant_field, Lease, Look, PurgeMsg, PurgeSink, Wake, RECHECK,
+};
 use crate::cache::Target;
 use std::sync::atomic::Ordering;
 
@@ -143,6 +146,26 @@ impl Proxy {
         }
     }
 
+    /// Announces a purge applied here to the other instances and waits (up to a second) for
+    /// their acknowledgements; `None` without a shared tier. When Redis is away the purge
+    /// reaches them later through the tier's pending purges and their replay of the stream.
+    pub(crate) async fn announce_purge(
+        &self,
+        prefix: bool,
+        path: &str,
+        host: Option<&str>,
+    ) -> Option<Acks> {
+        let tier = self.cache.shared()?;
+        let Some(id) = tier.announce(prefix, path, host).await else {
+            return Some(Acks {
+                acks: 1,
+                instances: 1.max(tier.stats.last_live.load(Ordering::Relaxed) as usize),
+            });
+        };
+        let (acks, instances) = tier.acks(&id, ACK_WAIT).await;
+        Some(Acks { acks, instances })
+    }
+
     /// A successful unsafe request invalidated `key` here: remove it from the shared tier.
     pub(crate) fn invalidate_shared(self: &Arc<Self>, key: &str) {
         if self.cache.shared().is_none() {
@@ -174,6 +197,36 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// How long an admin request waits for the other instances to acknowledge its purge.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Another instance's purge, read from the stream: applied to this instance's memory.
+impl PurgeSink for Proxy {
+    fn apply(&self, msg: &PurgeMsg) {
+        let host = msg.host.as_deref();
+        self.cache
+            .note_purge(msg.prefix, &msg.path, host, Instant::now());
+        let target = if msg.prefix {
+            Target::Prefix(&msg.path)
+        } else {
+            Target::Path(&msg.path)
+        };
+        let removed = self
+            .cache
+            .purge(target, |o| host.is_none_or(|h| origin_host(o) == h));
+        self.metrics
+            .evicted(crate::metrics::Eviction::Admin, removed);
+        tracing::debug!(path = %msg.path, prefix = msg.prefix, removed, "purge from the fleet applied");
+    }
+
+    fn missed(&self) {
+        self.cache.note_purge(true, "", None, Instant::now());
+        let removed = self.cache.purge(Target::Prefix(""), |_| true);
+        self.metrics
+            .evicted(crate::metrics::Eviction::Admin, removed);
     }
 }
 

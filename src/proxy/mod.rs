@@ -316,6 +316,7 @@ impl Proxy {
             headers: self.upstream_headers(&parts.headers, down, split_key(&key).0, true),
             base: base.clone(),
             last_access_ms: clock_ms(),
+            started: Instant::now(),
             defer_share: false,
         };
 
@@ -547,6 +548,7 @@ impl Proxy {
                     headers,
                     last_access_ms: entry.last_access_ms(),
                     base: Some(entry.clone()),
+                    started: Instant::now(),
                     defer_share: false,
                 };
                 let proxy = self.clone();

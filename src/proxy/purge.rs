@@ -65,14 +65,22 @@ impl Proxy {
                 return into_response(reply);
             }
         };
-        // The shared tier first: a refresh must not find the old copy there.
-        self.purge_shared(request.target(), request.hosts.host())
-            .await;
+        // The shared tier first: a refresh must not find the old copy there. Then no fill
+        // that started before this may store, nor be joined by a later request.
+        let (prefix, host) = (request.scope != Scope::Exact, request.hosts.host());
+        let target_path = match request.target() {
+            crate::cache::Target::Path(p) | crate::cache::Target::Prefix(p) => p.to_string(),
+        };
+        self.purge_shared(request.target(), host).await;
+        self.cache
+            .note_purge(prefix, &target_path, host, Instant::now());
         let outcome = match request.scope {
             Scope::Exact => self.purge_path(&request).await,
             Scope::Prefix | Scope::All => self.purge_many(&request),
         };
-        let reply = admin::report(&request, &outcome);
+        // Then every other instance's memory (REDIS_URL), counting who acknowledged.
+        let acks = self.announce_purge(prefix, &target_path, host).await;
+        let reply = admin::report_fleet(&request, &outcome, acks);
         self.metrics.admin(reply.action);
         tracing::info!(
             path = %request.path,

@@ -71,6 +71,18 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         proxy.background.spawn("shared_purge_retry", async move {
             retry_proxy.run_shared_retry().await;
         });
+        let heartbeat_proxy = proxy.clone();
+        proxy.background.spawn("shared_heartbeat", async move {
+            if let Some(tier) = heartbeat_proxy.cache.shared() {
+                tier.heartbeat().await;
+            }
+        });
+        let purges_proxy = proxy.clone();
+        proxy.background.spawn("shared_purges", async move {
+            if let Some(tier) = purges_proxy.cache.shared() {
+                tier.run_purges(&*purges_proxy).await;
+            }
+        });
         let wake_proxy = proxy.clone();
         proxy.background.spawn("shared_wakeups", async move {
             if let Some(tier) = wake_proxy.cache.shared() {
