@@ -1093,3 +1093,39 @@ async fn a_purge_reaches_every_instance_with_acknowledgements() {
     })
     .await
 }
+
+/// A successful POST through one instance invalidates the URL everywhere: in Redis and in
+/// the other instances' memory (through the purge stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_request_invalidates_the_url_fleet_wide() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+        let old = a.get_ok("/u").await.text();
+        a.wait_writes(1.0, &redis).await;
+        assert_eq!(b.get_ok("/u").await.text(), old);
+        assert_l1_hit(&b.get_ok("/u").await, "B holds /u in memory");
+        let posted = common::send(
+            "POST",
+            a.addr(),
+            "/u",
+            &[("host", HOST)],
+            bytes::Bytes::from_static(b"x"),
+        )
+        .await;
+        assert_eq!(posted.status, 200, "{posted:?}");
+        // B applies the invalidation when it reads it from the stream.
+        let dropped = until(Duration::from_secs(10), || async {
+            b.get_ok("/u").await.text() != old
+        })
+        .await;
+        assert!(dropped, "B stopped serving the invalidated copy");
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}

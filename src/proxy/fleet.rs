@@ -166,7 +166,8 @@ impl Proxy {
         Some(Acks { acks, instances })
     }
 
-    /// A successful unsafe request invalidated `key` here: remove it from the shared tier.
+    /// A successful unsafe request invalidated `key` here: remove it from the shared tier and
+    /// from the other instances' memory.
     pub(crate) fn invalidate_shared(self: &Arc<Self>, key: &str) {
         if self.cache.shared().is_none() {
             return;
@@ -177,6 +178,8 @@ impl Proxy {
         self.background.spawn("share", async move {
             if let Some(tier) = proxy.cache.shared() {
                 tier.purge_path(&path, Some(&host)).await;
+                // The other instances drop their copies too (not awaited: no reply waits).
+                tier.announce(false, &path, Some(&host)).await;
             }
         });
     }
