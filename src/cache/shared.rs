@@ -871,7 +871,10 @@ impl SharedTier {
                         .arg(1)
                         .query_async(&mut conn)
                         .await;
-                    let Ok(last) = last else { continue };
+                    let Ok(last) = last else {
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    };
                     cursor = Some(last.ids.first().map_or("0-0".into(), |e| e.id.clone()));
                 }
                 (Some(c), Some(oldest)) if c != "0-0" && stream_id_before(c, &oldest.id) => {
