@@ -92,6 +92,10 @@ async fn fleet_origin() -> Origin {
                     ("set-cookie", "session=SECRET-cookie"),
                 ];
                 reply(200, &h, format!("SECRET-{path} #{v}"))
+            } else if path.starts_with("/big") {
+                let mut body = format!("{path} #{v} ").into_bytes();
+                body.resize(64 << 10, b'x');
+                reply(200, &cacheable, body)
             } else if path.starts_with("/large") {
                 let mut body = format!("{path} #{v} ").into_bytes();
                 body.resize(LARGE, b'x');
@@ -1123,6 +1127,59 @@ async fn an_unsafe_request_invalidates_the_url_fleet_wide() {
         })
         .await;
         assert!(dropped, "B stopped serving the invalidated copy");
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// Redis with a small `maxmemory` and `volatile-lru` (the policy README recommends): stored
+/// entries (which all have TTLs) are evicted under pressure, the fleet's own keys (the purge
+/// stream, live instances: no TTL) are not; no request fails and purges are still
+/// acknowledged by every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_redis_evicts_entries_but_not_the_purge_stream() {
+    bounded(async {
+        let redis =
+            RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru"]);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        // 48 distinct 64 KiB responses: 3 MiB, past the 2 MiB Redis may hold.
+        for i in 0..48 {
+            a.get_ok(&format!("/big{i}")).await;
+        }
+        a.wait_writes(48.0, &redis).await;
+        assert!(
+            redis.keys("ec1:{*}:v:*").len() < 48,
+            "Redis evicted entries: {} left",
+            redis.keys("ec1:{*}:v:*").len()
+        );
+        for i in 0..48 {
+            b.get_ok(&format!("/big{i}")).await;
+        }
+        let reply = common::send(
+            "POST",
+            a.addr(),
+            "/big1",
+            &[
+                ("host", HOST),
+                ("clear-cache", "true"),
+                ("clear-cache-key", "sekret"),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(reply.text().contains("\"acks\":2"), "{}", reply.text());
+        assert_eq!(
+            redis.cmd(&["EXISTS", "ec1:purges"]).int(),
+            1,
+            "the purge stream survived eviction"
+        );
         for node in [&a, &b] {
             node.assert_no_panic();
         }

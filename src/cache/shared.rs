@@ -520,7 +520,7 @@ impl SharedTier {
     }
 
     /// Stores one encoded variant of `key` for `ttl`; whether it landed.
-    pub async fn put(&self, key: &str, field: Vec<u8>, blob: Vec<u8>, ttl: Duration) -> bool {
+    pub async fn put(&self, key: &str, field: Vec<u8>, blob: &[u8], ttl: Duration) -> bool {
         let (origin, path) = split_key(key);
         if self.pending().iter().any(|p| p.covers(origin, path)) {
             self.stats.set_skipped.fetch_add(1, Ordering::Relaxed);

@@ -52,8 +52,7 @@ impl Proxy {
             return false;
         };
         let blob = codec::encode(entry, key, now, SystemTime::now());
-        tier.put(key, variant_field(&entry.vary), blob.to_vec(), ttl)
-            .await
+        tier.put(key, variant_field(&entry.vary), &blob, ttl).await
     }
 
     /// Fleet-wide single flight for a miss this instance leads: one round trip finds the
