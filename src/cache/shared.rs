@@ -690,6 +690,27 @@ impl SharedTier {
         }
     }
 
+    /// Takes the fleet's refresh lease on a flight for `ttl` (it runs out by itself): only
+    /// the instance that gets it refreshes the key. `false` when another instance has it;
+    /// `true` also when Redis cannot say (each instance then refreshes its own, as without
+    /// a shared tier).
+    pub async fn refresh_lease(&self, lease_key: &str, ttl: Duration) -> bool {
+        let key = format!("{lease_key}:r");
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("SET")
+            .arg(key)
+            .arg(&self.instance)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .clone();
+        self.run(self.timeout, async move {
+            cmd.query_async::<Option<String>>(&mut conn).await
+        })
+        .await
+        .map_or(true, |v| v.is_some())
+    }
+
     /// Keeps `lease` alive until the future is dropped (renewed every third of [`LEASE`]).
     pub async fn keep(&self, lease: &Lease) {
         let mut tick = tokio::time::interval(LEASE / 3);

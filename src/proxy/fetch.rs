@@ -178,11 +178,24 @@ impl Proxy {
         });
         let fanout = flight.body();
         fanout.keep_all(storing);
-        flight.publish(FetchOutcome::Streaming(filling.clone()));
+        // An empty body is complete with its head: stored first, then published (a waiter
+        // answered from the head alone could ask again before it is stored).
+        if length != Some(0) {
+            flight.publish(FetchOutcome::Streaming(filling.clone()));
+        }
 
-        match self.pump(body, fanout, storing, deadline, &req.key).await {
-            Pumped::Complete { stored: true } => {}
-            Pumped::Complete { stored: false } => {
+        let last = match self
+            .pump(body, fanout, storing, length, deadline, &req.key)
+            .await
+        {
+            Pumped::Complete { stored: true, last } => last,
+            Pumped::Complete {
+                stored: false,
+                last,
+            } => {
+                if let Some(last) = last {
+                    fanout.push(last);
+                }
                 fanout.finish();
                 return FetchOutcome::Streaming(filling);
             }
@@ -196,34 +209,46 @@ impl Proxy {
                 fanout.fail(StreamError::Upstream(e.to_string().into()));
                 return outcome;
             }
-        }
-        let Some(body) = fanout.pieces() else {
+        };
+        // The readers get the last piece (so, by `Content-Length`, the end of the body) only
+        // once the entry is stored: whoever read the whole body finds it stored.
+        let release_last = |last: Option<Bytes>| {
+            if let Some(last) = last {
+                fanout.push(last);
+            }
             fanout.finish();
+        };
+        let Some(held) = fanout.pieces() else {
+            release_last(last);
             return FetchOutcome::Streaming(filling);
         };
         if self.cache.purged_since(&req.key, req.started) {
             // Purged while it was fetched: the waiters had asked before; nobody else gets it.
             tracing::debug!(key = %req.key, "purged while fetched: not stored");
-            fanout.finish();
+            release_last(last);
             return FetchOutcome::Streaming(filling);
         }
-        let entry = self.entry_from(&req, &filling, body, resp_cc, source);
-        // Stored before any reader sees the end: whoever read the whole body finds it stored.
+        let mut pieces = held.as_slice().to_vec();
+        pieces.extend(last.iter().cloned());
+        let entry = self.entry_from(&req, &filling, Pieces::new(pieces), resp_cc, source);
         self.store(req.key.clone(), entry.clone());
         if !req.defer_share {
             self.share(&req.key, &entry);
         }
         flight.publish(FetchOutcome::Stored(entry.clone()));
-        fanout.finish();
+        release_last(last);
         FetchOutcome::Stored(entry)
     }
 
     /// Reads `body` into `fanout` piece by piece; see [`Proxy::fill`] for the pace and bounds.
+    /// A body being stored with a declared `length` ends when that many bytes arrived: its
+    /// last piece is returned instead of pushed, for [`Proxy::fill`] to release after storing.
     async fn pump(
         &self,
         mut body: Incoming,
         fanout: &Fanout,
         mut storing: bool,
+        length: Option<u64>,
         deadline: Instant,
         key: &str,
     ) -> Pumped {
@@ -240,7 +265,12 @@ impl Proxy {
             };
             let frame = match next {
                 Err(_) => return Pumped::Failed(UpstreamError::Timeout),
-                Ok(None) => return Pumped::Complete { stored: storing },
+                Ok(None) => {
+                    return Pumped::Complete {
+                        stored: storing,
+                        last: None,
+                    }
+                }
                 Ok(Some(Err(e))) => return Pumped::Failed(UpstreamError::Body(chain(&e))),
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -256,8 +286,17 @@ impl Proxy {
             // Each piece gets its own exact-size allocation: held (for slow readers, or for the
             // entry's whole life), a slice of hyper's read buffer would pin all of that larger
             // buffer, several times the bytes counted against the bounds.
-            for part in data.chunks(PIECE_BYTES) {
-                fanout.push(Bytes::copy_from_slice(part));
+            let complete = storing && length == Some(total as u64);
+            let mut parts = data.chunks(PIECE_BYTES).peekable();
+            while let Some(part) = parts.next() {
+                let piece = Bytes::copy_from_slice(part);
+                if complete && parts.peek().is_none() {
+                    return Pumped::Complete {
+                        stored: true,
+                        last: Some(piece),
+                    };
+                }
+                fanout.push(piece);
             }
         }
     }
@@ -390,8 +429,10 @@ const PIECE_BYTES: usize = 64 << 10;
 
 /// How [`Proxy::pump`] ended.
 enum Pumped {
-    /// The whole body arrived; `stored`: it is within `CACHE_MAX_OBJECT_BYTES`.
+    /// The whole body arrived; `stored`: it is within `CACHE_MAX_OBJECT_BYTES`; `last`: its
+    /// last piece, not pushed yet.
     Complete {
+        last: Option<Bytes>,
         stored: bool,
     },
     /// Nobody reads it and it will not be stored.

@@ -109,6 +109,42 @@ impl Proxy {
         }
     }
 
+    /// Before refreshing `entry` (a hot key, at its refresh time) with a shared tier: adopt a
+    /// newer copy another instance already put there, or take the fleet's refresh lease so
+    /// that one instance refreshes and the others adopt its copy at their next look. `true`:
+    /// refresh here; `false`: done (adopted into `flight`'s outcome) or left to another.
+    pub(crate) async fn refresh_turn(
+        &self,
+        key: &Arc<str>,
+        flight_key: &str,
+        entry: &CachedResponse,
+    ) -> RefreshTurn {
+        let Some(tier) = self.cache.shared() else {
+            return RefreshTurn::Refresh;
+        };
+        let req = entry.vary.request_headers();
+        let blobs = tier.variants(key).await;
+        if let Some(hit) = crate::cache::Cache::select_shared(key, blobs, &req) {
+            // The same copy read back differs only by rounding (ms); a refreshed one lives
+            // longer by the time between the two fetches.
+            let newer =
+                hit.entry.expires_at() > entry.expires_at() + std::time::Duration::from_millis(100);
+            if newer && hit.entry.is_fresh(Instant::now()) {
+                self.store(key.clone(), hit.entry.clone());
+                return RefreshTurn::Adopted(hit.entry);
+            }
+        }
+        let (lease_key, _) = lease_names(key, flight_key);
+        if tier
+            .refresh_lease(&lease_key, self.config.upstream_timeout)
+            .await
+        {
+            RefreshTurn::Refresh
+        } else {
+            RefreshTurn::Elsewhere
+        }
+    }
+
     /// A copy from the tier this request may be served: put into memory (not written back).
     fn usable_shared(
         &self,
@@ -230,6 +266,17 @@ impl PurgeSink for Proxy {
         self.metrics
             .evicted(crate::metrics::Eviction::Admin, removed);
     }
+}
+
+/// What to do about a hot key's refresh in a fleet.
+pub(crate) enum RefreshTurn {
+    /// Refresh it here (no tier, or this instance has the fleet's refresh lease).
+    Refresh,
+    /// Another instance refreshed it already: its copy is now stored here too.
+    Adopted(Arc<CachedResponse>),
+    /// Another instance is refreshing it: nothing to do here (this instance adopts that copy
+    /// at its next look, or fetches at its next miss).
+    Elsewhere,
 }
 
 /// What the fleet says about a miss this instance leads.

@@ -262,7 +262,7 @@ impl Proxy {
             (Serve::Stale { refresh }, Some(entry)) => {
                 if refresh {
                     if let Some(key) = self.cache.shared_key(&key) {
-                        drop(self.refresh(key, entry.clone()));
+                        drop(self.refresh_hot(key, entry.clone()));
                     }
                 }
                 trace.cache = Some(CacheStatus::Stale);
@@ -529,12 +529,32 @@ impl Proxy {
         key: Arc<str>,
         entry: Arc<CachedResponse>,
     ) -> Waiter<FetchOutcome> {
+        self.refresh_as(key, entry, false)
+    }
+
+    /// [`Proxy::refresh`] of a hot key (the expiry task, stale serving): with a shared tier,
+    /// once for the fleet ([`Proxy::refresh_turn`]). Admin refreshes always refetch.
+    pub(crate) fn refresh_hot(
+        self: &Arc<Self>,
+        key: Arc<str>,
+        entry: Arc<CachedResponse>,
+    ) -> Waiter<FetchOutcome> {
+        self.refresh_as(key, entry, true)
+    }
+
+    fn refresh_as(
+        self: &Arc<Self>,
+        key: Arc<str>,
+        entry: Arc<CachedResponse>,
+        once_for_fleet: bool,
+    ) -> Waiter<FetchOutcome> {
         let mut headers = entry.vary.request_headers();
         // Refreshes carry no client's headers, but the origin they are keyed by.
         set_forwarded_origin(&mut headers, split_key(&key).0);
         let mut flight_key = String::with_capacity(key.len());
         flight_key.push_str(&key);
         push_flight_suffix(&mut flight_key, entry.vary.names(), &headers);
+        let flight_key_copy = flight_key.clone();
         match self.cache.join_flight(flight_key) {
             // An admin caller waits for the outcome only, never for the body.
             Role::Follower(mut waiter) => {
@@ -552,9 +572,20 @@ impl Proxy {
                     defer_share: false,
                 };
                 let proxy = self.clone();
+                let flight = flight_key_copy;
                 self.background.spawn("refresh", async move {
                     // The semaphore is never closed; without a slot the refresh runs anyway.
                     let _slot = proxy.refresh_slots.clone().acquire_owned().await;
+                    if once_for_fleet {
+                        match proxy.refresh_turn(&key, &flight, &entry).await {
+                            fleet::RefreshTurn::Refresh => {}
+                            fleet::RefreshTurn::Adopted(newer) => {
+                                guard.publish(FetchOutcome::Stored(newer));
+                                return;
+                            }
+                            fleet::RefreshTurn::Elsewhere => return,
+                        }
+                    }
                     if let FetchOutcome::Failed(e) = proxy.fill(fetch, &guard, None).await {
                         let backoff = entry.refresh_failed();
                         tracing::warn!(
@@ -734,7 +765,7 @@ impl Proxy {
         };
         match decide::on_deadline(&entry, &self.settings, Now::at(Instant::now())) {
             ExpiryAction::Refresh { recheck } => {
-                drop(self.refresh(key.clone(), entry));
+                drop(self.refresh_hot(key.clone(), entry));
                 self.cache.recheck(recheck, key, id);
             }
             ExpiryAction::Recheck(at) => self.cache.recheck(at, key, id),
