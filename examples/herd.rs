@@ -44,9 +44,20 @@
 //!     delay shows what answering C parked requests costs on this machine without any cache.
 //!     Prints `herd-bare listening on http://IP:PORT` and runs until SIGINT/SIGTERM.
 //!
+//! herd --timed N --url TEMPLATE [--start I] [--match TEXT]
+//!     Latency of single requests: N GETs of TEMPLATE (`{i}` replaced by I, I+1, ...) one
+//!     after another on one keep-alive connection, each timed from sending to its last body
+//!     byte. --match TEXT: counts the responses whose head (`name: value` lines, names in
+//!     lower case) or first 4 KiB of body contain TEXT (`detail=redis`, `"acks":3`). A status
+//!     other than 2xx is an error. Prints {"count","errors","p50_ms","p99_ms","max_ms",
+//!     "matched","unmatched_sample"} (latencies over the successful requests).
+//!
 //! herd --free-port
 //!     Prints a currently free loopback TCP port.
 //! ```
+//!
+//! In every client mode, --host H sends `Host: H` instead of the URL's authority and
+//! --header 'Name: value' (repeatable) adds a request header.
 //!
 //! Only `http://` URLs with an IP-literal or `localhost` host are accepted.
 
@@ -74,8 +85,10 @@ usage (see the top of examples/herd.rs):
                                                                     thundering herd
   herd --sequence N --url TEMPLATE-with-{i} [--inflight K] [--start I]   N distinct keys
   herd --load --url URL [--connections K] [--duration S]            closed-loop load
+  herd --timed N --url TEMPLATE-with-{i} [--start I] [--match TEXT] one request at a time
   herd --serve IP:PORT                                              bare server
-  herd --free-port                                                  print a free port";
+  herd --free-port                                                  print a free port
+client modes also take --host H and --header 'Name: value' (repeatable)";
 
 const SERVE_MAX: usize = 16 << 20;
 const CONNECT_PARALLELISM: usize = 128;
@@ -123,13 +136,27 @@ fn main() -> ExitCode {
             return serve(addr).await;
         }
         let url = opts.url.clone().ok_or("--url is required")?;
-        if let Some(n) = opts.sequence {
-            sequence(&url, n, opts.start, opts.inflight, opts.timeout).await
+        let mut target = Target::parse(&url)?;
+        if let Some(host) = &opts.host {
+            target.host = host.clone();
+        }
+        target.headers = Arc::new(opts.headers.clone());
+        if let Some(n) = opts.timed {
+            timed(
+                &target,
+                n,
+                opts.start,
+                opts.matching.as_deref(),
+                opts.timeout,
+            )
+            .await
+        } else if let Some(n) = opts.sequence {
+            sequence(&target, n, opts.start, opts.inflight, opts.timeout).await
         } else if opts.load {
-            load(&url, opts.connections, opts.duration, opts.timeout).await
+            load(&target, opts.connections, opts.duration, opts.timeout).await
         } else {
             herd(
-                &url,
+                &target,
                 opts.concurrency,
                 opts.stats_url.as_deref(),
                 opts.timeout,
@@ -166,6 +193,10 @@ struct Opts {
     duration: Duration,
     serve: Option<String>,
     free_port: bool,
+    host: Option<String>,
+    headers: Vec<(String, String)>,
+    timed: Option<u64>,
+    matching: Option<String>,
 }
 
 impl Opts {
@@ -184,6 +215,10 @@ impl Opts {
             duration: Duration::from_secs(5),
             serve: None,
             free_port: false,
+            host: None,
+            headers: Vec::new(),
+            timed: None,
+            matching: None,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -223,6 +258,20 @@ impl Opts {
                 "--duration" => o.duration = secs(name, value()?)?,
                 "--serve" => o.serve = Some(value()?),
                 "--free-port" => o.free_port = true,
+                "--host" => o.host = Some(value()?),
+                "--header" => {
+                    let v = value()?;
+                    let (n, val) = v
+                        .split_once(':')
+                        .ok_or(format!("--header: `{v}` is not `Name: value`"))?;
+                    http::HeaderName::from_bytes(n.trim().as_bytes())
+                        .map_err(|_| format!("--header: bad name in `{v}`"))?;
+                    http::HeaderValue::from_str(val.trim())
+                        .map_err(|_| format!("--header: bad value in `{v}`"))?;
+                    o.headers.push((n.trim().to_owned(), val.trim().to_owned()));
+                }
+                "--timed" => o.timed = Some(num(name, value()?)?),
+                "--match" => o.matching = Some(value()?),
                 "-h" | "--help" => return Err("usage".into()),
                 _ => return Err(format!("unknown argument `{arg}`")),
             }
@@ -242,6 +291,8 @@ struct Target {
     addr: SocketAddr,
     host: String,
     path: String,
+    /// Extra request headers (`--header`), validated when parsed.
+    headers: Arc<Vec<(String, String)>>,
 }
 
 impl Target {
@@ -270,6 +321,7 @@ impl Target {
             addr,
             host: authority.to_owned(),
             path: path.to_owned(),
+            headers: Arc::default(),
         })
     }
 
@@ -281,10 +333,11 @@ impl Target {
     }
 
     fn request(&self) -> Request<Empty<Bytes>> {
-        Request::get(&self.path)
-            .header(http::header::HOST, &self.host)
-            .body(Empty::new())
-            .expect("valid request")
+        let mut req = Request::get(&self.path).header(http::header::HOST, &self.host);
+        for (name, value) in self.headers.iter() {
+            req = req.header(name, value);
+        }
+        req.body(Empty::new()).expect("valid request")
     }
 }
 
@@ -445,13 +498,13 @@ async fn origin_count(url: &str, timeout: Duration) -> Result<u64, String> {
 // ---- herd -------------------------------------------------------------------------------------
 
 async fn herd(
-    url: &str,
+    target: &Target,
     concurrency: usize,
     stats_url: Option<&str>,
     timeout: Duration,
     expect: Option<u64>,
 ) -> Result<String, String> {
-    let target = Arc::new(Target::parse(url)?);
+    let target = Arc::new(target.clone());
     let before = match stats_url {
         Some(s) => Some(origin_count(s, timeout).await?),
         None => None,
@@ -594,13 +647,13 @@ enum Failed {
 // ---- sequence ---------------------------------------------------------------------------------
 
 async fn sequence(
-    template: &str,
+    template: &Target,
     n: u64,
     start: u64,
     inflight: usize,
     timeout: Duration,
 ) -> Result<String, String> {
-    let base = Arc::new(Target::parse(template)?);
+    let base = Arc::new(template.clone());
     if !base.path.contains("{i}") && n > 1 {
         return Err("--sequence needs `{i}` in the --url template".into());
     }
@@ -658,12 +711,12 @@ async fn sequence(
 // ---- load -------------------------------------------------------------------------------------
 
 async fn load(
-    url: &str,
+    target: &Target,
     connections: usize,
     duration: Duration,
     timeout: Duration,
 ) -> Result<String, String> {
-    let target = Arc::new(Target::parse(url)?);
+    let target = Arc::new(target.clone());
     let errors = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let deadline = t0 + duration;
@@ -706,6 +759,113 @@ async fn load(
         num(pct(&sorted, 50.0)),
         num(pct(&sorted, 99.0)),
         num(sorted.last().copied().unwrap_or(f64::NAN)),
+    ))
+}
+
+// ---- timed ------------------------------------------------------------------------------------
+
+/// How much of each body `--timed` keeps for `--match`.
+const MATCH_BODY_BYTES: usize = 4096;
+
+async fn timed(
+    template: &Target,
+    n: u64,
+    start: u64,
+    matching: Option<&str>,
+    timeout: Duration,
+) -> Result<String, String> {
+    if !template.path.contains("{i}") && n > 1 {
+        return Err("--timed needs `{i}` in the --url template".into());
+    }
+    let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
+    let mut latencies = Vec::with_capacity(n as usize);
+    let (mut errors, mut matched) = (0u64, 0u64);
+    let mut first_error = None;
+    let mut unmatched_sample = None;
+    for i in 0..n {
+        let target = template.with_path(template.path.replace("{i}", &(start + i).to_string()));
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            sender = Some(connect(target.addr).await?);
+        }
+        let s = sender.as_mut().expect("connected");
+        // Ready before the clock starts: only the request itself is timed.
+        s.ready().await.map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let result = tokio::time::timeout(timeout, async {
+            let resp = s
+                .send_request(target.request())
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let mut text = String::new();
+            for (name, value) in resp.headers() {
+                text.push_str(&format!(
+                    "{name}: {}\n",
+                    String::from_utf8_lossy(value.as_bytes())
+                ));
+            }
+            let mut body = Vec::new();
+            let mut stream = resp.into_body();
+            while let Some(frame) = stream.frame().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                if let Some(data) = frame.data_ref() {
+                    let room = MATCH_BODY_BYTES.saturating_sub(body.len());
+                    body.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            text.push_str(&String::from_utf8_lossy(&body));
+            Ok::<_, String>((status, text))
+        })
+        .await;
+        let elapsed = t0.elapsed();
+        match result {
+            Ok(Ok((status, text))) if status.is_success() => {
+                latencies.push(ms(elapsed));
+                match matching {
+                    Some(m) if text.contains(m) => matched += 1,
+                    Some(_) => {
+                        unmatched_sample.get_or_insert_with(|| {
+                            format!("{} {status}: {}", target.path, text.replace('\n', " | "))
+                        });
+                    }
+                    None => {}
+                }
+            }
+            Ok(Ok((status, _))) => {
+                errors += 1;
+                first_error.get_or_insert(format!("{}: status {status}", target.path));
+            }
+            Ok(Err(e)) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+                sender = None;
+            }
+            Err(_) => {
+                errors += 1;
+                first_error.get_or_insert(format!("timeout after {timeout:?}"));
+                sender = None;
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        eprintln!("herd: {errors} request(s) failed, first: {e}");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let sample = unmatched_sample.map_or("null".into(), |s| {
+        let s: String = s
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(300)
+            .collect();
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    });
+    Ok(format!(
+        "{{\"count\":{},\"errors\":{errors},\"p50_ms\":{},\"p99_ms\":{},\"max_ms\":{},\"matched\":{},\"unmatched_sample\":{sample}}}",
+        latencies.len(),
+        num(pct(&latencies, 50.0)),
+        num(pct(&latencies, 99.0)),
+        num(latencies.last().copied().unwrap_or(f64::NAN)),
+        if matching.is_some() { matched.to_string() } else { "null".into() },
     ))
 }
 
