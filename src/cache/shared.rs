@@ -821,7 +821,7 @@ impl SharedTier {
     }
 
     /// Says this instance is alive every second (for acknowledgement counts). Runs until
-    /// shutdown; on the way out the caller may [`SharedTier::leave`].
+    /// shutdown (a stopped instance drops out of the count 3 s later).
     pub async fn heartbeat(&self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
