@@ -711,6 +711,19 @@ impl SharedTier {
         .map_or(true, |v| v.is_some())
     }
 
+    /// Gives back the refresh lease this instance took ([`SharedTier::refresh_lease`]) once
+    /// its refresh is done, so the next refresh of the key is not blocked by it.
+    pub async fn release_refresh(&self, lease_key: &str) {
+        let mut invocation = self.release.prepare_invoke();
+        invocation.key(format!("{lease_key}:r")).arg(&self.instance);
+        let mut conn = self.conn.clone();
+        let _ = self
+            .run(self.timeout, async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await;
+    }
+
     /// Keeps `lease` alive until the future is dropped (renewed every third of [`LEASE`]).
     pub async fn keep(&self, lease: &Lease) {
         let mut tick = tokio::time::interval(LEASE / 3);

@@ -145,6 +145,13 @@ impl Proxy {
         }
     }
 
+    /// After a refresh this instance did for the fleet: its refresh lease goes back.
+    pub(crate) async fn refreshed(&self, key: &str, flight_key: &str) {
+        if let Some(tier) = self.cache.shared() {
+            tier.release_refresh(&lease_names(key, flight_key).0).await;
+        }
+    }
+
     /// A copy from the tier this request may be served: put into memory (not written back).
     fn usable_shared(
         &self,

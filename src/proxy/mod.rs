@@ -586,7 +586,11 @@ impl Proxy {
                             fleet::RefreshTurn::Elsewhere => return,
                         }
                     }
-                    if let FetchOutcome::Failed(e) = proxy.fill(fetch, &guard, None).await {
+                    let outcome = proxy.fill(fetch, &guard, None).await;
+                    if once_for_fleet {
+                        proxy.refreshed(&key, &flight).await;
+                    }
+                    if let FetchOutcome::Failed(e) = outcome {
                         let backoff = entry.refresh_failed();
                         tracing::warn!(
                             path = split_key(&key).1,
