@@ -212,20 +212,24 @@ impl Proxy {
         };
         // The readers get the last piece (so, by `Content-Length`, the end of the body) only
         // once the entry is stored: whoever read the whole body finds it stored.
-        let release_last = |last: Option<Bytes>| {
+        let release_last = |last: Option<Bytes>, stored: bool| {
+            if length == Some(0) && !stored {
+                // Not published yet (see above): the waiters are answered from the head now.
+                flight.publish(FetchOutcome::Streaming(filling.clone()));
+            }
             if let Some(last) = last {
                 fanout.push(last);
             }
             fanout.finish();
         };
         let Some(held) = fanout.pieces() else {
-            release_last(last);
+            release_last(last, false);
             return FetchOutcome::Streaming(filling);
         };
         if self.cache.purged_since(&req.key, req.started) {
             // Purged while it was fetched: the waiters had asked before; nobody else gets it.
             tracing::debug!(key = %req.key, "purged while fetched: not stored");
-            release_last(last);
+            release_last(last, false);
             return FetchOutcome::Streaming(filling);
         }
         let mut pieces = held.as_slice().to_vec();
@@ -236,7 +240,7 @@ impl Proxy {
             self.share(&req.key, &entry);
         }
         flight.publish(FetchOutcome::Stored(entry.clone()));
-        release_last(last);
+        release_last(last, true);
         FetchOutcome::Stored(entry)
     }
 
