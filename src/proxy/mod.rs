@@ -569,7 +569,8 @@ impl Proxy {
                     last_access_ms: entry.last_access_ms(),
                     base: Some(entry.clone()),
                     started: Instant::now(),
-                    defer_share: false,
+                    // A fleet refresh writes its copy before giving the lease back.
+                    defer_share: once_for_fleet,
                 };
                 let proxy = self.clone();
                 let flight = flight_key_copy;
@@ -588,6 +589,11 @@ impl Proxy {
                     }
                     let outcome = proxy.fill(fetch, &guard, None).await;
                     if once_for_fleet {
+                        // The others adopt the copy from Redis: it must be there before the
+                        // lease goes back, or another instance would refresh again.
+                        if let FetchOutcome::Stored(entry) = &outcome {
+                            proxy.share_now(&key, entry).await;
+                        }
                         proxy.refreshed(&key, &flight).await;
                     }
                     if let FetchOutcome::Failed(e) = outcome {
