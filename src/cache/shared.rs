@@ -690,38 +690,30 @@ impl SharedTier {
         }
     }
 
-    /// Takes the fleet's refresh lease on a flight for `ttl` (it runs out by itself): only
-    /// the instance that gets it refreshes the key. `false` when another instance has it;
-    /// `true` also when Redis cannot say (each instance then refreshes its own, as without
-    /// a shared tier).
-    pub async fn refresh_lease(&self, lease_key: &str, ttl: Duration) -> bool {
-        let key = format!("{lease_key}:r");
+    /// Takes the lease on a flight (`SET NX PX`): `Ok(Some)` when this instance is to fetch
+    /// for the fleet, `Ok(None)` when another holds it, `Err` when Redis cannot say.
+    pub async fn take_lease(&self, lease_key: &str, channel: &str) -> Result<Option<Lease>, ()> {
+        let token = lease_token();
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("SET")
-            .arg(key)
-            .arg(&self.instance)
+            .arg(lease_key)
+            .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
+            .arg(LEASE.as_millis() as u64)
             .clone();
-        self.run(self.timeout, async move {
-            cmd.query_async::<Option<String>>(&mut conn).await
-        })
-        .await
-        .map_or(true, |v| v.is_some())
-    }
-
-    /// Gives back the refresh lease this instance took ([`SharedTier::refresh_lease`]) once
-    /// its refresh is done, so the next refresh of the key is not blocked by it.
-    pub async fn release_refresh(&self, lease_key: &str) {
-        let mut invocation = self.release.prepare_invoke();
-        invocation.key(format!("{lease_key}:r")).arg(&self.instance);
-        let mut conn = self.conn.clone();
-        let _ = self
+        let got = self
             .run(self.timeout, async move {
-                invocation.invoke_async::<i64>(&mut conn).await
+                cmd.query_async::<Option<String>>(&mut conn).await
             })
-            .await;
+            .await
+            .map_err(drop)?;
+        self.stats.lease_tries.fetch_add(1, Ordering::Relaxed);
+        Ok(got.map(|_| Lease {
+            key: lease_key.to_string(),
+            channel: channel.to_string(),
+            token,
+        }))
     }
 
     /// Keeps `lease` alive until the future is dropped (renewed every third of [`LEASE`]).

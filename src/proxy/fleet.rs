@@ -83,16 +83,20 @@ impl Proxy {
             match tier.look_or_lease(key, &lease_key, &channel).await {
                 Err(()) => return FleetTurn::Alone,
                 Ok(Look::Stored(blobs)) => {
-                    return match self.usable_shared(key, blobs, req) {
-                        Some(entry) => {
-                            count(waited, &tier.stats.lease_waits_served);
-                            FleetTurn::Found(entry)
-                        }
-                        None => {
+                    if let Some(entry) = self.usable_shared(key, blobs, req) {
+                        count(waited, &tier.stats.lease_waits_served);
+                        return FleetTurn::Found(entry);
+                    }
+                    // Only a copy this request cannot use (stale, another variant): fetch,
+                    // but once for the fleet.
+                    match tier.take_lease(&lease_key, &channel).await {
+                        Ok(Some(lease)) => {
                             count(waited, &tier.stats.lease_waits_fetched);
-                            FleetTurn::Alone
+                            return FleetTurn::Lead(lease);
                         }
-                    };
+                        Ok(None) => {}
+                        Err(()) => return FleetTurn::Alone,
+                    }
                 }
                 Ok(Look::Leased(lease)) => {
                     count(waited, &tier.stats.lease_waits_fetched);
@@ -110,9 +114,10 @@ impl Proxy {
     }
 
     /// Before refreshing `entry` (a hot key, at its refresh time) with a shared tier: adopt a
-    /// newer copy another instance already put there, or take the fleet's refresh lease so
-    /// that one instance refreshes and the others adopt its copy at their next look. `true`:
-    /// refresh here; `false`: done (adopted into `flight`'s outcome) or left to another.
+    /// newer copy another instance already put there, or take the key's flight lease — the
+    /// same one a miss takes, so a miss elsewhere waits for this refresh instead of fetching
+    /// too — and refresh for the fleet; if another instance holds it, leave it to that one
+    /// (this instance adopts its copy at its next look, or reads it at its next miss).
     pub(crate) async fn refresh_turn(
         &self,
         key: &Arc<str>,
@@ -120,7 +125,7 @@ impl Proxy {
         entry: &CachedResponse,
     ) -> RefreshTurn {
         let Some(tier) = self.cache.shared() else {
-            return RefreshTurn::Refresh;
+            return RefreshTurn::Refresh(None);
         };
         let req = entry.vary.request_headers();
         let blobs = tier.variants(key).await;
@@ -134,22 +139,40 @@ impl Proxy {
                 return RefreshTurn::Adopted(hit.entry);
             }
         }
-        let (lease_key, _) = lease_names(key, flight_key);
-        if tier
-            .refresh_lease(&lease_key, self.config.upstream_timeout)
-            .await
-        {
-            RefreshTurn::Refresh
-        } else {
-            RefreshTurn::Elsewhere
+        let (lease_key, channel) = lease_names(key, flight_key);
+        match tier.take_lease(&lease_key, &channel).await {
+            Ok(Some(lease)) => RefreshTurn::Refresh(Some(lease)),
+            Ok(None) => RefreshTurn::Elsewhere,
+            // Redis cannot say: refresh here, as without a shared tier.
+            Err(()) => RefreshTurn::Refresh(None),
         }
     }
 
-    /// After a refresh this instance did for the fleet: its refresh lease goes back.
-    pub(crate) async fn refreshed(&self, key: &str, flight_key: &str) {
-        if let Some(tier) = self.cache.shared() {
-            tier.release_refresh(&lease_names(key, flight_key).0).await;
-        }
+    /// Runs `fill` holding the fleet's `lease` (renewed meanwhile); then writes a stored copy
+    /// to the tier, wakes the waiting instances and gives the lease back. Without a lease,
+    /// just the fill.
+    pub(crate) async fn fill_for_fleet(
+        &self,
+        fill: impl std::future::Future<Output = crate::cache::FetchOutcome>,
+        key: &str,
+        lease: Option<Lease>,
+    ) -> crate::cache::FetchOutcome {
+        let (Some(lease), Some(tier)) = (lease, self.cache.shared()) else {
+            return fill.await;
+        };
+        tokio::pin!(fill);
+        let outcome = tokio::select! {
+            outcome = &mut fill => outcome,
+            () = tier.keep(&lease) => fill.await, // (keeping never ends)
+        };
+        let wake = match &outcome {
+            crate::cache::FetchOutcome::Stored(entry) if self.share_now(key, entry).await => {
+                Wake::Stored
+            }
+            _ => Wake::Pass,
+        };
+        tier.finish(&lease, wake).await;
+        outcome
     }
 
     /// A copy from the tier this request may be served: put into memory (not written back).
@@ -277,8 +300,9 @@ impl PurgeSink for Proxy {
 
 /// What to do about a hot key's refresh in a fleet.
 pub(crate) enum RefreshTurn {
-    /// Refresh it here (no tier, or this instance has the fleet's refresh lease).
-    Refresh,
+    /// Refresh it here, for the fleet when holding its lease (`None`: no tier, or Redis
+    /// cannot say).
+    Refresh(Option<Lease>),
     /// Another instance refreshed it already: its copy is now stored here too.
     Adopted(Arc<CachedResponse>),
     /// Another instance is refreshing it: nothing to do here (this instance adopts that copy

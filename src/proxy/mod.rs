@@ -421,23 +421,8 @@ impl Proxy {
         fetch.defer_share = lease.is_some();
         self.background.spawn("fill", async move {
             let key = fetch.key.clone();
-            let (Some(lease), Some(tier)) = (lease, proxy.cache.shared()) else {
-                proxy.fill(fetch, &flight, Some(pass_to)).await;
-                return;
-            };
             let fill = proxy.fill(fetch, &flight, Some(pass_to));
-            tokio::pin!(fill);
-            let outcome = tokio::select! {
-                outcome = &mut fill => outcome,
-                () = tier.keep(&lease) => fill.await, // (keeping never ends)
-            };
-            let wake = match &outcome {
-                FetchOutcome::Stored(entry) if proxy.share_now(&key, entry).await => {
-                    crate::cache::shared::Wake::Stored
-                }
-                _ => crate::cache::shared::Wake::Pass,
-            };
-            tier.finish(&lease, wake).await;
+            proxy.fill_for_fleet(fill, &key, lease).await;
         });
         let outcome = waiter.wait().await;
         if let Some(FetchOutcome::NotShared) = outcome {
@@ -569,17 +554,17 @@ impl Proxy {
                     last_access_ms: entry.last_access_ms(),
                     base: Some(entry.clone()),
                     started: Instant::now(),
-                    // A fleet refresh writes its copy before giving the lease back.
-                    defer_share: once_for_fleet,
+                    defer_share: false,
                 };
                 let proxy = self.clone();
                 let flight = flight_key_copy;
                 self.background.spawn("refresh", async move {
                     // The semaphore is never closed; without a slot the refresh runs anyway.
                     let _slot = proxy.refresh_slots.clone().acquire_owned().await;
+                    let mut lease = None;
                     if once_for_fleet {
                         match proxy.refresh_turn(&key, &flight, &entry).await {
-                            fleet::RefreshTurn::Refresh => {}
+                            fleet::RefreshTurn::Refresh(held) => lease = held,
                             fleet::RefreshTurn::Adopted(newer) => {
                                 guard.publish(FetchOutcome::Stored(newer));
                                 return;
@@ -587,15 +572,11 @@ impl Proxy {
                             fleet::RefreshTurn::Elsewhere => return,
                         }
                     }
-                    let outcome = proxy.fill(fetch, &guard, None).await;
-                    if once_for_fleet {
-                        // The others adopt the copy from Redis: it must be there before the
-                        // lease goes back, or another instance would refresh again.
-                        if let FetchOutcome::Stored(entry) = &outcome {
-                            proxy.share_now(&key, entry).await;
-                        }
-                        proxy.refreshed(&key, &flight).await;
-                    }
+                    let mut fetch = fetch;
+                    // Holding the fleet's lease, the copy is written before waking the others.
+                    fetch.defer_share = lease.is_some();
+                    let fill = proxy.fill(fetch, &guard, None);
+                    let outcome = proxy.fill_for_fleet(fill, &key, lease).await;
                     if let FetchOutcome::Failed(e) = outcome {
                         let backoff = entry.refresh_failed();
                         tracing::warn!(
