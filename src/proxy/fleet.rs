@@ -211,7 +211,7 @@ impl Proxy {
         }
     }
 
-    /// Announces a purge applied here to the other instances and waits (up to a second) for
+    /// Announces a purge applied here to the other instances and waits (up to 5 s) for
     /// their acknowledgements; `None` without a shared tier. When Redis is away the purge
     /// reaches them later through the tier's pending purges and their replay of the stream.
     pub(crate) async fn announce_purge(
@@ -268,8 +268,9 @@ impl Proxy {
     }
 }
 
-/// How long an admin request waits for the other instances to acknowledge its purge.
-const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long an admin request waits at most for the live instances to acknowledge its purge
+/// (it answers as soon as all did; one that stopped drops out of the live count after 3 s).
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Another instance's purge, read from the stream: applied to this instance's memory.
 impl PurgeSink for Proxy {
