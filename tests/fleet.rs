@@ -177,6 +177,22 @@ impl Node {
         got
     }
 
+    /// An admin `Clear-Cache` of `path` (the instance must have `CLEAR_CACHE_KEY=sekret`).
+    async fn purge(&self, path: &str) -> Got {
+        common::send(
+            "POST",
+            self.addr(),
+            path,
+            &[
+                ("host", HOST),
+                ("clear-cache", "true"),
+                ("clear-cache-key", "sekret"),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await
+    }
+
     /// The `/metrics` text from the operator listener.
     async fn metrics(&self) -> String {
         let got = get(self.proc.ops(), "/metrics", &[]).await;
@@ -776,28 +792,11 @@ async fn a_purge_removes_the_shared_copy() {
         let env = [("CLEAR_CACHE_KEY", "sekret")];
         let a = Node::start("A", &origin, Some(&url), &env).await;
         let b = Node::start("B", &origin, Some(&url), &env).await;
-        let purge = |node: &Node, path: &'static str| {
-            let addr = node.addr();
-            async move {
-                common::send(
-                    "POST",
-                    addr,
-                    path,
-                    &[
-                        ("host", HOST),
-                        ("clear-cache", "true"),
-                        ("clear-cache-key", "sekret"),
-                    ],
-                    bytes::Bytes::new(),
-                )
-                .await
-            }
-        };
 
         let first = a.get_ok("/p").await;
         a.wait_writes(1.0, &redis).await;
         // B, which never had /p in memory, clears it: the shared copy goes.
-        let cleared = purge(&b, "/p").await;
+        let cleared = b.purge("/p").await;
         assert_eq!(cleared.status, 200, "{cleared:?}");
         assert!(
             redis.keys("*").iter().all(|k| !k.contains(":v:")),
@@ -815,7 +814,7 @@ async fn a_purge_removes_the_shared_copy() {
         let before = redis.dbsize();
         assert!(before >= 1);
         redis.kill();
-        let cleared = purge(&b, "/p").await;
+        let cleared = b.purge("/p").await;
         // Applied here; the others are told once Redis is back: 202, one acknowledgement.
         assert_eq!(
             cleared.status, 202,
@@ -1014,23 +1013,6 @@ async fn a_purge_reaches_every_instance_with_acknowledgements() {
         let a = Node::start("A", &origin, Some(&url), &env).await;
         let b = Node::start("B", &origin, Some(&url), &env).await;
         let c = Node::start("C", &origin, Some(&url), &env).await;
-        let purge = |node: &Node, path: &'static str| {
-            let addr = node.addr();
-            async move {
-                common::send(
-                    "POST",
-                    addr,
-                    path,
-                    &[
-                        ("host", HOST),
-                        ("clear-cache", "true"),
-                        ("clear-cache-key", "sekret"),
-                    ],
-                    bytes::Bytes::new(),
-                )
-                .await
-            }
-        };
         // Every instance has /q in memory (A fetched it; B and C from Redis, then L1).
         let old = a.get_ok("/q").await.text();
         a.wait_writes(1.0, &redis).await;
@@ -1046,7 +1028,7 @@ async fn a_purge_reaches_every_instance_with_acknowledgements() {
             .await,
             "three live instances"
         );
-        let reply = purge(&b, "/q").await;
+        let reply = b.purge("/q").await;
         assert_eq!(reply.status, 200, "{reply:?}");
         let body = reply.text();
         // 3 of 3 (a heartbeat more than 3 s late on a loaded machine would make it 2 of 2:
@@ -1086,7 +1068,7 @@ async fn a_purge_reaches_every_instance_with_acknowledgements() {
             assert!(ok, "kill {sig} {pid}");
         };
         signal("-STOP");
-        let reply = purge(&a, "/q").await;
+        let reply = a.purge("/q").await;
         let body = reply.text();
         // A and B acknowledged; C, stopped, normally did not. (Once, on a loaded machine,
         // the reply counted 3: the check that matters is the catch-up below.)
@@ -1185,18 +1167,7 @@ async fn a_small_redis_evicts_entries_but_not_the_purge_stream() {
         for i in 0..48 {
             b.get_ok(&format!("/big{i}")).await;
         }
-        let reply = common::send(
-            "POST",
-            a.addr(),
-            "/big1",
-            &[
-                ("host", HOST),
-                ("clear-cache", "true"),
-                ("clear-cache-key", "sekret"),
-            ],
-            bytes::Bytes::new(),
-        )
-        .await;
+        let reply = a.purge("/big1").await;
         assert_eq!(reply.status, 200, "{reply:?}");
         assert!(reply.text().contains("\"acks\":2"), "{}", reply.text());
         assert_eq!(

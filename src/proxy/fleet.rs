@@ -128,8 +128,7 @@ impl Proxy {
             return RefreshTurn::Refresh(None);
         };
         let req = entry.vary.request_headers();
-        let blobs = tier.variants(key).await;
-        if let Some(hit) = crate::cache::Cache::select_shared(key, blobs, &req) {
+        if let Some(hit) = self.cache.lookup_shared(key, &req).await {
             // The same copy read back differs only by rounding (ms); a refreshed one lives
             // longer by the time between the two fetches.
             let newer =
@@ -321,15 +320,6 @@ pub(crate) enum FleetTurn {
     Alone,
 }
 
-/// Marks a response served from the shared tier (`Cache-Status: edgecache; hit;
-/// detail=redis`).
-pub(crate) fn mark_shared(resp: &mut Response<ProxyBody>) {
-    resp.headers_mut().insert(
-        CACHE_STATUS,
-        HeaderValue::from_static("edgecache; hit; detail=redis"),
-    );
-}
-
 /// The response for a copy found in the shared tier.
 pub(crate) fn respond_shared(
     entry: &CachedResponse,
@@ -337,6 +327,9 @@ pub(crate) fn respond_shared(
     req: &HeaderMap,
 ) -> Response<ProxyBody> {
     let mut resp = respond::from_entry(entry, head, req, CacheStatus::Hit, Instant::now());
-    mark_shared(&mut resp);
+    resp.headers_mut().insert(
+        CACHE_STATUS,
+        HeaderValue::from_static("edgecache; hit; detail=redis"),
+    );
     resp
 }
