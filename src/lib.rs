@@ -34,7 +34,7 @@
 //!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
 //!   `X-Cache-Status` verdict, shared with the metrics).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
-//!   pooled clients.
+//!   pooled clients; [`upstream::tls`] connects to `https://` ones (rustls).
 //! * [`error`] — failures as [`error::ProxyError`] (a kind and a side: upstream, downstream,
 //!   internal) and the one mapping from a failure to its status, body and headers; the
 //!   request body's fault ([`error::BodyFault`]) that travels back through hyper's error.
