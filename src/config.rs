@@ -846,7 +846,7 @@ pub fn redact_redis_password(url: &str) -> String {
 /// Parses `UPSTREAM_URLS`: comma-separated base URLs, each optionally followed by
 /// `weight=N` and `h2`, as in nginx's `upstream` block:
 /// `http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080`.
-fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
+pub(crate) fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
     let mut backends = Vec::new();
     for raw_entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let entry = redact_userinfo(raw_entry);
