@@ -19,6 +19,13 @@
 //!   complete; [`proxy::fleet`] reads and writes the shared tier around it (`REDIS_URL`);
 //!   [`proxy::headers`] rewrites headers between the two sides; [`proxy::purge`] executes
 //!   admin requests.
+//! * [`routes`] — the optional routes file (`ROUTES_FILE`): per-prefix policy (own upstream
+//!   pool, cache on/off and TTL, query parameters left out of the key, injected headers,
+//!   allowlist), parsed and validated as a pure function ([`routes::Routes::parse`]) and
+//!   matched per request by longest prefix without allocating; [`routes::limit`] admits
+//!   requests going upstream (GCRA rate limit with a bounded queue, in-flight cap),
+//!   [`routes::retry`] decides retries (backoff with full jitter, a retry budget). It uses
+//!   only `config` (the `UPSTREAM_URLS` syntax) and `metrics`.
 //! * [`admin`] — `Clear-Cache` requests, pure: parse and authorise them (clear/refresh by
 //!   path under every host, prefix or everything), decide refresh or drop per entry, shape
 //!   the JSON report.
@@ -51,7 +58,7 @@
 //!   body being fetched among every request waiting on it, within the stream buffer bounds;
 //!   the flights in [`cache::coalesce`] own one each.
 //!
-//! Imports point down this list and never back: `proxy` uses `admin` and `cache`; `admin`
+//! Imports point down this list and never back: `proxy` uses `routes`, `admin` and `cache`; `admin`
 //! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`; `proxy`,
 //! `cache` and `upstream` use `body`; `body` uses `error`, and `error` uses no module.
 
@@ -65,6 +72,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod supervise;
 pub mod upstream;
