@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::{Edgecache, TempDir, DEADLINE};
-use common::redis::RedisServer;
+use common::redis::{RedisServer, TlsFiles};
 use common::{get, reply, Got, Origin};
 
 /// The `Host` every request sends, whichever instance it goes to.
@@ -545,6 +545,108 @@ async fn redis_down_never_fails_a_request() {
         for node in [&a, &b] {
             node.assert_no_panic();
         }
+    })
+    .await
+}
+
+/// `rediss://`: a Redis that speaks only TLS, with a certificate from a private CA
+/// (`REDIS_CA_FILE`). A key fetched through A is a `detail=redis` hit on B; one upstream
+/// request for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_rediss_shares_a_key() {
+    bounded(async {
+        let tls = TlsFiles::generate();
+        let redis = RedisServer::start_tls(&tls);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        assert!(url.starts_with("rediss://"), "{url}");
+        let ca = tls.ca.to_str().unwrap();
+        let env = [("REDIS_CA_FILE", ca)];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+
+        let warmed = a.get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        a.wait_writes(1.0, &redis).await;
+        assert_eq!(redis.keys("ec1:{*}:v:*").len(), 1, "{:?}", redis.keys("*"));
+        let got = b.get_ok("/k").await;
+        assert_from_redis(&got, "GET /k on B over rediss://");
+        assert_eq!(got.text(), warmed.text());
+        assert_eq!(origin.hits("/k"), 1, "one upstream request for the fleet");
+        for node in [&a, &b] {
+            assert_eq!(node.breaker_open().await, 0.0, "{}", node.name);
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// `rediss://` to a server whose certificate the configured CA did not sign: the handshake
+/// fails, Redis counts as down (errors, then the breaker), and every request is still
+/// answered — each key fetched at most once per instance, nothing written to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_is_redis_down_never_a_failed_request() {
+    bounded(async {
+        let tls = TlsFiles::generate();
+        let redis = RedisServer::start_tls(&tls);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let wrong = tls.wrong_ca.to_str().unwrap();
+        let env = [("REDIS_CA_FILE", wrong)];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        for i in 0..60 {
+            let node = if (i / 10) % 2 == 0 { &a } else { &b };
+            let path = format!("/tls/{}", i % 10);
+            let got = node.get(&path).await;
+            assert_eq!(
+                got.status,
+                200,
+                "request {i} ({} {path}): {got:?}; stderr:\n{}",
+                node.name,
+                node.proc.stderr()
+            );
+        }
+        for k in 0..10 {
+            let path = format!("/tls/{k}");
+            let hits = origin.hits(&path);
+            assert!(
+                (1..=2).contains(&hits),
+                "{path} went upstream {hits} times for 2 instances"
+            );
+        }
+        let mut extra = 0;
+        let opened = until(Duration::from_secs(20), || {
+            extra += 1;
+            let path = format!("/tls/extra/{extra}");
+            let a = &a;
+            async move {
+                assert_eq!(a.get(&path).await.status, 200, "A {path}");
+                a.breaker_open().await == 1.0
+            }
+        })
+        .await;
+        assert!(
+            opened,
+            "the breaker never opened against a certificate it must refuse:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+        for node in [&a, &b] {
+            assert!(
+                node.redis_requests("get", "error").await >= 1.0,
+                "{}: failed handshakes count as errors:\n{}",
+                node.name,
+                redis_lines(&node.metrics().await)
+            );
+            assert_eq!(node.redis_requests("get", "hit").await, 0.0);
+            node.assert_no_panic();
+        }
+        assert_eq!(
+            redis.dbsize(),
+            0,
+            "nothing reached Redis: {:?}",
+            redis.keys("*")
+        );
     })
     .await
 }

@@ -402,7 +402,19 @@ impl SharedTier {
     /// The tier for `config`; connects lazily (a Redis that is down at start-up is only a
     /// miss until it is up). Errs only for a URL the client library refuses.
     pub fn new(config: &RedisConfig) -> Result<SharedTier, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+        let client = match &config.ca {
+            // `rediss://` with a private CA: only its certificates are trusted.
+            Some((_, pem)) => redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            // `redis://`, or `rediss://` with the system's roots (rustls-native-certs).
+            None => redis::Client::open(config.url.as_str()),
+        }
+        .map_err(|e| e.to_string())?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(config.timeout))

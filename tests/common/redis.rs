@@ -135,6 +135,81 @@ pub fn command(addr: SocketAddr, args: &[&[u8]]) -> std::io::Result<Resp> {
     read_reply(&mut BufReader::new(stream))
 }
 
+/// [`command`] over TLS, trusting only `ca_pem` (rustls with `ring`, host name `127.0.0.1`).
+pub fn command_tls(addr: SocketAddr, ca_pem: &[u8], args: &[&[u8]]) -> std::io::Result<Resp> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(addr.ip().to_string()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect_timeout(&addr, CMD_TIMEOUT)?;
+    sock.set_read_timeout(Some(CMD_TIMEOUT))?;
+    sock.set_write_timeout(Some(CMD_TIMEOUT))?;
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    stream.write_all(&encode(args))?;
+    stream.flush()?;
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// Certificates for a `rediss://` server, made with rcgen in `dir`: a CA, a server
+/// certificate it signed for `127.0.0.1` and `localhost`, and another CA that signed nothing
+/// here (the "wrong CA").
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub wrong_ca: std::path::PathBuf,
+    pub ca_pem: Vec<u8>,
+    _dir: TempDir,
+}
+
+impl TlsFiles {
+    pub fn generate() -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = TempDir::new("redis-tls");
+        let new_ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca, ca_key) = new_ca("edgecache test CA");
+        let (wrong_ca, _) = new_ca("edgecache wrong CA");
+        let server_key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "redis");
+        let server = params.signed_by(&server_key, &ca, &ca_key).unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path.join(name);
+            fs::write(&path, pem).unwrap();
+            path
+        };
+        TlsFiles {
+            ca: write("ca.pem", ca.pem()),
+            cert: write("redis.crt", server.pem()),
+            key: write("redis.key", server_key.serialize_pem()),
+            wrong_ca: write("wrong-ca.pem", wrong_ca.pem()),
+            ca_pem: ca.pem().into_bytes(),
+            _dir: dir,
+        }
+    }
+}
+
 /// Whether something on `addr` answers `PING` with `+PONG` (the inline form, as the brief
 /// for readiness asks: a plain `PING\r\n`).
 pub fn pings(addr: SocketAddr) -> bool {
@@ -155,6 +230,8 @@ pub struct RedisServer {
     pub port: u16,
     /// Extra arguments, kept for restarts.
     extra: Vec<String>,
+    /// TLS only (`--port 0 --tls-port PORT`): the CA's PEM, to talk to it.
+    tls_ca: Option<Vec<u8>>,
     dir: TempDir,
     child: Option<Guard>,
 }
@@ -169,6 +246,28 @@ impl RedisServer {
     /// "allkeys-lru"]`. Panics, saying how to install it, when `redis-server` is missing:
     /// the fleet tests must not pass by skipping.
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_inner(extra, None)
+    }
+
+    /// Starts one that speaks only TLS (`rediss://`), with `tls`'s server certificate; clients
+    /// are not asked for certificates.
+    pub fn start_tls(tls: &TlsFiles) -> RedisServer {
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let (cert, key, ca) = (path(&tls.cert), path(&tls.key), path(&tls.ca));
+        let extra = [
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::start_inner(&extra, Some(tls.ca_pem.clone()))
+    }
+
+    fn start_inner(extra: &[&str], tls_ca: Option<Vec<u8>>) -> RedisServer {
         require_redis_server();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // A port is picked by binding :0 and letting go of it, so someone else may take it
@@ -179,6 +278,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 port: free_port(),
                 extra: extra.clone(),
+                tls_ca: tls_ca.clone(),
                 dir: TempDir::new("redis"),
                 child: None,
             };
@@ -190,9 +290,14 @@ impl RedisServer {
         panic!("redis-server did not start on a free port in 5 tries; last log:\n{last_log}");
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -235,7 +340,11 @@ impl RedisServer {
     /// Runs one command; panics if the server cannot be reached or answers with an error.
     pub fn cmd(&self, args: &[&str]) -> Resp {
         let raw: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        match command(self.addr(), &raw) {
+        let reply = match &self.tls_ca {
+            None => command(self.addr(), &raw),
+            Some(ca) => command_tls(self.addr(), ca, &raw),
+        };
+        match reply {
             Ok(Resp::Error(e)) => panic!("redis {args:?}: error reply {e}"),
             Ok(reply) => reply,
             Err(e) => panic!("redis {args:?}: {e}"),
@@ -286,7 +395,11 @@ impl RedisServer {
         let log = fs::File::create(&log_path).unwrap();
         let port = self.port.to_string();
         let mut cmd = Command::new(REDIS_SERVER);
-        cmd.args(["--port", &port, "--bind", "127.0.0.1"])
+        match self.tls_ca {
+            None => cmd.args(["--port", &port]),
+            Some(_) => cmd.args(["--port", "0", "--tls-port", &port]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--logfile", ""])
             .arg("--dir")
@@ -299,8 +412,14 @@ impl RedisServer {
         let mut child = Guard::spawn(REDIS_SERVER, cmd);
         let addr = self.addr();
         let deadline = Instant::now() + DEADLINE;
+        let answers = |addr| match &self.tls_ca {
+            None => pings(addr),
+            Some(ca) => {
+                command_tls(addr, ca, &[b"PING"]).is_ok_and(|r| r == Resp::Simple("PONG".into()))
+            }
+        };
         loop {
-            if pings(addr) {
+            if answers(addr) {
                 // Ours, not something else on the port: it is still running.
                 if let Ok(None) = child.0.try_wait() {
                     self.child = Some(child);
