@@ -1528,6 +1528,148 @@ async fn a_small_redis_evicts_entries_but_not_the_purge_stream() {
     .await
 }
 
+/// The log line of an instance that found the purge stream lost or trimmed and dropped its
+/// memory tier (the safe answer to purges it may have missed).
+fn dropped_memory_tier(node: &Node) -> bool {
+    node.proc
+        .stderr()
+        .contains("dropping this instance's memory tier")
+        || node.proc.stderr().contains("dropping its memory tier")
+}
+
+/// Redis with a small `maxmemory` and `allkeys-lru`: any key may be evicted — entries,
+/// indexes, leases, the purge stream. Under a load of 64 KiB entries asked of both instances
+/// at once (they race for each fetch's lease) every request is answered 200, and promptly (a
+/// waiter whose holder's lease was evicted takes the fetch over; it is never stranded until
+/// `REQ_TIMEOUT`). A purge is still applied by both instances: B acknowledges it, or — if the
+/// stream it was announced on had been evicted — B found the stream begun anew and dropped
+/// its whole memory tier. Losing the stream outright (deleted here, as an eviction would)
+/// makes every other instance do exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allkeys_lru_evicts_anything_and_purges_still_hold() {
+    bounded(async {
+        let redis =
+            RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        // /p is in both instances' memory before the load.
+        let old = a.get_ok("/p").await.text();
+        a.wait_writes(1.0, &redis).await;
+        assert_eq!(b.get_ok("/p").await.text(), old);
+        assert_l1_hit(&b.get_ok("/p").await, "B holds /p");
+
+        // 64 distinct 64 KiB responses (4 MiB through a 2 MiB Redis), each asked of A and B
+        // at the same moment.
+        for i in 0..64 {
+            let path = format!("/big-all{i}");
+            let started = Instant::now();
+            let asks: Vec<_> = [a.addr(), b.addr()]
+                .into_iter()
+                .map(|addr| {
+                    let path = path.clone();
+                    tokio::spawn(async move { get(addr, &path, &[("host", HOST)]).await })
+                })
+                .collect();
+            for ask in asks {
+                let got = ask.await.unwrap();
+                assert_eq!(got.status, 200, "{path}: {got:?}");
+                assert_eq!(got.body.len(), 64 << 10, "{path}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(6),
+                "{path} took {:?}: a waiter was stranded on a lost lease",
+                started.elapsed()
+            );
+            assert!(origin.hits(&path) <= 2, "{path}: {}", origin.hits(&path));
+        }
+        assert!(
+            redis.keys("ec1:{*}:v:*").len() < 64,
+            "Redis evicted entries: {} left",
+            redis.keys("ec1:{*}:v:*").len()
+        );
+
+        // A purge under eviction: applied by both.
+        let reply = a.purge("/p").await;
+        assert!(reply.status == 200 || reply.status == 202, "{reply:?}");
+        let applied = until(Duration::from_secs(10), || async {
+            let acked = redis
+                .keys("ec1:acks:*")
+                .iter()
+                .any(|k| redis.cmd(&["SCARD", k]).int() == 2);
+            acked || dropped_memory_tier(&b)
+        })
+        .await;
+        assert!(
+            applied,
+            "B neither acknowledged the purge nor dropped its memory: {}; stderr:\n{}",
+            reply.text(),
+            b.proc.stderr()
+        );
+        assert_ne!(b.get_ok("/p").await.text(), old, "B served the purged copy");
+
+        // The stream lost outright (as an eviction would): the next purge begins it anew, and
+        // B, whose cursor was in the old one, drops its memory tier.
+        let held = b.get_ok("/held").await.text();
+        assert_l1_hit(&b.get_ok("/held").await, "B holds /held");
+        redis.cmd(&["DEL", "ec1:purges"]);
+        let reply = a.purge("/other").await;
+        assert!(reply.status == 200 || reply.status == 202, "{reply:?}");
+        assert!(
+            until(Duration::from_secs(10), || async {
+                dropped_memory_tier(&b)
+            })
+            .await,
+            "B did not notice the lost stream; stderr:\n{}",
+            b.proc.stderr()
+        );
+        // /held is no longer in B's memory: B reads it from Redis again (or fetches it).
+        let again = b.get_ok("/held").await;
+        assert!(
+            again.cache() == "MISS" || cache_status(&again).contains("detail=redis"),
+            "B dropped its memory tier, /held included: {again:?}"
+        );
+        assert!(again.text() == held || again.cache() == "MISS", "{again:?}");
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// A stored copy whose entry in its path's index is gone (evicted: the index and the hash
+/// are separate keys, either may go first) is not served from Redis: purges find copies
+/// through the index, so one it no longer lists must not outlive a purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_missing_from_its_index_is_not_served() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+        a.get_ok("/orphan").await;
+        a.wait_writes(1.0, &redis).await;
+        let index = redis.keys("ec1:{*}:i:/orphan");
+        assert_eq!(index.len(), 1, "{:?}", redis.keys("*"));
+        redis.cmd(&["DEL", &index[0]]);
+        assert_eq!(
+            redis.keys("ec1:{*}:v:*").len(),
+            1,
+            "the hash is still there"
+        );
+        let got = b.get_ok("/orphan").await;
+        assert_eq!(got.cache(), "MISS", "B fetched its own: {got:?}");
+        assert_eq!(origin.hits("/orphan"), 2);
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
 /// A hot key is refreshed once for the fleet, not once per instance: both instances hold
 /// it (fresh for 10 s, requested); at refresh time one takes the fleet's refresh lease and
 /// refetches, the other adopts that copy from Redis. One upstream request for the refresh.

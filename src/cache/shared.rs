@@ -208,12 +208,26 @@ pub const LEASE: Duration = Duration::from_secs(2);
 /// that died): the safety net, not the mechanism.
 pub const RECHECK: Duration = Duration::from_millis(500);
 
-/// One round trip for a miss: the stored variants if there are any, else the flight's lease
-/// if it is free. KEYS: variants hash, lease. ARGV: token, ttl ms. Returns {1, values},
-/// {2, {}} (leased) or {3, {}} (another instance holds the lease).
+/// The stored variants of one URL. KEYS: variants hash, index set. ARGV: origin.
+///
+/// The index is authoritative: variants whose origin the path's index does not list are not
+/// there (a purge finds what it removes through the index, so a copy whose index entry was
+/// evicted — any `maxmemory-policy` may evict the index before the hash — must not be served:
+/// it would outlive a purge).
+const LOOK: &str = r"
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return {} end
+return redis.call('HVALS', KEYS[1])
+";
+
+/// One round trip for a miss: the stored variants if there are any (listed in the index, as
+/// in [`LOOK`]), else the flight's lease if it is free. KEYS: variants hash, lease, index.
+/// ARGV: token, ttl ms, origin. Returns {1, values}, {2, {}} (leased) or {3, {}} (another
+/// instance holds the lease).
 const LOOK_OR_LEASE: &str = r"
-local v = redis.call('HVALS', KEYS[1])
-if #v > 0 then return {1, v} end
+if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then
+  local v = redis.call('HVALS', KEYS[1])
+  if #v > 0 then return {1, v} end
+end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, {}} end
 return {3, {}}
 ";
@@ -221,6 +235,18 @@ return {3, {}}
 /// The stream every purge is announced on; each instance reads it from its own cursor, so
 /// one that was away replays what it missed.
 pub const PURGES: &str = "ec1:purges";
+
+/// Announces a purge. KEYS: the purge stream. ARGV: max length, then the entry's field/value
+/// pairs. A stream that does not exist (never created, or lost: evicted under an `allkeys-*`
+/// policy, Redis restarted empty) is begun with a `genesis` entry, in the same atomic step:
+/// a reader whose cursor is in an older stream then reads that entry first, and knows it may
+/// have missed purges.
+const ANNOUNCE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], '*', 'kind', 'genesis')
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+";
 /// Live instances: member = instance id, score = last heartbeat (ms since the epoch).
 const INSTANCES: &str = "ec1:instances";
 /// The purge stream keeps about this many entries (an instance further behind drops its
@@ -386,7 +412,9 @@ pub struct SharedTier {
     /// This instance, in leases' place of origin and the purge stream's acknowledgements.
     instance: String,
     wakeups: Wakeups,
+    look: redis::Script,
     look_or_lease: redis::Script,
+    announce: redis::Script,
     renew: redis::Script,
     release: redis::Script,
     conn: ConnectionManager,
@@ -426,7 +454,9 @@ impl SharedTier {
             client,
             instance: lease_token(),
             wakeups: Wakeups::default(),
+            look: redis::Script::new(LOOK),
             look_or_lease: redis::Script::new(LOOK_OR_LEASE),
+            announce: redis::Script::new(ANNOUNCE),
             renew: redis::Script::new(RENEW),
             release: redis::Script::new(RELEASE),
             conn,
@@ -504,11 +534,15 @@ impl SharedTier {
             self.stats.get_skipped.fetch_add(1, Ordering::Relaxed);
             return Vec::new();
         }
+        let mut invocation = self.look.prepare_invoke();
+        invocation
+            .key(variants_key(key))
+            .key(index_key(path))
+            .arg(origin);
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("HVALS").arg(variants_key(key)).clone();
         match self
             .run(self.timeout, async move {
-                cmd.query_async::<Vec<Vec<u8>>>(&mut conn).await
+                invocation.invoke_async::<Vec<Vec<u8>>>(&mut conn).await
             })
             .await
         {
@@ -667,8 +701,10 @@ impl SharedTier {
         invocation
             .key(variants_key(key))
             .key(lease_key)
+            .key(index_key(path))
             .arg(&token)
-            .arg(LEASE.as_millis() as u64);
+            .arg(LEASE.as_millis() as u64)
+            .arg(origin);
         let mut conn = self.conn.clone();
         let result = self
             .run(self.timeout, async move {
@@ -774,13 +810,17 @@ impl SharedTier {
     /// acknowledgements ([`SharedTier::acks`]). `None` when Redis could not be reached.
     pub async fn announce(&self, prefix: bool, path: &str, host: Option<&str>) -> Option<String> {
         let id = lease_token();
+        // The acknowledgement set and the stream are in different Cluster slots: two round
+        // trips (this one's own acknowledgement first, so the set exists before anyone reads
+        // the announcement).
+        let acks = format!("ec1:acks:{id}");
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(PURGES)
-            .arg("MAXLEN")
-            .arg("~")
+        pipe.cmd("SADD").arg(&acks).arg(&self.instance).ignore();
+        pipe.cmd("EXPIRE").arg(&acks).arg(60).ignore();
+        let mut invocation = self.announce.prepare_invoke();
+        invocation
+            .key(PURGES)
             .arg(STREAM_MAXLEN)
-            .arg("*")
             .arg("id")
             .arg(&id)
             .arg("from")
@@ -790,18 +830,15 @@ impl SharedTier {
             .arg("path")
             .arg(path)
             .arg("host")
-            .arg(host.unwrap_or(""))
-            .ignore();
-        let acks = format!("ec1:acks:{id}");
-        pipe.cmd("SADD").arg(&acks).arg(&self.instance).ignore();
-        pipe.cmd("EXPIRE").arg(&acks).arg(60).ignore();
+            .arg(host.unwrap_or(""));
         let mut conn = self.conn.clone();
         self.run(PURGE_TIMEOUT, async move {
-            pipe.query_async::<()>(&mut conn).await
+            pipe.query_async::<()>(&mut conn).await?;
+            invocation.invoke_async::<String>(&mut conn).await
         })
         .await
         .ok()
-        .map(|()| id)
+        .map(|_| id)
     }
 
     /// How many live instances (this one included) acknowledged purge `id`, and how many are
@@ -812,13 +849,20 @@ impl SharedTier {
         let mut last = (1, 1);
         loop {
             let since = now_ms().saturating_sub(ALIVE.as_millis() as u64);
-            let mut pipe = redis::pipe();
-            pipe.cmd("SCARD").arg(&key);
-            pipe.cmd("ZCOUNT").arg(INSTANCES).arg(since).arg("+inf");
-            let mut conn = self.conn.clone();
+            // Two keys in different Cluster slots: two commands, sent together.
+            let scard = redis::cmd("SCARD").arg(&key).clone();
+            let zcount = redis::cmd("ZCOUNT")
+                .arg(INSTANCES)
+                .arg(since)
+                .arg("+inf")
+                .clone();
+            let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
             if let Ok((acks, live)) = self
                 .run(self.timeout, async move {
-                    pipe.query_async::<(usize, usize)>(&mut conn).await
+                    tokio::try_join!(
+                        scard.query_async::<usize>(&mut c1),
+                        zcount.query_async::<usize>(&mut c2)
+                    )
                 })
                 .await
             {
@@ -944,6 +988,16 @@ impl SharedTier {
                 let Some(read) = read else { continue };
                 for entry in read.keys.into_iter().flat_map(|k| k.ids) {
                     let get = |f: &str| entry.get::<String>(f).unwrap_or_default();
+                    if get("kind") == "genesis" {
+                        // The stream was begun anew after this instance's cursor: what was
+                        // announced in the old one after the cursor may be lost (evicted).
+                        if cursor.as_deref().is_some_and(|c| c != "0-0") {
+                            tracing::warn!("the purge stream was lost and begun anew (evicted?): dropping this instance's memory tier");
+                            sink.missed();
+                        }
+                        cursor = Some(entry.id.clone());
+                        continue;
+                    }
                     let msg = PurgeMsg {
                         id: get("id"),
                         from: get("from"),
