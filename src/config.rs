@@ -319,7 +319,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_HEADER_BYTES", "64KiB", "Request line + headers above this: 431/414 (8KiB-1MiB)"),
     setting("MAX_CONNECTIONS", "10000", "Open client connections at most; more wait in the listen backlog (1-1000000)"),
     setting("MAX_REQUEST_BODY_BYTES", "0", "Pass-through request bodies above this: 413; 0 = no limit (0-1TiB)"),
-    setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db], rediss:// for TLS; empty = none"),
+    setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db], rediss:// for TLS, redis+cluster://host:port,host:port (rediss+cluster://) for a Redis Cluster; empty = none"),
     setting("REDIS_CA_FILE", "", "PEM file of the CA(s) that sign the Redis server's certificate (rediss:// only); empty = the system's roots"),
     setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
     setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
@@ -819,16 +819,45 @@ impl Config {
 }
 
 /// `REDIS_URL` must be `redis://host[:port][/db]` or, for TLS, `rediss://…` (with optional
-/// `user:password@`). redis-rs's `#insecure` (no certificate checks) is refused: certificates
+/// `user:password@`), or a Cluster's `redis+cluster://` / `rediss+cluster://` seed list
+/// ([`redis_cluster_nodes`]). redis-rs's `#insecure` (no certificate checks) is refused: certificates
 /// and host names are always checked.
 fn check_redis_url(url: &str) -> Result<(), String> {
+    if let Some(nodes) = redis_cluster_nodes(url) {
+        let rest = url.split_once("://").map_or("", |(_, r)| r);
+        if rest.contains('#') {
+            return Err("has a `#` fragment: `#insecure` (no certificate checks) is not supported, and nothing else is".into());
+        }
+        if let Some((_, db)) = rest.split_once('/') {
+            if !db.is_empty() && db != "0" {
+                return Err(format!(
+                    "database `{db}`: a Redis Cluster has only database 0"
+                ));
+            }
+        }
+        if nodes.is_empty() {
+            return Err("has no host: expected redis+cluster://host:port[,host:port…]".into());
+        }
+        for node in &nodes {
+            let host = node.split_once("://").map_or("", |(_, r)| r);
+            let host = host.rsplit('@').next().unwrap_or("");
+            if host.is_empty() || host.starts_with(':') || host.contains(char::is_whitespace) {
+                return Err(format!(
+                    "has an empty or invalid node `{}`: expected redis+cluster://host:port[,host:port…]",
+                    redact_redis_password(node)
+                ));
+            }
+            redis::Client::open(node.as_str()).map_err(|e| {
+                format!("node `{}` is not usable: {e}", redact_redis_password(node))
+            })?;
+        }
+        return Ok(());
+    }
     let Some(rest) = url
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
     else {
-        return Err(
-            "must start with redis:// (or rediss:// for TLS), e.g. redis://127.0.0.1:6379".into(),
-        );
+        return Err("must start with redis:// (or rediss:// for TLS, redis+cluster:// or rediss+cluster:// for a Redis Cluster), e.g. redis://127.0.0.1:6379".into());
     };
     if rest.contains('#') {
         return Err("has a `#` fragment: `#insecure` (no certificate checks) is not supported, and nothing else is".into());
@@ -855,7 +884,32 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 
 /// Whether `url` asks for TLS.
 pub fn redis_tls(url: &str) -> bool {
-    url.starts_with("rediss://")
+    url.starts_with("rediss://") || url.starts_with("rediss+cluster://")
+}
+
+/// For a Redis Cluster URL — `redis+cluster://[user:password@]host:port[,host:port…][/0]`,
+/// `rediss+cluster://…` with TLS — one `redis://` (`rediss://`) URL per seed node, each with
+/// the credentials; `None` for any other URL. The seeds are where the client starts: it
+/// learns the other nodes and the slots from them (`CLUSTER SLOTS`).
+pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else {
+        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    };
+    let authority = rest.split(['/', '#']).next().unwrap_or("");
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{userinfo}{h}"))
+            .collect(),
+    )
 }
 
 /// Reads `REDIS_CA_FILE` for `url`: only with TLS, a readable file, at least one PEM
@@ -877,7 +931,11 @@ fn read_redis_ca(url: &str, path: &str) -> Result<Vec<u8>, String> {
         client_tls: None,
         root_cert: Some(pem.clone()),
     };
-    redis::Client::build_with_tls(url, certs)
+    // A cluster's seeds share the scheme: the first stands for all.
+    let probe = redis_cluster_nodes(url)
+        .and_then(|nodes| nodes.into_iter().next())
+        .unwrap_or_else(|| url.to_string());
+    redis::Client::build_with_tls(probe.as_str(), certs)
         .map(drop)
         .map_err(|e| format!("`{path}` is not a usable CA file: {e}"))?;
     Ok(pem)
@@ -1485,6 +1543,48 @@ mod tests {
             redact_redis_password("rediss://u:pw@h:1/0"),
             "rediss://u:<redacted>@h:1/0"
         );
+        assert_eq!(
+            redact_redis_password("redis+cluster://:pw@h1:7000,h2:7001"),
+            "redis+cluster://:<redacted>@h1:7000,h2:7001"
+        );
+    }
+
+    /// A Redis Cluster: `redis+cluster://` (or `rediss+cluster://`) with comma-separated seed
+    /// nodes, the credentials shared by all; only database 0.
+    #[test]
+    fn a_cluster_url_names_its_seed_nodes() {
+        assert_eq!(redis_cluster_nodes("redis://h:1"), None);
+        assert_eq!(
+            redis_cluster_nodes("redis+cluster://u:pw@10.0.0.1:7000, 10.0.0.2:7001/0"),
+            Some(vec![
+                "redis://u:pw@10.0.0.1:7000".to_string(),
+                "redis://u:pw@10.0.0.2:7001".to_string()
+            ])
+        );
+        assert_eq!(
+            redis_cluster_nodes("rediss+cluster://h1:7000"),
+            Some(vec!["rediss://h1:7000".to_string()])
+        );
+        assert!(redis_tls("rediss+cluster://h1:7000"));
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let c = cfg(&[up, ("REDIS_URL", "redis+cluster://:pw@h1:7000,h2:7001")]).unwrap();
+        assert_eq!(
+            c.effective()
+                .into_iter()
+                .find(|(n, _)| *n == "REDIS_URL")
+                .unwrap()
+                .1,
+            "redis+cluster://:<redacted>@h1:7000,h2:7001"
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h1:7000,,:7001",
+            "redis+cluster://h1:7000/1",
+            "rediss+cluster://h1:7000/#insecure",
+        ] {
+            let err = cfg(&[up, ("REDIS_URL", bad)]).unwrap_err();
+            assert_eq!(err.variable, "REDIS_URL", "{bad}: {err}");
+        }
     }
 
     /// `rediss://` is TLS with the system's roots, or with `REDIS_CA_FILE`'s; the CA file is

@@ -474,3 +474,106 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A Redis Cluster of `masters` real `redis-server --cluster-enabled yes` processes on free
+/// loopback ports, no replicas: the 16,384 slots split evenly (`CLUSTER ADDSLOTSRANGE`), the
+/// nodes introduced to each other (`CLUSTER MEET`, with an explicit bus port: the default
+/// port + 10000 may not exist for a high port); started only once every node reports
+/// `cluster_state:ok` and knows every other.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let per = 16384 / masters;
+        for (i, node) in nodes.iter().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                first + per - 1
+            };
+            let reply = node.cmd(&[
+                "CLUSTER",
+                "ADDSLOTSRANGE",
+                &first.to_string(),
+                &last.to_string(),
+            ]);
+            assert_eq!(reply, Resp::Simple("OK".into()));
+        }
+        for node in &nodes[1..] {
+            let bus = node
+                .extra
+                .iter()
+                .skip_while(|a| *a != "--cluster-port")
+                .nth(1)
+                .unwrap()
+                .clone();
+            let reply =
+                nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), &bus]);
+            assert_eq!(reply, Resp::Simple("OK".into()));
+        }
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = cluster.nodes.iter().all(|n| {
+                let info = n.cmd(&["CLUSTER", "INFO"]).text();
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{masters}\r"))
+                    && info.contains("cluster_slots_assigned:16384")
+            });
+            if ready {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form within 30 s: {}",
+                cluster.nodes[0].cmd(&["CLUSTER", "INFO"]).text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2`: the first two nodes as seeds (the client
+    /// learns the others from them).
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The node that holds `key`'s slot (the ranges are the ones [`RedisCluster::start`]
+    /// assigned; nothing moves slots in these tests).
+    pub fn owner(&self, key: &str) -> &RedisServer {
+        let slot = self.nodes[0].cmd(&["CLUSTER", "KEYSLOT", key]).int() as usize;
+        let per = 16384 / self.nodes.len();
+        &self.nodes[(slot / per).min(self.nodes.len() - 1)]
+    }
+
+    /// `KEYS pattern` over every node.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self.nodes.iter().flat_map(|n| n.keys(pattern)).collect();
+        keys.sort();
+        keys
+    }
+}
