@@ -14,9 +14,11 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
+use rustls::pki_types::CertificateDer;
 
 /// Everything the daemon needs to run, validated.
 #[derive(Clone, Debug)]
@@ -131,7 +133,9 @@ pub struct BackendConfig {
     pub url: UpstreamUrl,
     /// Relative share of requests (nginx-style `weight=N`, default 1).
     pub weight: u32,
-    /// Speak HTTP/2 with prior knowledge (`h2` option, or an `h2c://` URL).
+    /// Speak HTTP/2 only. Cleartext (`h2c://`, or `http://… h2`): with prior knowledge.
+    /// `https://… h2`: TLS offers only `h2` by ALPN. Without it an `https://` backend is
+    /// offered `h2` and `http/1.1` and spoken to in the protocol it picks.
     pub http2: bool,
 }
 
@@ -162,6 +166,9 @@ pub struct PoolConfig {
     /// Extra tries of an idempotent request that failed before any response byte
     /// (`UPSTREAM_RETRIES`, default 1; 0 disables).
     pub retries: u32,
+    /// CA certificates trusted for `https://` backends besides the system's
+    /// (`UPSTREAM_CA_FILE`); `None`: the system's only.
+    pub ca_file: Option<CaFile>,
     /// Below this percentage of backends up by health checks, all of them take traffic
     /// (`HEALTH_PANIC_THRESHOLD`, default 50; 0 disables).
     pub panic_threshold: u8,
@@ -170,6 +177,9 @@ pub struct PoolConfig {
 /// The parsed upstream base URL.
 #[derive(Clone, Debug)]
 pub struct UpstreamUrl {
+    /// `https://`: reached over TLS, the host sent as SNI and checked against the
+    /// certificate.
+    pub tls: bool,
     /// `host:port` used for connecting and as the upstream `Host` header.
     pub authority: http::uri::Authority,
     /// Path prefix without a trailing slash (`""` when the URL has no path).
@@ -177,16 +187,76 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    /// `https` or `http` (also for an `h2c://` backend: cleartext).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Builds the absolute upstream URI for a downstream `path_and_query`.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         let mut pq = String::with_capacity(self.path_prefix.len() + path_and_query.len());
         pq.push_str(&self.path_prefix);
         pq.push_str(path_and_query);
         Uri::builder()
-            .scheme("http")
+            .scheme(self.scheme())
             .authority(self.authority.clone())
             .path_and_query(pq)
             .build()
+    }
+}
+
+/// `UPSTREAM_CA_FILE`: one or more PEM CA certificates, read and checked at start-up.
+#[derive(Clone)]
+pub struct CaFile {
+    /// As configured (for `--check`).
+    pub path: String,
+    /// Each certificate of the file, DER, in file order; at least one, each usable as a
+    /// trust anchor.
+    pub certs: Arc<[CertificateDer<'static>]>,
+}
+
+/// The path and how many certificates: the bytes say nothing to a reader.
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaFile")
+            .field("path", &self.path)
+            .field("certificates", &self.certs.len())
+            .finish()
+    }
+}
+
+impl CaFile {
+    /// Reads `path`: every `CERTIFICATE` block of a PEM file (other blocks, such as a key,
+    /// are skipped). Errs, in words for the operator, when the file cannot be read, holds no
+    /// certificate, or a certificate is not usable as a CA.
+    pub fn load(path: &str) -> Result<CaFile, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("`{path}` is not a PEM file: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "`{path}` holds no certificate (expected PEM blocks -----BEGIN CERTIFICATE-----)"
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            roots.add(cert.clone()).map_err(|e| {
+                format!(
+                    "`{path}`: certificate {} is not usable as a CA certificate: {e}",
+                    i + 1
+                )
+            })?;
+        }
+        Ok(CaFile {
+            path: path.to_owned(),
+            certs: certs.into(),
+        })
     }
 }
 
@@ -281,7 +351,7 @@ const fn setting(name: &'static str, default: &'static str, help: &'static str) 
 
 /// Every setting the daemon reads, in the order of `.env.example`.
 pub const SETTINGS: &[Setting] = &[
-    setting("UPSTREAM_URL", "", "Base URL of the upstream, http://host:port[/prefix] (h2c:// for HTTP/2 with prior knowledge); required unless UPSTREAM_URLS is set"),
+    setting("UPSTREAM_URL", "", "Base URL of the upstream, http://host:port[/prefix] or https:// (TLS, certificate checked; HTTP/2 if the server picks it), h2c:// for HTTP/2 with prior knowledge; required unless UPSTREAM_URLS is set"),
     setting("DEFAULT_CACHE_EXPIRY_TIME_SECS", "2", "Freshness in seconds for storable responses without explicit freshness; 0 = RFC 9111 rules only (0-31536000)"),
     setting("DEFAULT_REFRESH_WINDOW_SECS", "60", "An entry requested within this many seconds before expiry is refreshed in the background, otherwise dropped; 0 = never refresh (0-31536000)"),
     setting("REQ_TIMEOUT", "10", "Upstream timeout in seconds, decimals allowed; exceeded -> 504 (0.001-86400)"),
@@ -299,9 +369,10 @@ pub const SETTINGS: &[Setting] = &[
     setting("STALE_RETENTION_SECS", "0", "Keep expired entries with validators this long after last use, to revalidate (304) instead of refetch (0-31536000)"),
     setting("STALE_IF_ERROR_SECS", "0", "On upstream failure, serve a stored copy up to this many seconds past expiry instead of the error; 0 = off (0-31536000)"),
     setting("CLIENT_CACHE_CONTROL", "safe", "Request Cache-Control directives obeyed: safe (no client can force origin fetches) or full"),
-    setting("UPSTREAM_URLS", "", "Several backends instead of UPSTREAM_URL: \"http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080 h2\"; takes precedence"),
+    setting("UPSTREAM_URLS", "", "Several backends instead of UPSTREAM_URL: \"http://10.0.0.1:8080 weight=3, https://api.internal h2\"; takes precedence"),
+    setting("UPSTREAM_CA_FILE", "", "PEM file of CA certificates trusted for https:// backends besides the system's (a private CA)"),
     setting("OPS_LISTEN_ADDR", "127.0.0.1:9000", "Operator listener for GET /status and /metrics (IP:port, port 0 allowed); off disables it (old name ADMIN_LISTEN_ADDR still read)"),
-    setting("CONNECT_TIMEOUT_SECS", "5", "TCP connect timeout to a backend, seconds (0.001-86400)"),
+    setting("CONNECT_TIMEOUT_SECS", "5", "Connect timeout to a backend, seconds: TCP connect, plus the TLS handshake for https (0.001-86400)"),
     setting("HEALTH_CHECK_PATH", "/health-check", "Path probed with GET on every backend; 2xx is healthy"),
     setting("HEALTH_CHECK_INTERVAL_SECS", "10", "Seconds between health probes; 0 = no active checks (0-86400)"),
     setting("HEALTH_CHECK_TIMEOUT_SECS", "2", "A probe slower than this many seconds failed (0.001-86400)"),
@@ -559,6 +630,10 @@ impl Config {
             max_idle_per_host: count("UPSTREAM_MAX_IDLE_PER_HOST", 64, 1..=100_000)? as usize,
             idle_timeout: seconds("UPSTREAM_IDLE_TIMEOUT_SECS", 4.0, 0.0..=DAY)?,
             retries: count("UPSTREAM_RETRIES", 1, 0..=10)?,
+            ca_file: match var("UPSTREAM_CA_FILE") {
+                None => None,
+                Some(path) => Some(CaFile::load(&path).map_err(|p| bad("UPSTREAM_CA_FILE", p))?),
+            },
             panic_threshold: match var("HEALTH_PANIC_THRESHOLD") {
                 None => 50,
                 Some(v) => match v.trim_end_matches('%').trim().parse::<u8>() {
@@ -677,16 +752,21 @@ impl Config {
     pub fn effective(&self) -> Vec<(&'static str, String)> {
         let secs = |d: Duration| d.as_secs_f64().to_string();
         let bytes = |n: usize| show_bytes(n as u64);
+        // `h2c://` for cleartext HTTP/2; `https://… h2` needs the option (UPSTREAM_URLS only).
         let url = |b: &BackendConfig| {
-            let scheme = if b.http2 { "h2c" } else { "http" };
+            let scheme = match (b.url.tls, b.http2) {
+                (false, true) => "h2c",
+                _ => b.url.scheme(),
+            };
             format!("{scheme}://{}{}", b.url.authority, b.url.path_prefix)
         };
+        let h2_option = |b: &BackendConfig| if b.url.tls && b.http2 { " h2" } else { "" };
         let (upstream_url, upstream_urls) = match self.backends.as_slice() {
-            [one] if one.weight == 1 => (url(one), String::new()),
+            [one] if one.weight == 1 && h2_option(one).is_empty() => (url(one), String::new()),
             list => (
                 String::new(),
                 list.iter()
-                    .map(|b| format!("{} weight={}", url(b), b.weight))
+                    .map(|b| format!("{}{} weight={}", url(b), h2_option(b), b.weight))
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
@@ -748,6 +828,12 @@ impl Config {
                 },
             ),
             ("UPSTREAM_URLS", upstream_urls),
+            (
+                "UPSTREAM_CA_FILE",
+                pool.ca_file
+                    .as_ref()
+                    .map_or_else(String::new, |ca| ca.path.clone()),
+            ),
             (
                 "OPS_LISTEN_ADDR",
                 self.ops_listen_addr
@@ -962,8 +1048,9 @@ pub fn redact_redis_password(url: &str) -> String {
 
 /// Parses `UPSTREAM_URLS`: comma-separated base URLs, each optionally followed by
 /// `weight=N` and `h2`, as in nginx's `upstream` block:
-/// `http://10.0.0.1:8080 weight=3, http://10.0.0.2:8080`.
-fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
+/// `http://10.0.0.1:8080 weight=3, https://10.0.0.2:8443 h2`. The error is the problem
+/// without the variable's name, so that another setting can take the same syntax.
+pub(crate) fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
     let mut backends = Vec::new();
     for raw_entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let entry = redact_userinfo(raw_entry);
@@ -994,17 +1081,18 @@ fn parse_backends(list: &str) -> Result<Vec<BackendConfig>, String> {
     Ok(backends)
 }
 
-/// Parses one base URL; `h2c://` means HTTP/2 with prior knowledge. Credentials
-/// (`user:password@`) are refused, and error messages show the URL without them: the
-/// authority is printed at startup, in `/status` and in metric labels, and sent as `Host`.
+/// Parses one base URL; `h2c://` means HTTP/2 with prior knowledge, `https://` TLS.
+/// Credentials (`user:password@`) are refused, and error messages show the URL without
+/// them: the authority is printed at startup, in `/status` and in metric labels, and sent
+/// as `Host`.
 fn parse_upstream(raw: &str) -> Result<(UpstreamUrl, bool), String> {
     let v = redact_userinfo(raw);
     let uri: Uri = raw.parse().map_err(|_| format!("`{v}` is not a URL"))?;
-    let http2 = match uri.scheme_str() {
-        Some("http") => false,
-        Some("h2c") => true,
-        Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
-        _ => return Err(format!("`{v}` must start with http://")),
+    let (tls, http2) = match uri.scheme_str() {
+        Some("http") => (false, false),
+        Some("h2c") => (false, true),
+        Some("https") => (true, false),
+        _ => return Err(format!("`{v}` must start with http:// or https://")),
     };
     let authority = uri
         .authority()
@@ -1021,6 +1109,7 @@ fn parse_upstream(raw: &str) -> Result<(UpstreamUrl, bool), String> {
     let path_prefix = uri.path().trim_end_matches('/').to_owned();
     Ok((
         UpstreamUrl {
+            tls,
             authority,
             path_prefix,
         },
@@ -1216,10 +1305,111 @@ mod tests {
             cfg(&[("UPSTREAM_URL", "ftp://x")]).unwrap_err().variable,
             "UPSTREAM_URL"
         );
+        for (k, v) in [
+            ("UPSTREAM_CA_FILE", "/nonexistent/ca.pem"),
+            ("UPSTREAM_URLS", "https://a:1 h3"),
+        ] {
+            assert_eq!(cfg(&[up, (k, v)]).unwrap_err().variable, k, "{k}={v}");
+        }
+    }
+
+    /// `https://` backends, alone or mixed with cleartext ones; `h2` on one means "offer only
+    /// h2", and `--check` writes it back in a form that reads back the same.
+    #[test]
+    fn https_backends() {
+        let c = cfg(&[("UPSTREAM_URL", "https://api.example.com/v1/")]).unwrap();
+        let b = &c.backends[0];
+        assert!(b.url.tls && !b.http2);
+        assert_eq!(b.url.authority.as_str(), "api.example.com");
         assert_eq!(
-            cfg(&[("UPSTREAM_URL", "https://x")]).unwrap_err().variable,
-            "UPSTREAM_URL"
+            b.url.uri_for("/x?a=1").unwrap().to_string(),
+            "https://api.example.com/v1/x?a=1"
         );
+        let c = cfg(&[(
+            "UPSTREAM_URLS",
+            "https://a:8443 weight=2 h2, http://b:80, h2c://c:81, https://d",
+        )])
+        .unwrap();
+        let got: Vec<_> = c
+            .backends
+            .iter()
+            .map(|b| (b.url.scheme(), b.url.authority.as_str(), b.weight, b.http2))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("https", "a:8443", 2, true),
+                ("http", "b:80", 1, false),
+                ("http", "c:81", 1, true),
+                ("https", "d", 1, false)
+            ]
+        );
+        let shown = c.effective();
+        let urls = &shown.iter().find(|(k, _)| *k == "UPSTREAM_URLS").unwrap().1;
+        assert_eq!(
+            urls,
+            "https://a:8443 h2 weight=2, http://b:80 weight=1, h2c://c:81 weight=1, https://d weight=1"
+        );
+        // A lone h2-only https backend needs the option, so it is shown as UPSTREAM_URLS.
+        let c = cfg(&[("UPSTREAM_URLS", "https://a:1 h2")]).unwrap();
+        let shown: std::collections::HashMap<_, _> = c.effective().into_iter().collect();
+        assert_eq!(
+            (
+                shown["UPSTREAM_URL"].as_str(),
+                shown["UPSTREAM_URLS"].as_str()
+            ),
+            ("", "https://a:1 h2 weight=1")
+        );
+    }
+
+    /// `UPSTREAM_CA_FILE`: every certificate of a PEM file is read (a key beside them is
+    /// skipped); a missing file, a file without certificates and a certificate that is not
+    /// DER are refused, naming the variable, in one line.
+    #[test]
+    fn ca_file_is_read_and_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("edgecache-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        };
+        // A self-signed CA (the one in rustls' own test data would do as well; any X.509
+        // certificate is a usable trust anchor).
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let two = write(
+            "two.pem",
+            &format!("{ca}\n-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{ca}"),
+        );
+        let up = ("UPSTREAM_URL", "https://127.0.0.1:1");
+        let c = cfg(&[up, ("UPSTREAM_CA_FILE", &two)]).unwrap();
+        assert_eq!(c.pool.ca_file.as_ref().unwrap().certs.len(), 2);
+        assert!(format!("{c:?}").contains("certificates: 2"));
+        // `--check` names the file; read back, it gives the same configuration.
+        let shown = c.effective();
+        let back: Vec<(&str, &str)> = shown.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(format!("{:?}", cfg(&back).unwrap()), format!("{c:?}"));
+        let missing = dir.join("missing.pem").to_string_lossy().into_owned();
+        let empty = write("empty.pem", "# nothing here\n");
+        let garbage = write(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        for (path, says) in [
+            (&missing, "cannot read"),
+            (&empty, "holds no certificate"),
+            (&garbage, "certificate 1 is not usable"),
+        ] {
+            let err = cfg(&[up, ("UPSTREAM_CA_FILE", path)]).unwrap_err();
+            assert_eq!(err.variable, "UPSTREAM_CA_FILE", "{err}");
+            assert!(err.problem.contains(says), "{err}");
+            assert_eq!(err.to_string().lines().count(), 1, "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Every duration setting with its range (seconds): the README documents the same.

@@ -34,7 +34,7 @@
 //!   flight), [`cache::expiry`] (one timer heap for all entries) and [`cache::status`] (the
 //!   `X-Cache-Status` verdict, shared with the metrics).
 //! * [`upstream`] — the backends: weighted balancing, health checks, circuit breakers,
-//!   pooled clients.
+//!   pooled clients; [`upstream::tls`] connects to `https://` ones (rustls).
 //! * [`error`] — failures as [`error::ProxyError`] (a kind and a side: upstream, downstream,
 //!   internal) and the one mapping from a failure to its status, body and headers; the
 //!   request body's fault ([`error::BodyFault`]) that travels back through hyper's error.
@@ -76,8 +76,9 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// Installs rustls's process-wide crypto provider, `ring`, once; every TLS user in the process
-/// (`rediss://` through redis-rs) builds its `rustls::ClientConfig` with the default provider.
+/// Installs rustls's process-wide crypto provider, `ring`, once: redis-rs (`rediss://`) builds
+/// its `rustls::ClientConfig` with the process default and offers no way to pass one. (HTTPS
+/// upstreams pass `ring` explicitly, src/upstream/tls.rs, and need nothing installed.)
 /// Called at the top of [`run`]; calling it again does nothing. `ring` and never `aws-lc-rs`:
 /// the latter's build needs cmake and clang (see Cargo.toml).
 pub fn install_crypto_provider() {

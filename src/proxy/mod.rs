@@ -220,7 +220,11 @@ impl Proxy {
             return Err(ErrorKind::HostNotServed.into());
         }
         match *req.method() {
-            Method::GET | Method::HEAD => self.lookup(req, down, key, trace).await,
+            Method::GET | Method::HEAD => {
+                // A GET or HEAD body has no defined meaning (RFC 9110 §9.3.1): it is not read.
+                let (parts, _body) = req.into_parts();
+                self.lookup(parts, down, key, trace).await
+            }
             Method::CONNECT => Err(ErrorKind::ConnectNotSupported.into()),
             _ => {
                 trace.cache = Some(CacheStatus::Bypass);
@@ -232,15 +236,15 @@ impl Proxy {
     /// GET/HEAD: serve from the store when possible, else fetch through the single flight.
     async fn lookup(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: http::request::Parts,
         down: &Downstream<'_>,
         key: String,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let head = req.method() == Method::HEAD;
+        let head = req.method == Method::HEAD;
         let now = Instant::now();
-        let client = decide::client_directives(req.headers(), &self.settings);
-        let base = self.cache.lookup(&key, req.headers()).map(|hit| hit.entry);
+        let client = decide::client_directives(&req.headers, &self.settings);
+        let base = self.cache.lookup(&key, &req.headers).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
         }
@@ -254,7 +258,7 @@ impl Proxy {
                 return Ok(respond::from_entry(
                     entry,
                     head,
-                    req.headers(),
+                    &req.headers,
                     CacheStatus::Hit,
                     now,
                 ));
@@ -269,7 +273,7 @@ impl Proxy {
                 return Ok(respond::from_entry(
                     entry,
                     head,
-                    req.headers(),
+                    &req.headers,
                     CacheStatus::Stale,
                     now,
                 ));
@@ -298,15 +302,14 @@ impl Proxy {
     /// Fetches a missing or stale entry once for all concurrent requesters.
     async fn fetch_coalesced(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        parts: http::request::Parts,
         down: &Downstream<'_>,
         key: String,
         base: Option<Arc<CachedResponse>>,
         status: CacheStatus,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let head = req.method() == Method::HEAD;
-        let (parts, _body) = req.into_parts();
+        let head = parts.method == Method::HEAD;
         let key: Arc<str> = self
             .cache
             .shared_key(&key)

@@ -1,5 +1,6 @@
 //! The upstream side: a pool of backends (`UPSTREAM_URL` or weighted `UPSTREAM_URLS`), each
-//! with its own keep-alive connection pool (HTTP/1.1, or HTTP/2 with prior knowledge), picked
+//! with its own keep-alive connection pool (HTTP/1.1, HTTP/2 with prior knowledge, or
+//! `https://` with HTTP/2 when the server picks it by ALPN: [`tls`]), picked
 //! by smooth weighted round-robin ([`balancer`]) among those whose health allows it
 //! ([`health`]: active probes plus a circuit breaker fed by live traffic; when too few are up
 //! by the probes, all of them — Envoy's panic threshold). Failures are classified into
@@ -16,6 +17,7 @@
 
 pub mod balancer;
 pub mod health;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +27,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Version};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -36,8 +37,9 @@ use crate::error::{chain, BodyFault, ProxyError, UpstreamError};
 use crate::metrics::{self, Histogram};
 use balancer::SmoothWeighted;
 use health::{Admission, Health, Probe, Thresholds, Transition};
+use tls::{Connector, TlsConfigs};
 
-type HttpClient = Client<HttpConnector, ProxyBody>;
+type HttpClient = Client<Connector, ProxyBody>;
 
 /// One backend's health-check loop (see [`Upstream::health_checks`]).
 pub type BoxedProbe = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -53,7 +55,7 @@ pub struct Backend {
     /// The same without idle connections: retries go out on a connection of their own, as
     /// the pool could hand out another connection the backend is closing.
     fresh: HttpClient,
-    connector: HttpConnector,
+    connector: Connector,
     max_idle_per_host: usize,
     /// The current idle timeout of `client`, in milliseconds.
     idle_timeout_ms: AtomicU64,
@@ -70,7 +72,7 @@ pub struct Backend {
 /// One backend as `GET /status` reports it (the field names are the JSON keys).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStatus {
-    /// `http://authority/prefix`, also for an `h2c://` backend.
+    /// `http://authority/prefix` (also for an `h2c://` backend) or `https://…`.
     pub url: String,
     pub weight: u32,
     pub http2: bool,
@@ -83,7 +85,7 @@ pub struct BackendStatus {
 }
 
 fn build_client(
-    connector: &HttpConnector,
+    connector: &Connector,
     http2: bool,
     idle_timeout: Duration,
     max_idle: usize,
@@ -99,11 +101,8 @@ fn build_client(
 }
 
 impl Backend {
-    fn new(cfg: &BackendConfig, pool: &PoolConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(pool.connect_timeout));
-        connector.enforce_http(false);
+    fn new(cfg: &BackendConfig, pool: &PoolConfig, tls: Option<&TlsConfigs>) -> Self {
+        let connector = Connector::new(cfg, pool, tls);
         let max_idle = if pool.idle_timeout.is_zero() {
             0
         } else {
@@ -351,30 +350,41 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The daemon's pool: `UPSTREAM_URL(S)` with the pool settings and `REQ_TIMEOUT`.
     pub fn new(config: &Config) -> Self {
-        let backends: Vec<Arc<Backend>> = config
-            .backends
+        Self::from_parts(&config.backends, &config.pool, config.upstream_timeout)
+    }
+
+    /// A pool of `backends` (not empty: the configuration parsers refuse an empty list)
+    /// governed by `pool`, each exchange within `timeout`.
+    pub fn from_parts(backends: &[BackendConfig], pool: &PoolConfig, timeout: Duration) -> Self {
+        // Loads the system's roots: only when some backend needs them.
+        let tls = backends
             .iter()
-            .map(|b| Arc::new(Backend::new(b, &config.pool)))
+            .any(|b| b.url.tls)
+            .then(|| TlsConfigs::new(pool.ca_file.as_ref()));
+        let backends: Vec<Arc<Backend>> = backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(b, pool, tls.as_ref())))
             .collect();
         Upstream {
             weights: backends.iter().map(|b| b.weight).collect(),
             panic: Arc::new(PanicMode {
                 total: backends.len(),
-                threshold: config.pool.panic_threshold,
+                threshold: pool.panic_threshold,
                 up: Mutex::new(backends.len()),
                 on: AtomicBool::new(false),
             }),
             backends,
             balancer: Mutex::default(),
             thresholds: Thresholds {
-                probe_failures: config.pool.failure_threshold,
-                probe_recoveries: config.pool.recovery_threshold,
-                breaker_failures: config.pool.breaker_threshold,
-                breaker_cooldown: config.pool.breaker_cooldown,
+                probe_failures: pool.failure_threshold,
+                probe_recoveries: pool.recovery_threshold,
+                breaker_failures: pool.breaker_threshold,
+                breaker_cooldown: pool.breaker_cooldown,
             },
-            timeout: config.upstream_timeout,
-            pool: config.pool.clone(),
+            timeout,
+            pool: pool.clone(),
         }
     }
 
@@ -651,7 +661,12 @@ impl Upstream {
         self.backends
             .iter()
             .map(|b| BackendStatus {
-                url: format!("http://{}{}", b.url.authority, b.url.path_prefix),
+                url: format!(
+                    "{}://{}{}",
+                    b.url.scheme(),
+                    b.url.authority,
+                    b.url.path_prefix
+                ),
                 weight: b.weight,
                 http2: b.http2,
                 state: b.health().state(),

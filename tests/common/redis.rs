@@ -177,23 +177,25 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     pub fn generate() -> TlsFiles {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
         let dir = TempDir::new("redis-tls");
         let new_ca = |name: &str| {
-            let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.distinguished_name.push(DnType::CommonName, name);
-            let cert = params.self_signed(&key).unwrap();
-            (cert, key)
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
         };
-        let (ca, ca_key) = new_ca("edgecache test CA");
-        let (wrong_ca, _) = new_ca("edgecache wrong CA");
+        let ca = new_ca("edgecache test CA");
+        let wrong_ca = new_ca("edgecache wrong CA");
         let server_key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, "redis");
-        let server = params.signed_by(&server_key, &ca, &ca_key).unwrap();
+        let server = params.signed_by(&server_key, &ca).unwrap();
         let write = |name: &str, pem: String| {
             let path = dir.path.join(name);
             fs::write(&path, pem).unwrap();
