@@ -390,7 +390,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_HEADER_BYTES", "64KiB", "Request line + headers above this: 431/414 (8KiB-1MiB)"),
     setting("MAX_CONNECTIONS", "10000", "Open client connections at most; more wait in the listen backlog (1-1000000)"),
     setting("MAX_REQUEST_BODY_BYTES", "0", "Pass-through request bodies above this: 413; 0 = no limit (0-1TiB)"),
-    setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db]; empty = none"),
+    setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db], rediss:// for TLS, redis+cluster://host:port,host:port (rediss+cluster://) for a Redis Cluster; empty = none"),
+    setting("REDIS_CA_FILE", "", "PEM file of the CA(s) that sign the Redis server's certificate (rediss:// only); empty = the system's roots"),
     setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
     setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
 ];
@@ -398,9 +399,12 @@ pub const SETTINGS: &[Setting] = &[
 /// Where and how the shared tier is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host[:port][/db]`, as given (it may hold a password: never
-    /// logged or shown).
+    /// `redis://[user:password@]host[:port][/db]` (`rediss://` for TLS), as given (it may hold
+    /// a password: never logged or shown).
     pub url: String,
+    /// `REDIS_CA_FILE`: the path as given and the PEM read from it at start-up; `None`: the
+    /// system's roots. Certificates and host names are always checked.
+    pub ca: Option<(String, Vec<u8>)>,
     /// Each Redis operation on the request path gives up after this (`REDIS_TIMEOUT_MS`).
     pub timeout: Duration,
     /// Larger responses stay in this instance's memory only (`REDIS_MAX_OBJECT_BYTES`).
@@ -554,6 +558,16 @@ impl Config {
             Some(url) => {
                 let url = url.trim().to_string();
                 check_redis_url(&url).map_err(|p| bad("REDIS_URL", p))?;
+                let ca = match var("REDIS_CA_FILE").filter(|v| !v.trim().is_empty()) {
+                    None => None,
+                    Some(path) => {
+                        let path = path.trim().to_string();
+                        Some((
+                            path.clone(),
+                            read_redis_ca(&url, &path).map_err(|p| bad("REDIS_CA_FILE", p))?,
+                        ))
+                    }
+                };
                 let timeout_ms = match var("REDIS_TIMEOUT_MS") {
                     None => 50,
                     Some(v) => match v.trim().parse::<u64>() {
@@ -570,6 +584,7 @@ impl Config {
                 };
                 Some(RedisConfig {
                     url,
+                    ca,
                     timeout: Duration::from_millis(timeout_ms),
                     max_object_bytes: byte_size("REDIS_MAX_OBJECT_BYTES", 1 << 20, 0..=TIB)?,
                 })
@@ -865,6 +880,13 @@ impl Config {
                 },
             ),
             (
+                "REDIS_CA_FILE",
+                self.redis
+                    .as_ref()
+                    .and_then(|r| r.ca.as_ref())
+                    .map_or(String::new(), |(path, _)| path.clone()),
+            ),
+            (
                 "REDIS_TIMEOUT_MS",
                 self.redis
                     .as_ref()
@@ -882,15 +904,50 @@ impl Config {
     }
 }
 
-/// `REDIS_URL` must be `redis://host[:port][/db]` (with optional `user:password@`); TLS
-/// (`rediss://`) is not supported yet, and says so rather than fail later.
+/// `REDIS_URL` must be `redis://host[:port][/db]` or, for TLS, `rediss://…` (with optional
+/// `user:password@`), or a Cluster's `redis+cluster://` / `rediss+cluster://` seed list
+/// ([`redis_cluster_nodes`]). redis-rs's `#insecure` (no certificate checks) is refused: certificates
+/// and host names are always checked.
 fn check_redis_url(url: &str) -> Result<(), String> {
-    let Some(rest) = url.strip_prefix("redis://") else {
-        if url.starts_with("rediss://") {
-            return Err("`rediss://` (TLS) is not supported yet: use redis:// on a trusted network or a local TLS tunnel".into());
+    if let Some(nodes) = redis_cluster_nodes(url) {
+        let rest = url.split_once("://").map_or("", |(_, r)| r);
+        if rest.contains('#') {
+            return Err("has a `#` fragment: `#insecure` (no certificate checks) is not supported, and nothing else is".into());
         }
-        return Err("must start with redis://, e.g. redis://127.0.0.1:6379".into());
+        if let Some((_, db)) = rest.split_once('/') {
+            if !db.is_empty() && db != "0" {
+                return Err(format!(
+                    "database `{db}`: a Redis Cluster has only database 0"
+                ));
+            }
+        }
+        if nodes.is_empty() {
+            return Err("has no host: expected redis+cluster://host:port[,host:port…]".into());
+        }
+        for node in &nodes {
+            let host = node.split_once("://").map_or("", |(_, r)| r);
+            let host = host.rsplit('@').next().unwrap_or("");
+            if host.is_empty() || host.starts_with(':') || host.contains(char::is_whitespace) {
+                return Err(format!(
+                    "has an empty or invalid node `{}`: expected redis+cluster://host:port[,host:port…]",
+                    redact_redis_password(node)
+                ));
+            }
+            redis::Client::open(node.as_str()).map_err(|e| {
+                format!("node `{}` is not usable: {e}", redact_redis_password(node))
+            })?;
+        }
+        return Ok(());
+    }
+    let Some(rest) = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+    else {
+        return Err("must start with redis:// (or rediss:// for TLS, redis+cluster:// or rediss+cluster:// for a Redis Cluster), e.g. redis://127.0.0.1:6379".into());
     };
+    if rest.contains('#') {
+        return Err("has a `#` fragment: `#insecure` (no certificate checks) is not supported, and nothing else is".into());
+    }
     let authority = rest.split('/').next().unwrap_or("");
     let host = authority.rsplit('@').next().unwrap_or("");
     if host.is_empty() || host.contains(char::is_whitespace) {
@@ -911,9 +968,69 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("is not a usable Redis URL: {e}"))
 }
 
-/// `url` with any password replaced by `<redacted>` (for `--check`).
+/// Whether `url` asks for TLS.
+pub fn redis_tls(url: &str) -> bool {
+    url.starts_with("rediss://") || url.starts_with("rediss+cluster://")
+}
+
+/// For a Redis Cluster URL — `redis+cluster://[user:password@]host:port[,host:port…][/0]`,
+/// `rediss+cluster://…` with TLS — one `redis://` (`rediss://`) URL per seed node, each with
+/// the credentials; `None` for any other URL. The seeds are where the client starts: it
+/// learns the other nodes and the slots from them (`CLUSTER SLOTS`).
+pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else {
+        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    };
+    let authority = rest.split(['/', '#']).next().unwrap_or("");
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{userinfo}{h}"))
+            .collect(),
+    )
+}
+
+/// Reads `REDIS_CA_FILE` for `url`: only with TLS, a readable file, at least one PEM
+/// certificate that rustls accepts as a trust anchor.
+fn read_redis_ca(url: &str, path: &str) -> Result<Vec<u8>, String> {
+    if !redis_tls(url) {
+        return Err("is only used with TLS: REDIS_URL must start with rediss://".into());
+    }
+    let pem = std::fs::read(path).map_err(|e| format!("`{path}` cannot be read: {e}"))?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(format!(
+            "`{path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.clone()),
+    };
+    // A cluster's seeds share the scheme: the first stands for all.
+    let probe = redis_cluster_nodes(url)
+        .and_then(|nodes| nodes.into_iter().next())
+        .unwrap_or_else(|| url.to_string());
+    redis::Client::build_with_tls(probe.as_str(), certs)
+        .map(drop)
+        .map_err(|e| format!("`{path}` is not a usable CA file: {e}"))?;
+    Ok(pem)
+}
+
+/// `url` with any password replaced by `<redacted>` (for `--check`), whatever the scheme
+/// (`redis://`, `rediss://`, …).
 pub fn redact_redis_password(url: &str) -> String {
-    let Some(rest) = url.strip_prefix("redis://") else {
+    let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let (authority, path) = rest
@@ -923,7 +1040,7 @@ pub fn redact_redis_password(url: &str) -> String {
         Some((userinfo, host)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or("");
             let path = path.map_or(String::new(), |p| format!("/{p}"));
-            format!("redis://{user}:<redacted>@{host}{path}")
+            format!("{scheme}://{user}:<redacted>@{host}{path}")
         }
         _ => url.to_string(),
     }
@@ -1601,8 +1718,9 @@ mod tests {
         );
         for (bad, var) in [
             ("http://x", "REDIS_URL"),
-            ("rediss://x", "REDIS_URL"),
+            ("rediss://x/#insecure", "REDIS_URL"),
             ("redis://", "REDIS_URL"),
+            ("rediss://", "REDIS_URL"),
             ("redis://h/abc", "REDIS_URL"),
         ] {
             let err = cfg(&[up, ("REDIS_URL", bad)]).unwrap_err();
@@ -1611,6 +1729,108 @@ mod tests {
         let err = cfg(&[up, ("REDIS_URL", "redis://h"), ("REDIS_TIMEOUT_MS", "0")]).unwrap_err();
         assert_eq!(err.variable, "REDIS_TIMEOUT_MS");
         assert_eq!(redact_redis_password("redis://u@h:1"), "redis://u@h:1");
+        assert_eq!(
+            redact_redis_password("rediss://u:pw@h:1/0"),
+            "rediss://u:<redacted>@h:1/0"
+        );
+        assert_eq!(
+            redact_redis_password("redis+cluster://:pw@h1:7000,h2:7001"),
+            "redis+cluster://:<redacted>@h1:7000,h2:7001"
+        );
+    }
+
+    /// A Redis Cluster: `redis+cluster://` (or `rediss+cluster://`) with comma-separated seed
+    /// nodes, the credentials shared by all; only database 0.
+    #[test]
+    fn a_cluster_url_names_its_seed_nodes() {
+        assert_eq!(redis_cluster_nodes("redis://h:1"), None);
+        assert_eq!(
+            redis_cluster_nodes("redis+cluster://u:pw@10.0.0.1:7000, 10.0.0.2:7001/0"),
+            Some(vec![
+                "redis://u:pw@10.0.0.1:7000".to_string(),
+                "redis://u:pw@10.0.0.2:7001".to_string()
+            ])
+        );
+        assert_eq!(
+            redis_cluster_nodes("rediss+cluster://h1:7000"),
+            Some(vec!["rediss://h1:7000".to_string()])
+        );
+        assert!(redis_tls("rediss+cluster://h1:7000"));
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let c = cfg(&[up, ("REDIS_URL", "redis+cluster://:pw@h1:7000,h2:7001")]).unwrap();
+        assert_eq!(
+            c.effective()
+                .into_iter()
+                .find(|(n, _)| *n == "REDIS_URL")
+                .unwrap()
+                .1,
+            "redis+cluster://:<redacted>@h1:7000,h2:7001"
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h1:7000,,:7001",
+            "redis+cluster://h1:7000/1",
+            "rediss+cluster://h1:7000/#insecure",
+        ] {
+            let err = cfg(&[up, ("REDIS_URL", bad)]).unwrap_err();
+            assert_eq!(err.variable, "REDIS_URL", "{bad}: {err}");
+        }
+    }
+
+    /// `rediss://` is TLS with the system's roots, or with `REDIS_CA_FILE`'s; the CA file is
+    /// read and checked at start-up, and refused without TLS.
+    #[test]
+    fn rediss_takes_an_optional_ca_file() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let c = cfg(&[up, ("REDIS_URL", "rediss://:pw@redis.internal:6380")]).unwrap();
+        let r = c.redis.clone().unwrap();
+        assert!(redis_tls(&r.url));
+        assert_eq!(r.ca, None);
+        let shown: Vec<_> = c
+            .effective()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("REDIS"))
+            .collect();
+        assert_eq!(
+            shown[0].1, "rediss://:<redacted>@redis.internal:6380",
+            "{shown:?}"
+        );
+        assert_eq!(shown[1], ("REDIS_CA_FILE", String::new()));
+
+        let dir = std::env::temp_dir().join(format!("edgecache-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["redis.internal".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let ca_path = ca.to_str().unwrap();
+        let c = cfg(&[
+            up,
+            ("REDIS_URL", "rediss://redis.internal:6380"),
+            ("REDIS_CA_FILE", ca_path),
+        ])
+        .unwrap();
+        let r = c.redis.clone().unwrap();
+        assert_eq!(r.ca.as_ref().unwrap().0, ca_path);
+        assert!(c
+            .effective()
+            .contains(&("REDIS_CA_FILE", ca_path.to_string())));
+        // Without TLS, a file that is not there, a file without a certificate.
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        for (url, file) in [
+            ("redis://redis.internal:6380", ca_path),
+            ("rediss://redis.internal:6380", "/nonexistent/ca.pem"),
+            ("rediss://redis.internal:6380", not_pem.to_str().unwrap()),
+        ] {
+            let err = cfg(&[up, ("REDIS_URL", url), ("REDIS_CA_FILE", file)]).unwrap_err();
+            assert_eq!(err.variable, "REDIS_CA_FILE", "{url} {file}: {err}");
+        }
+        // Unused without REDIS_URL.
+        assert_eq!(
+            cfg(&[up, ("REDIS_CA_FILE", "/nonexistent")]).unwrap().redis,
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

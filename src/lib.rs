@@ -84,6 +84,19 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
+/// Installs rustls's process-wide crypto provider, `ring`, once: redis-rs (`rediss://`) builds
+/// its `rustls::ClientConfig` with the process default and offers no way to pass one. (HTTPS
+/// upstreams pass `ring` explicitly, src/upstream/tls.rs, and need nothing installed.)
+/// Called at the top of [`run`]; calling it again does nothing. `ring` and never `aws-lc-rs`:
+/// the latter's build needs cmake and clang (see Cargo.toml).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: another provider was installed first (by an embedding program): keep it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Runs the proxy on an already bound `listener` (and the operator routes on `ops`, when
 /// given) until `shutdown` resolves, in-flight requests have drained and background work
 /// (expiry, health probes, refreshes, the operator listener and its connections) has been
@@ -95,6 +108,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), supervise::PanickedInShutdown> {
+    install_crypto_provider();
     let proxy = Arc::new(proxy::Proxy::new(config));
     if let Some(l) = ops {
         // On the background tree: up while connections drain, cancelled with the rest.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::{Edgecache, TempDir, DEADLINE};
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer, TlsFiles};
 use common::{get, reply, Got, Origin};
 
 /// The `Host` every request sends, whichever instance it goes to.
@@ -543,6 +543,352 @@ async fn redis_down_never_fails_a_request() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// `rediss://`: a Redis that speaks only TLS, with a certificate from a private CA
+/// (`REDIS_CA_FILE`). A key fetched through A is a `detail=redis` hit on B; one upstream
+/// request for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_rediss_shares_a_key() {
+    bounded(async {
+        let tls = TlsFiles::generate();
+        let redis = RedisServer::start_tls(&tls);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        assert!(url.starts_with("rediss://"), "{url}");
+        let ca = tls.ca.to_str().unwrap();
+        let env = [("REDIS_CA_FILE", ca)];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+
+        let warmed = a.get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        a.wait_writes(1.0, &redis).await;
+        assert_eq!(redis.keys("ec1:{*}:v:*").len(), 1, "{:?}", redis.keys("*"));
+        let got = b.get_ok("/k").await;
+        assert_from_redis(&got, "GET /k on B over rediss://");
+        assert_eq!(got.text(), warmed.text());
+        assert_eq!(origin.hits("/k"), 1, "one upstream request for the fleet");
+        for node in [&a, &b] {
+            assert_eq!(node.breaker_open().await, 0.0, "{}", node.name);
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// `rediss://` to a server whose certificate the configured CA did not sign: the handshake
+/// fails, Redis counts as down (errors, then the breaker), and every request is still
+/// answered — each key fetched at most once per instance, nothing written to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_is_redis_down_never_a_failed_request() {
+    bounded(async {
+        let tls = TlsFiles::generate();
+        let redis = RedisServer::start_tls(&tls);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let wrong = tls.wrong_ca.to_str().unwrap();
+        let env = [("REDIS_CA_FILE", wrong)];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        for i in 0..60 {
+            let node = if (i / 10) % 2 == 0 { &a } else { &b };
+            let path = format!("/tls/{}", i % 10);
+            let got = node.get(&path).await;
+            assert_eq!(
+                got.status,
+                200,
+                "request {i} ({} {path}): {got:?}; stderr:\n{}",
+                node.name,
+                node.proc.stderr()
+            );
+        }
+        for k in 0..10 {
+            let path = format!("/tls/{k}");
+            let hits = origin.hits(&path);
+            assert!(
+                (1..=2).contains(&hits),
+                "{path} went upstream {hits} times for 2 instances"
+            );
+        }
+        let mut extra = 0;
+        let opened = until(Duration::from_secs(20), || {
+            extra += 1;
+            let path = format!("/tls/extra/{extra}");
+            let a = &a;
+            async move {
+                assert_eq!(a.get(&path).await.status, 200, "A {path}");
+                a.breaker_open().await == 1.0
+            }
+        })
+        .await;
+        assert!(
+            opened,
+            "the breaker never opened against a certificate it must refuse:\n{}",
+            redis_lines(&a.metrics().await)
+        );
+        for node in [&a, &b] {
+            assert!(
+                node.redis_requests("get", "error").await >= 1.0,
+                "{}: failed handshakes count as errors:\n{}",
+                node.name,
+                redis_lines(&node.metrics().await)
+            );
+            assert_eq!(node.redis_requests("get", "hit").await, 0.0);
+            node.assert_no_panic();
+        }
+        assert_eq!(
+            redis.dbsize(),
+            0,
+            "nothing reached Redis: {:?}",
+            redis.keys("*")
+        );
+    })
+    .await
+}
+
+/// What one request of [`Load`] got: its phase, instance, path, and status (`None`: the
+/// connection failed or the response did not arrive whole).
+type Outcome = (usize, usize, String, Option<u16>);
+
+/// Continuous client load on a fleet until stopped: `workers` tasks, each sending GETs one
+/// after another, round-robin over the instances, alternating a warm key (`/w/0..10`) and a
+/// cold key of the current phase (`/cold{phase}/0..20`).
+struct Load {
+    phase: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    outcomes: Arc<std::sync::Mutex<Vec<Outcome>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    const WARM: usize = 10;
+    const COLD: usize = 20;
+
+    fn start(addrs: Vec<SocketAddr>, workers: usize) -> Load {
+        let phase = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let outcomes: Arc<std::sync::Mutex<Vec<Outcome>>> = Arc::default();
+        let tasks = (0..workers)
+            .map(|w| {
+                let (addrs, phase, stop, outcomes) =
+                    (addrs.clone(), phase.clone(), stop.clone(), outcomes.clone());
+                tokio::spawn(async move {
+                    let mut i = w;
+                    // Bounded in count as well as by `stop`.
+                    while !stop.load(Ordering::SeqCst) && i < 1_000_000 {
+                        let p = phase.load(Ordering::SeqCst);
+                        let n = i % addrs.len();
+                        let path = if i % 2 == 0 {
+                            format!("/w/{}", (i / 2) % Self::WARM)
+                        } else {
+                            format!("/cold{p}/{}", (i / 2) % Self::COLD)
+                        };
+                        let addr = addrs[n];
+                        let req = path.clone();
+                        // `get` panics on a connection error: in its own task, that is an Err.
+                        let status =
+                            tokio::spawn(
+                                async move { get(addr, &req, &[("host", HOST)]).await.status },
+                            )
+                            .await
+                            .ok();
+                        outcomes.lock().unwrap().push((p, n, path, status));
+                        i += workers;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            phase,
+            stop,
+            outcomes,
+            tasks,
+        }
+    }
+
+    fn set_phase(&self, p: usize) {
+        self.phase.store(p, Ordering::SeqCst);
+    }
+
+    fn outcomes(&self) -> Vec<Outcome> {
+        self.outcomes.lock().unwrap().clone()
+    }
+
+    /// Requests answered so far.
+    fn count(&self) -> usize {
+        self.outcomes.lock().unwrap().len()
+    }
+
+    /// Whether every instance of `instances` was asked (and answered) every cold key of
+    /// `phase`.
+    fn covered(&self, phase: usize, instances: usize) -> bool {
+        let seen: std::collections::HashSet<(usize, String)> = self
+            .outcomes()
+            .into_iter()
+            .filter(|(p, _, path, status)| {
+                *p == phase && path.starts_with("/cold") && status.is_some()
+            })
+            .map(|(_, n, path, _)| (n, path))
+            .collect();
+        seen.len() == instances * Self::COLD
+    }
+
+    async fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.outcomes.lock().unwrap().clone()
+    }
+}
+
+/// Redis killed (SIGKILL) and restarted empty on the same port under continuous load on 3
+/// instances (warm and cold keys): not one request fails (no 5xx, no connection error);
+/// while Redis is away each cold key goes upstream at most once per instance (each serves
+/// its own copy from memory); after it is back the fleet works again — a purge is
+/// acknowledged 3 of 3, and a new cold key asked of all three at once is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_under_load() {
+    bounded(async {
+        let mut redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let nodes = [
+            Node::start("A", &origin, Some(&url), &env).await,
+            Node::start("B", &origin, Some(&url), &env).await,
+            Node::start("C", &origin, Some(&url), &env).await,
+        ];
+        // The warm keys: fetched once through A, in Redis, then in every instance's memory.
+        for k in 0..Load::WARM {
+            nodes[0].get_ok(&format!("/w/{k}")).await;
+        }
+        nodes[0].wait_writes(Load::WARM as f64, &redis).await;
+        for node in &nodes[1..] {
+            for k in 0..Load::WARM {
+                node.get_ok(&format!("/w/{k}")).await;
+            }
+        }
+        for k in 0..Load::WARM {
+            assert_eq!(origin.hits(&format!("/w/{k}")), 1, "/w/{k} was shared");
+        }
+
+        let load = Load::start(nodes.iter().map(Node::addr).collect(), 6);
+        assert!(
+            until(Duration::from_secs(20), || async { load.covered(0, 3) }).await,
+            "the load got going ({} requests)",
+            load.count()
+        );
+
+        redis.kill();
+        load.set_phase(1);
+        let away = until(Duration::from_secs(30), || async {
+            if !load.covered(1, 3) {
+                return false;
+            }
+            for node in &nodes {
+                if node.breaker_open().await != 1.0 {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(
+            away,
+            "with Redis down, every instance served every cold key and opened its breaker; \
+             breakers: A {} B {} C {}",
+            nodes[0].breaker_open().await,
+            nodes[1].breaker_open().await,
+            nodes[2].breaker_open().await
+        );
+        for k in 0..Load::COLD {
+            let path = format!("/cold1/{k}");
+            let hits = origin.hits(&path);
+            assert!(
+                (1..=3).contains(&hits),
+                "{path} went upstream {hits} times with Redis away (at most once per instance)"
+            );
+        }
+
+        redis.restart();
+        load.set_phase(2);
+        // The fleet is back once a purge is acknowledged by all three instances (each has
+        // its heartbeat in the new Redis and reads the purge stream again).
+        let last = std::sync::Mutex::new(String::new());
+        let acked = until(Duration::from_secs(60), || async {
+            let reply = nodes[0].purge("/w/0").await;
+            let text = format!("{} {}", reply.status, reply.text());
+            let ok = reply.status == 200 && text.contains("\"acks\":3,\"instances\":3");
+            *last.lock().unwrap() = text;
+            ok
+        })
+        .await;
+        assert!(
+            acked,
+            "no purge acknowledged 3 of 3 after Redis came back: {}",
+            last.lock().unwrap()
+        );
+        // A new cold key asked of all three at once: one upstream request for the fleet.
+        // (`/slow…` answers after 300 ms, so the three asks overlap the one fetch.)
+        let mut round = 0;
+        let shared = until(Duration::from_secs(30), || {
+            round += 1;
+            let path = format!("/slow-fresh/{round}");
+            let nodes = &nodes;
+            let origin = &origin;
+            async move {
+                let asks: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        let (addr, path) = (n.addr(), path.clone());
+                        tokio::spawn(async move { get(addr, &path, &[("host", HOST)]).await })
+                    })
+                    .collect();
+                let mut bodies = std::collections::HashSet::new();
+                for ask in asks {
+                    let got = ask.await.unwrap();
+                    assert_eq!(got.status, 200, "{path}: {got:?}");
+                    bodies.insert(got.text());
+                }
+                origin.hits(&path) == 1 && bodies.len() == 1
+            }
+        })
+        .await;
+        assert!(
+            shared,
+            "a new cold key was not fetched once for the fleet after recovery ({round} tried)"
+        );
+        let before = load.count();
+        assert!(
+            until(Duration::from_secs(20), || async {
+                load.count() >= before + 100
+            })
+            .await,
+            "the load went on after recovery"
+        );
+
+        let outcomes = load.stop().await;
+        let failed: Vec<_> = outcomes.iter().filter(|o| o.3 != Some(200)).collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed (5xx or connection error), e.g. {:?}",
+            failed.len(),
+            outcomes.len(),
+            &failed[..failed.len().min(10)]
+        );
+        for phase in 0..3 {
+            assert!(
+                outcomes.iter().any(|o| o.0 == phase),
+                "load in phase {phase}"
+            );
+        }
+        for node in &nodes {
             node.assert_no_panic();
         }
     })
@@ -1182,6 +1528,148 @@ async fn a_small_redis_evicts_entries_but_not_the_purge_stream() {
     .await
 }
 
+/// The log line of an instance that found the purge stream lost or trimmed and dropped its
+/// memory tier (the safe answer to purges it may have missed).
+fn dropped_memory_tier(node: &Node) -> bool {
+    node.proc
+        .stderr()
+        .contains("dropping this instance's memory tier")
+        || node.proc.stderr().contains("dropping its memory tier")
+}
+
+/// Redis with a small `maxmemory` and `allkeys-lru`: any key may be evicted — entries,
+/// indexes, leases, the purge stream. Under a load of 64 KiB entries asked of both instances
+/// at once (they race for each fetch's lease) every request is answered 200, and promptly (a
+/// waiter whose holder's lease was evicted takes the fetch over; it is never stranded until
+/// `REQ_TIMEOUT`). A purge is still applied by both instances: B acknowledges it, or — if the
+/// stream it was announced on had been evicted — B found the stream begun anew and dropped
+/// its whole memory tier. Losing the stream outright (deleted here, as an eviction would)
+/// makes every other instance do exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allkeys_lru_evicts_anything_and_purges_still_hold() {
+    bounded(async {
+        let redis =
+            RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+        // /p is in both instances' memory before the load.
+        let old = a.get_ok("/p").await.text();
+        a.wait_writes(1.0, &redis).await;
+        assert_eq!(b.get_ok("/p").await.text(), old);
+        assert_l1_hit(&b.get_ok("/p").await, "B holds /p");
+
+        // 64 distinct 64 KiB responses (4 MiB through a 2 MiB Redis), each asked of A and B
+        // at the same moment.
+        for i in 0..64 {
+            let path = format!("/big-all{i}");
+            let started = Instant::now();
+            let asks: Vec<_> = [a.addr(), b.addr()]
+                .into_iter()
+                .map(|addr| {
+                    let path = path.clone();
+                    tokio::spawn(async move { get(addr, &path, &[("host", HOST)]).await })
+                })
+                .collect();
+            for ask in asks {
+                let got = ask.await.unwrap();
+                assert_eq!(got.status, 200, "{path}: {got:?}");
+                assert_eq!(got.body.len(), 64 << 10, "{path}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(6),
+                "{path} took {:?}: a waiter was stranded on a lost lease",
+                started.elapsed()
+            );
+            assert!(origin.hits(&path) <= 2, "{path}: {}", origin.hits(&path));
+        }
+        assert!(
+            redis.keys("ec1:{*}:v:*").len() < 64,
+            "Redis evicted entries: {} left",
+            redis.keys("ec1:{*}:v:*").len()
+        );
+
+        // A purge under eviction: applied by both.
+        let reply = a.purge("/p").await;
+        assert!(reply.status == 200 || reply.status == 202, "{reply:?}");
+        let applied = until(Duration::from_secs(10), || async {
+            let acked = redis
+                .keys("ec1:acks:*")
+                .iter()
+                .any(|k| redis.cmd(&["SCARD", k]).int() == 2);
+            acked || dropped_memory_tier(&b)
+        })
+        .await;
+        assert!(
+            applied,
+            "B neither acknowledged the purge nor dropped its memory: {}; stderr:\n{}",
+            reply.text(),
+            b.proc.stderr()
+        );
+        assert_ne!(b.get_ok("/p").await.text(), old, "B served the purged copy");
+
+        // The stream lost outright (as an eviction would): the next purge begins it anew, and
+        // B, whose cursor was in the old one, drops its memory tier.
+        let held = b.get_ok("/held").await.text();
+        assert_l1_hit(&b.get_ok("/held").await, "B holds /held");
+        redis.cmd(&["DEL", "ec1:purges"]);
+        let reply = a.purge("/other").await;
+        assert!(reply.status == 200 || reply.status == 202, "{reply:?}");
+        assert!(
+            until(Duration::from_secs(10), || async {
+                dropped_memory_tier(&b)
+            })
+            .await,
+            "B did not notice the lost stream; stderr:\n{}",
+            b.proc.stderr()
+        );
+        // /held is no longer in B's memory: B reads it from Redis again (or fetches it).
+        let again = b.get_ok("/held").await;
+        assert!(
+            again.cache() == "MISS" || cache_status(&again).contains("detail=redis"),
+            "B dropped its memory tier, /held included: {again:?}"
+        );
+        assert!(again.text() == held || again.cache() == "MISS", "{again:?}");
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// A stored copy whose entry in its path's index is gone (evicted: the index and the hash
+/// are separate keys, either may go first) is not served from Redis: purges find copies
+/// through the index, so one it no longer lists must not outlive a purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_missing_from_its_index_is_not_served() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let a = Node::start("A", &origin, Some(&url), &[]).await;
+        let b = Node::start("B", &origin, Some(&url), &[]).await;
+        a.get_ok("/orphan").await;
+        a.wait_writes(1.0, &redis).await;
+        let index = redis.keys("ec1:{*}:i:/orphan");
+        assert_eq!(index.len(), 1, "{:?}", redis.keys("*"));
+        redis.cmd(&["DEL", &index[0]]);
+        assert_eq!(
+            redis.keys("ec1:{*}:v:*").len(),
+            1,
+            "the hash is still there"
+        );
+        let got = b.get_ok("/orphan").await;
+        assert_eq!(got.cache(), "MISS", "B fetched its own: {got:?}");
+        assert_eq!(origin.hits("/orphan"), 2);
+        for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
 /// A hot key is refreshed once for the fleet, not once per instance: both instances hold
 /// it (fresh for 10 s, requested); at refresh time one takes the fleet's refresh lease and
 /// refetches, the other adopts that copy from Redis. One upstream request for the refresh.
@@ -1220,6 +1708,154 @@ async fn a_hot_key_is_refreshed_once_for_the_fleet() {
         );
         assert_eq!(origin.hits("/hot"), 2, "one refresh fetch for the fleet");
         for node in [&a, &b] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
+/// Fleet mode on a Redis Cluster of 3 masters (`redis+cluster://` with 2 of them as seeds):
+/// every instance reaches it (heartbeats in); a cold key asked of all three instances at once
+/// is fetched once for the fleet; a copy written through A is a `detail=redis` hit on B and C;
+/// entries spread over the masters; a purge is acknowledged by all three and applied by each;
+/// a prefix purge finds its keys on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_on_a_redis_cluster() {
+    bounded(async {
+        let cluster = RedisCluster::start(3);
+        let origin = fleet_origin().await;
+        let url = cluster.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let nodes = [
+            Node::start("A", &origin, Some(&url), &env).await,
+            Node::start("B", &origin, Some(&url), &env).await,
+            Node::start("C", &origin, Some(&url), &env).await,
+        ];
+        let instances = cluster.owner("ec1:instances");
+        assert!(
+            until(Duration::from_secs(20), || async {
+                instances.cmd(&["ZCARD", "ec1:instances"]).int() == 3
+            })
+            .await,
+            "the three instances' heartbeats reached the cluster; A stderr:\n{}",
+            nodes[0].proc.stderr()
+        );
+
+        // One cold key, asked of all three at once (the origin answers after 300 ms).
+        let asks: Vec<_> = (0..30)
+            .map(|i| {
+                let addr = nodes[i % 3].addr();
+                tokio::spawn(async move { get(addr, "/slow-cluster", &[("host", HOST)]).await })
+            })
+            .collect();
+        let t0 = Instant::now();
+        let mut bodies = std::collections::HashSet::new();
+        for ask in asks {
+            let got = ask.await.unwrap();
+            assert_eq!(got.status, 200, "{got:?}");
+            bodies.insert(got.text());
+        }
+        // The wake-up subscription (`PSUBSCRIBE ec1:c:*`) is on one node (a seed); the
+        // holder's PUBLISH, wherever it went, reaches it over the cluster bus. (Measured
+        // here: the 30 clients are all answered ~330 ms after they asked — the 300 ms fetch
+        // plus the wake-up, not the 500 ms re-check.)
+        let herd = t0.elapsed();
+        let patterns: i64 = cluster
+            .nodes
+            .iter()
+            .map(|n| n.cmd(&["PUBSUB", "NUMPAT"]).int())
+            .sum();
+        assert!(patterns >= 1, "no wake-up subscription on any node");
+        assert!(herd < Duration::from_secs(10), "{herd:?}");
+        assert_eq!(bodies.len(), 1, "{bodies:?}");
+        assert_eq!(
+            origin.hits("/slow-cluster"),
+            1,
+            "one upstream request for the fleet"
+        );
+
+        // An L2 hit on the other instances.
+        let warmed = nodes[0].get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        assert!(
+            until(WRITE_DEADLINE, || async {
+                cluster.keys("ec1:{*}:v:*").len() >= 2
+            })
+            .await,
+            "/k reached the cluster: {:?}",
+            cluster.keys("*")
+        );
+        for node in &nodes[1..] {
+            let got = node.get_ok("/k").await;
+            assert_from_redis(&got, &format!("GET /k on {}", node.name));
+            assert_eq!(got.text(), warmed.text());
+        }
+        assert_eq!(origin.hits("/k"), 1);
+
+        // Entries spread over the masters.
+        for i in 0..30 {
+            nodes[0].get_ok(&format!("/spread/{i}")).await;
+        }
+        assert!(
+            until(WRITE_DEADLINE, || async {
+                cluster.keys("ec1:{*}:v:*").len() >= 32
+            })
+            .await,
+            "the /spread keys reached the cluster: {:?}",
+            cluster.keys("*")
+        );
+        let holding = cluster
+            .nodes
+            .iter()
+            .filter(|n| !n.keys("ec1:{*}:v:*").is_empty())
+            .count();
+        assert_eq!(holding, 3, "entries on every master");
+
+        // A purge, acknowledged by all three and applied by each.
+        let reply = nodes[1].purge("/k").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(
+            reply.text().contains("\"acks\":3,\"instances\":3"),
+            "{}",
+            reply.text()
+        );
+        for node in &nodes {
+            let got = node.get_ok("/k").await;
+            assert_ne!(
+                got.text(),
+                warmed.text(),
+                "{} served the purged copy",
+                node.name
+            );
+        }
+
+        // A prefix purge scans every master.
+        let old = nodes[2].get_ok("/spread/0").await.text();
+        let reply = common::send(
+            "POST",
+            nodes[2].addr(),
+            "/spread/",
+            &[
+                ("host", HOST),
+                ("clear-cache", "true"),
+                ("clear-cache-key", "sekret"),
+                ("clear-cache-scope", "prefix"),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let left: Vec<String> = cluster
+            .keys("ec1:{*}:i:*")
+            .into_iter()
+            .filter(|k| k.contains(":i:/spread/"))
+            .collect();
+        assert!(left.is_empty(), "prefix purge left {left:?}");
+        for node in &nodes {
+            let got = node.get_ok("/spread/0").await;
+            assert_ne!(got.text(), old, "{} served a purged /spread/0", node.name);
+        }
+        for node in &nodes {
             node.assert_no_panic();
         }
     })

@@ -9,6 +9,10 @@
 //! * `ec1:{TAG}:i:PATH` — the set of origins that have `PATH` stored: an exact-path purge
 //!   reaches every host through it; a prefix purge finds these index keys by `SCAN`.
 //!
+//! One server (`redis://`, `rediss://`) or a Redis Cluster (`redis+cluster://`): every Lua
+//! call touches only one path's keys (one slot); the purge stream, acknowledgement sets and
+//! live-instance set are single keys; keyspace scans visit every master ([`Conn`]).
+//!
 //! Every operation on the request path is bounded by `REDIS_TIMEOUT_MS` and goes through a
 //! [`Breaker`]: after [`FAILURES_TO_OPEN`] failures in a row Redis is left out of the path for
 //! a while (1 s, doubling up to 30 s), then one trial operation decides. Nothing here fails a
@@ -208,12 +212,26 @@ pub const LEASE: Duration = Duration::from_secs(2);
 /// that died): the safety net, not the mechanism.
 pub const RECHECK: Duration = Duration::from_millis(500);
 
-/// One round trip for a miss: the stored variants if there are any, else the flight's lease
-/// if it is free. KEYS: variants hash, lease. ARGV: token, ttl ms. Returns {1, values},
-/// {2, {}} (leased) or {3, {}} (another instance holds the lease).
+/// The stored variants of one URL. KEYS: variants hash, index set. ARGV: origin.
+///
+/// The index is authoritative: variants whose origin the path's index does not list are not
+/// there (a purge finds what it removes through the index, so a copy whose index entry was
+/// evicted — any `maxmemory-policy` may evict the index before the hash — must not be served:
+/// it would outlive a purge).
+const LOOK: &str = r"
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return {} end
+return redis.call('HVALS', KEYS[1])
+";
+
+/// One round trip for a miss: the stored variants if there are any (listed in the index, as
+/// in [`LOOK`]), else the flight's lease if it is free. KEYS: variants hash, lease, index.
+/// ARGV: token, ttl ms, origin. Returns {1, values}, {2, {}} (leased) or {3, {}} (another
+/// instance holds the lease).
 const LOOK_OR_LEASE: &str = r"
-local v = redis.call('HVALS', KEYS[1])
-if #v > 0 then return {1, v} end
+if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then
+  local v = redis.call('HVALS', KEYS[1])
+  if #v > 0 then return {1, v} end
+end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, {}} end
 return {3, {}}
 ";
@@ -221,6 +239,18 @@ return {3, {}}
 /// The stream every purge is announced on; each instance reads it from its own cursor, so
 /// one that was away replays what it missed.
 pub const PURGES: &str = "ec1:purges";
+
+/// Announces a purge. KEYS: the purge stream. ARGV: max length, then the entry's field/value
+/// pairs. A stream that does not exist (never created, or lost: evicted under an `allkeys-*`
+/// policy, Redis restarted empty) is begun with a `genesis` entry, in the same atomic step:
+/// a reader whose cursor is in an older stream then reads that entry first, and knows it may
+/// have missed purges.
+const ANNOUNCE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], '*', 'kind', 'genesis')
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+";
 /// Live instances: member = instance id, score = last heartbeat (ms since the epoch).
 const INSTANCES: &str = "ec1:instances";
 /// The purge stream keeps about this many entries (an instance further behind drops its
@@ -379,17 +409,180 @@ fn lease_token() -> String {
     format!("{:016x}{:08x}", h.finish(), std::process::id())
 }
 
+/// A connection to the tier: one server (a [`ConnectionManager`] that reconnects by itself,
+/// or a plain multiplexed connection for the purge reader), or a Redis Cluster (redis-rs's
+/// cluster client: each command goes to the master of its key's slot, following `MOVED`).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A master of the tier to `SCAN`: `None` for a single server, else a Cluster master's
+/// address.
+type ScanNode = Option<(String, u16)>;
+
+impl Conn {
+    /// Where a keyspace-wide `SCAN` must look: the one server, or every Cluster master (each
+    /// holds its own slots' keys), from `CLUSTER SLOTS`.
+    async fn scan_nodes(&mut self) -> redis::RedisResult<Vec<ScanNode>> {
+        let Conn::Cluster(c) = self else {
+            return Ok(vec![None]);
+        };
+        // Each entry: start slot, end slot, [master ip, port, id, …], replicas…
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+        let mut masters: Vec<ScanNode> = Vec::new();
+        for range in slots {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            let Some(redis::Value::Array(master)) = parts.get(2) else {
+                continue;
+            };
+            let host: Option<String> = master
+                .first()
+                .and_then(|v| redis::from_redis_value_ref(v).ok());
+            let port: Option<u16> = master
+                .get(1)
+                .and_then(|v| redis::from_redis_value_ref(v).ok());
+            if let (Some(host), Some(port)) = (host, port) {
+                let node = Some((host, port));
+                if !masters.contains(&node) {
+                    masters.push(node);
+                }
+            }
+        }
+        Ok(masters)
+    }
+
+    /// One `SCAN` page on `node`: the next cursor and the keys matching `pattern`.
+    async fn scan_page(
+        &mut self,
+        node: &ScanNode,
+        cursor: u64,
+        pattern: &str,
+    ) -> redis::RedisResult<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        match (self, node) {
+            (Conn::Cluster(c), Some((host, port))) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let value = c.route_command(cmd, routing).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+            (conn, _) => cmd.query_async(conn).await,
+        }
+    }
+}
+
+/// Where the tier is: how to open the connections that are not the shared one (the purge
+/// reader's, the wake-up subscription's).
+#[allow(clippy::large_enum_variant)] // one per process
+enum Backend {
+    Single(redis::Client),
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        /// The seed nodes, one client each: the wake-up subscription goes to one of them
+        /// (`PUBLISH` reaches every node of a Cluster, so any one hears every wake-up).
+        seeds: Vec<redis::Client>,
+    },
+}
+
+impl Backend {
+    /// A connection of the purge reader's own, whose `XREAD … BLOCK` holds up nothing else;
+    /// in a Cluster, a cluster connection of its own (its commands go to the stream's slot
+    /// owner, and follow the slot if it moves).
+    async fn reader_conn(&self) -> redis::RedisResult<Conn> {
+        let connect = Duration::from_secs(1);
+        // Longer than the reader's BLOCK (1 s).
+        let response = Duration::from_secs(5);
+        match self {
+            Backend::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect))
+                    .set_response_timeout(Some(response));
+                Ok(Conn::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Backend::Cluster { client, .. } => {
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(connect)
+                    .set_response_timeout(response);
+                Ok(Conn::Cluster(
+                    client.get_async_connection_with_config(config).await?,
+                ))
+            }
+        }
+    }
+
+    /// The servers a wake-up subscription may go to, in the order to try them.
+    fn pubsub_clients(&self) -> &[redis::Client] {
+        match self {
+            Backend::Single(client) => std::slice::from_ref(client),
+            Backend::Cluster { seeds, .. } => seeds,
+        }
+    }
+}
+
 /// The shared tier: a Redis connection (multiplexed, reconnecting by itself), its breaker and
 /// counters.
 pub struct SharedTier {
-    client: redis::Client,
+    backend: Backend,
     /// This instance, in leases' place of origin and the purge stream's acknowledgements.
     instance: String,
     wakeups: Wakeups,
+    look: redis::Script,
     look_or_lease: redis::Script,
+    announce: redis::Script,
     renew: redis::Script,
     release: redis::Script,
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     max_object_bytes: usize,
     breaker: Mutex<Breaker>,
@@ -402,19 +595,57 @@ impl SharedTier {
     /// The tier for `config`; connects lazily (a Redis that is down at start-up is only a
     /// miss until it is up). Errs only for a URL the client library refuses.
     pub fn new(config: &RedisConfig) -> Result<SharedTier, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
-            .map_err(|e| e.to_string())?;
+        // `rediss://` with a private CA: only its certificates are trusted; else the system's
+        // roots (rustls-native-certs).
+        let certs = config.ca.as_ref().map(|(_, pem)| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        });
+        let client_for = |url: &str| match &certs {
+            Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+            None => redis::Client::open(url),
+        };
+        let connect_timeout = config.timeout.max(Duration::from_millis(200));
+        let (backend, conn) = match crate::config::redis_cluster_nodes(&config.url) {
+            None => {
+                let client = client_for(config.url.as_str()).map_err(|e| e.to_string())?;
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(config.timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+                    .map_err(|e| e.to_string())?;
+                (Backend::Single(client), Conn::Single(conn))
+            }
+            Some(nodes) => {
+                let seeds = nodes
+                    .iter()
+                    .map(|n| client_for(n))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(config.timeout)
+                    .retries(2)
+                    .max_retry_wait(1000);
+                if let Some(certs) = &certs {
+                    builder = builder.certs(certs.clone());
+                }
+                let client = builder.build().map_err(|e| e.to_string())?;
+                // Connects in the background; commands fail (a miss) until it has.
+                let conn = client
+                    .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
+                (Backend::Cluster { client, seeds }, Conn::Cluster(conn))
+            }
+        };
         Ok(SharedTier {
-            client,
+            backend,
             instance: lease_token(),
             wakeups: Wakeups::default(),
+            look: redis::Script::new(LOOK),
             look_or_lease: redis::Script::new(LOOK_OR_LEASE),
+            announce: redis::Script::new(ANNOUNCE),
             renew: redis::Script::new(RENEW),
             release: redis::Script::new(RELEASE),
             conn,
@@ -492,11 +723,15 @@ impl SharedTier {
             self.stats.get_skipped.fetch_add(1, Ordering::Relaxed);
             return Vec::new();
         }
+        let mut invocation = self.look.prepare_invoke();
+        invocation
+            .key(variants_key(key))
+            .key(index_key(path))
+            .arg(origin);
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("HVALS").arg(variants_key(key)).clone();
         match self
             .run(self.timeout, async move {
-                cmd.query_async::<Vec<Vec<u8>>>(&mut conn).await
+                invocation.invoke_async::<Vec<Vec<u8>>>(&mut conn).await
             })
             .await
         {
@@ -655,8 +890,10 @@ impl SharedTier {
         invocation
             .key(variants_key(key))
             .key(lease_key)
+            .key(index_key(path))
             .arg(&token)
-            .arg(LEASE.as_millis() as u64);
+            .arg(LEASE.as_millis() as u64)
+            .arg(origin);
         let mut conn = self.conn.clone();
         let result = self
             .run(self.timeout, async move {
@@ -762,13 +999,17 @@ impl SharedTier {
     /// acknowledgements ([`SharedTier::acks`]). `None` when Redis could not be reached.
     pub async fn announce(&self, prefix: bool, path: &str, host: Option<&str>) -> Option<String> {
         let id = lease_token();
+        // The acknowledgement set and the stream are in different Cluster slots: two round
+        // trips (this one's own acknowledgement first, so the set exists before anyone reads
+        // the announcement).
+        let acks = format!("ec1:acks:{id}");
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(PURGES)
-            .arg("MAXLEN")
-            .arg("~")
+        pipe.cmd("SADD").arg(&acks).arg(&self.instance).ignore();
+        pipe.cmd("EXPIRE").arg(&acks).arg(60).ignore();
+        let mut invocation = self.announce.prepare_invoke();
+        invocation
+            .key(PURGES)
             .arg(STREAM_MAXLEN)
-            .arg("*")
             .arg("id")
             .arg(&id)
             .arg("from")
@@ -778,18 +1019,15 @@ impl SharedTier {
             .arg("path")
             .arg(path)
             .arg("host")
-            .arg(host.unwrap_or(""))
-            .ignore();
-        let acks = format!("ec1:acks:{id}");
-        pipe.cmd("SADD").arg(&acks).arg(&self.instance).ignore();
-        pipe.cmd("EXPIRE").arg(&acks).arg(60).ignore();
+            .arg(host.unwrap_or(""));
         let mut conn = self.conn.clone();
         self.run(PURGE_TIMEOUT, async move {
-            pipe.query_async::<()>(&mut conn).await
+            pipe.query_async::<()>(&mut conn).await?;
+            invocation.invoke_async::<String>(&mut conn).await
         })
         .await
         .ok()
-        .map(|()| id)
+        .map(|_| id)
     }
 
     /// How many live instances (this one included) acknowledged purge `id`, and how many are
@@ -800,13 +1038,20 @@ impl SharedTier {
         let mut last = (1, 1);
         loop {
             let since = now_ms().saturating_sub(ALIVE.as_millis() as u64);
-            let mut pipe = redis::pipe();
-            pipe.cmd("SCARD").arg(&key);
-            pipe.cmd("ZCOUNT").arg(INSTANCES).arg(since).arg("+inf");
-            let mut conn = self.conn.clone();
+            // Two keys in different Cluster slots: two commands, sent together.
+            let scard = redis::cmd("SCARD").arg(&key).clone();
+            let zcount = redis::cmd("ZCOUNT")
+                .arg(INSTANCES)
+                .arg(since)
+                .arg("+inf")
+                .clone();
+            let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
             if let Ok((acks, live)) = self
                 .run(self.timeout, async move {
-                    pipe.query_async::<(usize, usize)>(&mut conn).await
+                    tokio::try_join!(
+                        scard.query_async::<usize>(&mut c1),
+                        zcount.query_async::<usize>(&mut c2)
+                    )
                 })
                 .await
             {
@@ -858,18 +1103,11 @@ impl SharedTier {
     /// drop everything. Runs until shutdown.
     pub async fn run_purges(&self, sink: &dyn PurgeSink) {
         use redis::streams::{StreamRangeReply, StreamReadReply};
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
         // None: not connected yet (start from the newest entry, nothing was missed).
         let mut cursor: Option<String> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let Ok(mut conn) = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            else {
+            let Ok(mut conn) = self.backend.reader_conn().await else {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -932,6 +1170,16 @@ impl SharedTier {
                 let Some(read) = read else { continue };
                 for entry in read.keys.into_iter().flat_map(|k| k.ids) {
                     let get = |f: &str| entry.get::<String>(f).unwrap_or_default();
+                    if get("kind") == "genesis" {
+                        // The stream was begun anew after this instance's cursor: what was
+                        // announced in the old one after the cursor may be lost (evicted).
+                        if cursor.as_deref().is_some_and(|c| c != "0-0") {
+                            tracing::warn!("the purge stream was lost and begun anew (evicted?): dropping this instance's memory tier");
+                            sink.missed();
+                        }
+                        cursor = Some(entry.id.clone());
+                        continue;
+                    }
                     let msg = PurgeMsg {
                         id: get("id"),
                         from: get("from"),
@@ -966,8 +1214,13 @@ impl SharedTier {
     pub async fn run_wakeups(&self) {
         use futures_util::StreamExt;
         let mut backoff = Duration::from_millis(100);
+        // In a Cluster, the next seed after one that failed.
+        let servers = self.backend.pubsub_clients();
+        let mut next = 0;
         loop {
-            match self.client.get_async_pubsub().await {
+            let client = &servers[next % servers.len()];
+            next += 1;
+            match client.get_async_pubsub().await {
                 Ok(mut pubsub) => match pubsub.psubscribe("ec1:c:*").await {
                     Ok(()) => {
                         backoff = Duration::from_millis(100);
@@ -1000,62 +1253,47 @@ enum Skipped {
 }
 
 /// Carries out one purge.
-async fn execute(conn: &mut ConnectionManager, what: &Pending) -> redis::RedisResult<()> {
-    match what {
-        Pending::Path { path, host } => purge_index(conn, &index_key(path), host.as_deref()).await,
-        Pending::Prefix(prefix) => {
-            let pattern = index_pattern(prefix);
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(conn)
-                    .await?;
-                for key in keys {
-                    if index_path(&key).is_some_and(|p| p.starts_with(prefix.as_str())) {
-                        purge_index(conn, &key, None).await?;
+/// Carries out one purge. Prefix purges and "everything" scan the whole keyspace: in a
+/// Cluster, every master (each holds only its own slots' keys).
+async fn execute(conn: &mut Conn, what: &Pending) -> redis::RedisResult<()> {
+    let (pattern, prefix) = match what {
+        Pending::Path { path, host } => {
+            return purge_index(conn, &index_key(path), host.as_deref()).await
+        }
+        Pending::Prefix(prefix) => (index_pattern(prefix), Some(prefix.as_str())),
+        Pending::Everything => ("ec1:*".to_string(), None),
+    };
+    for node in conn.scan_nodes().await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys) = conn.scan_page(&node, cursor, &pattern).await?;
+            match prefix {
+                Some(prefix) => {
+                    for key in keys {
+                        if index_path(&key).is_some_and(|p| p.starts_with(prefix)) {
+                            purge_index(conn, &key, None).await?;
+                        }
                     }
                 }
-                if next == 0 {
-                    return Ok(());
-                }
-                cursor = next;
-            }
-        }
-        Pending::Everything => {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg("ec1:*")
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(conn)
-                    .await?;
-                if !keys.is_empty() {
+                // In a Cluster, redis-rs splits a DEL of keys of several slots into one per
+                // slot (a single command may not span slots).
+                None if !keys.is_empty() => {
                     redis::cmd("DEL").arg(&keys).query_async::<()>(conn).await?;
                 }
-                if next == 0 {
-                    return Ok(());
-                }
-                cursor = next;
+                None => {}
             }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
     }
+    Ok(())
 }
 
 /// Deletes the variants of the path an index key is for, under `host` (`None`: all), and
 /// those origins from the index.
-async fn purge_index(
-    conn: &mut ConnectionManager,
-    index: &str,
-    host: Option<&str>,
-) -> redis::RedisResult<()> {
+async fn purge_index(conn: &mut Conn, index: &str, host: Option<&str>) -> redis::RedisResult<()> {
     let Some(path) = index_path(index) else {
         return Ok(());
     };

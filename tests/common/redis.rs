@@ -135,6 +135,83 @@ pub fn command(addr: SocketAddr, args: &[&[u8]]) -> std::io::Result<Resp> {
     read_reply(&mut BufReader::new(stream))
 }
 
+/// [`command`] over TLS, trusting only `ca_pem` (rustls with `ring`, host name `127.0.0.1`).
+pub fn command_tls(addr: SocketAddr, ca_pem: &[u8], args: &[&[u8]]) -> std::io::Result<Resp> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(addr.ip().to_string()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect_timeout(&addr, CMD_TIMEOUT)?;
+    sock.set_read_timeout(Some(CMD_TIMEOUT))?;
+    sock.set_write_timeout(Some(CMD_TIMEOUT))?;
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    stream.write_all(&encode(args))?;
+    stream.flush()?;
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// Certificates for a `rediss://` server, made with rcgen in `dir`: a CA, a server
+/// certificate it signed for `127.0.0.1` and `localhost`, and another CA that signed nothing
+/// here (the "wrong CA").
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub wrong_ca: std::path::PathBuf,
+    pub ca_pem: Vec<u8>,
+    _dir: TempDir,
+}
+
+impl TlsFiles {
+    pub fn generate() -> TlsFiles {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let dir = TempDir::new("redis-tls");
+        let new_ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let ca = new_ca("edgecache test CA");
+        let wrong_ca = new_ca("edgecache wrong CA");
+        let server_key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "redis");
+        let server = params.signed_by(&server_key, &ca).unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path.join(name);
+            fs::write(&path, pem).unwrap();
+            path
+        };
+        TlsFiles {
+            ca: write("ca.pem", ca.pem()),
+            cert: write("redis.crt", server.pem()),
+            key: write("redis.key", server_key.serialize_pem()),
+            wrong_ca: write("wrong-ca.pem", wrong_ca.pem()),
+            ca_pem: ca.pem().into_bytes(),
+            _dir: dir,
+        }
+    }
+}
+
 /// Whether something on `addr` answers `PING` with `+PONG` (the inline form, as the brief
 /// for readiness asks: a plain `PING\r\n`).
 pub fn pings(addr: SocketAddr) -> bool {
@@ -155,6 +232,8 @@ pub struct RedisServer {
     pub port: u16,
     /// Extra arguments, kept for restarts.
     extra: Vec<String>,
+    /// TLS only (`--port 0 --tls-port PORT`): the CA's PEM, to talk to it.
+    tls_ca: Option<Vec<u8>>,
     dir: TempDir,
     child: Option<Guard>,
 }
@@ -169,6 +248,28 @@ impl RedisServer {
     /// "allkeys-lru"]`. Panics, saying how to install it, when `redis-server` is missing:
     /// the fleet tests must not pass by skipping.
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_inner(extra, None)
+    }
+
+    /// Starts one that speaks only TLS (`rediss://`), with `tls`'s server certificate; clients
+    /// are not asked for certificates.
+    pub fn start_tls(tls: &TlsFiles) -> RedisServer {
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let (cert, key, ca) = (path(&tls.cert), path(&tls.key), path(&tls.ca));
+        let extra = [
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::start_inner(&extra, Some(tls.ca_pem.clone()))
+    }
+
+    fn start_inner(extra: &[&str], tls_ca: Option<Vec<u8>>) -> RedisServer {
         require_redis_server();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // A port is picked by binding :0 and letting go of it, so someone else may take it
@@ -179,6 +280,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 port: free_port(),
                 extra: extra.clone(),
+                tls_ca: tls_ca.clone(),
                 dir: TempDir::new("redis"),
                 child: None,
             };
@@ -190,9 +292,14 @@ impl RedisServer {
         panic!("redis-server did not start on a free port in 5 tries; last log:\n{last_log}");
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -235,7 +342,11 @@ impl RedisServer {
     /// Runs one command; panics if the server cannot be reached or answers with an error.
     pub fn cmd(&self, args: &[&str]) -> Resp {
         let raw: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        match command(self.addr(), &raw) {
+        let reply = match &self.tls_ca {
+            None => command(self.addr(), &raw),
+            Some(ca) => command_tls(self.addr(), ca, &raw),
+        };
+        match reply {
             Ok(Resp::Error(e)) => panic!("redis {args:?}: error reply {e}"),
             Ok(reply) => reply,
             Err(e) => panic!("redis {args:?}: {e}"),
@@ -286,7 +397,11 @@ impl RedisServer {
         let log = fs::File::create(&log_path).unwrap();
         let port = self.port.to_string();
         let mut cmd = Command::new(REDIS_SERVER);
-        cmd.args(["--port", &port, "--bind", "127.0.0.1"])
+        match self.tls_ca {
+            None => cmd.args(["--port", &port]),
+            Some(_) => cmd.args(["--port", "0", "--tls-port", &port]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--logfile", ""])
             .arg("--dir")
@@ -299,8 +414,14 @@ impl RedisServer {
         let mut child = Guard::spawn(REDIS_SERVER, cmd);
         let addr = self.addr();
         let deadline = Instant::now() + DEADLINE;
+        let answers = |addr| match &self.tls_ca {
+            None => pings(addr),
+            Some(ca) => {
+                command_tls(addr, ca, &[b"PING"]).is_ok_and(|r| r == Resp::Simple("PONG".into()))
+            }
+        };
         loop {
-            if pings(addr) {
+            if answers(addr) {
                 // Ours, not something else on the port: it is still running.
                 if let Ok(None) = child.0.try_wait() {
                     self.child = Some(child);
@@ -354,4 +475,107 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A Redis Cluster of `masters` real `redis-server --cluster-enabled yes` processes on free
+/// loopback ports, no replicas: the 16,384 slots split evenly (`CLUSTER ADDSLOTSRANGE`), the
+/// nodes introduced to each other (`CLUSTER MEET`, with an explicit bus port: the default
+/// port + 10000 may not exist for a high port); started only once every node reports
+/// `cluster_state:ok` and knows every other.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let per = 16384 / masters;
+        for (i, node) in nodes.iter().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                first + per - 1
+            };
+            let reply = node.cmd(&[
+                "CLUSTER",
+                "ADDSLOTSRANGE",
+                &first.to_string(),
+                &last.to_string(),
+            ]);
+            assert_eq!(reply, Resp::Simple("OK".into()));
+        }
+        for node in &nodes[1..] {
+            let bus = node
+                .extra
+                .iter()
+                .skip_while(|a| *a != "--cluster-port")
+                .nth(1)
+                .unwrap()
+                .clone();
+            let reply =
+                nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string(), &bus]);
+            assert_eq!(reply, Resp::Simple("OK".into()));
+        }
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = cluster.nodes.iter().all(|n| {
+                let info = n.cmd(&["CLUSTER", "INFO"]).text();
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{masters}\r"))
+                    && info.contains("cluster_slots_assigned:16384")
+            });
+            if ready {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form within 30 s: {}",
+                cluster.nodes[0].cmd(&["CLUSTER", "INFO"]).text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2`: the first two nodes as seeds (the client
+    /// learns the others from them).
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The node that holds `key`'s slot (the ranges are the ones [`RedisCluster::start`]
+    /// assigned; nothing moves slots in these tests).
+    pub fn owner(&self, key: &str) -> &RedisServer {
+        let slot = self.nodes[0].cmd(&["CLUSTER", "KEYSLOT", key]).int() as usize;
+        let per = 16384 / self.nodes.len();
+        &self.nodes[(slot / per).min(self.nodes.len() - 1)]
+    }
+
+    /// `KEYS pattern` over every node.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self.nodes.iter().flat_map(|n| n.keys(pattern)).collect();
+        keys.sort();
+        keys
+    }
 }
