@@ -80,6 +80,9 @@ pub struct Config {
     /// Background refreshes (expiry, stale serving, admin) running at once at most
     /// (`REFRESH_CONCURRENCY`).
     pub refresh_concurrency: usize,
+    /// `ROUTES_FILE`: per-path routing policy ([`crate::routes`]), loaded by the daemon at
+    /// start-up and again on SIGHUP.
+    pub routes_file: Option<std::path::PathBuf>,
 }
 
 /// Limits that protect the proxy from hostile or broken clients.
@@ -394,6 +397,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("REDIS_CA_FILE", "", "PEM file of the CA(s) that sign the Redis server's certificate (rediss:// only); empty = the system's roots"),
     setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
     setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
+    setting("ROUTES_FILE", "", "TOML file of routes: allowlist, per-route upstreams, cache rules, injected headers, rate limits, retries, client deadlines (README: Routes); re-read on SIGHUP; empty = none"),
 ];
 
 /// Where and how the shared tier is reached.
@@ -717,7 +721,14 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
         let refresh_concurrency = count("REFRESH_CONCURRENCY", 16, 1..=10_000)? as usize;
+        // Read and checked where the routes are loaded (`crate::routes::Routes::load`, by the
+        // daemon before it starts): the routes module builds on this one.
+        let routes_file = var("ROUTES_FILE")
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from);
         Ok(Config {
+            routes_file,
             allowed_hosts,
             refresh_concurrency,
             limits,
@@ -896,6 +907,12 @@ impl Config {
             (
                 "REDIS_MAX_OBJECT_BYTES",
                 bytes(self.redis.as_ref().map_or(1 << 20, |r| r.max_object_bytes)),
+            ),
+            (
+                "ROUTES_FILE",
+                self.routes_file
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
             ),
         ];
         // In the order of SETTINGS (a name missing there would sort first; a test checks).

@@ -58,6 +58,13 @@ pub enum ErrorKind {
     Upstream(UpstreamError),
     /// The task fetching for a coalesced miss ended without an answer.
     FetchAbandoned,
+    /// `ROUTES_FILE` has `allowlist = true` and no route admits the path (404).
+    NotRouted,
+    /// The path is routed, but not for this method (405); the methods it is routed for.
+    MethodNotRouted(String),
+    /// The query could not be rewritten for the route (a parameter it removes left
+    /// something that is not a valid request target or `Cache-Control` value).
+    BadQuery,
 }
 
 impl ErrorKind {
@@ -71,7 +78,10 @@ impl ErrorKind {
             | ErrorKind::NotCached
             | ErrorKind::BodyTooLarge
             | ErrorKind::BodyMalformed
-            | ErrorKind::AmbiguousFraming => Side::Downstream,
+            | ErrorKind::AmbiguousFraming
+            | ErrorKind::NotRouted
+            | ErrorKind::MethodNotRouted(_)
+            | ErrorKind::BadQuery => Side::Downstream,
             ErrorKind::Upstream(UpstreamError::Request(_)) | ErrorKind::FetchAbandoned => {
                 Side::Internal
             }
@@ -92,6 +102,9 @@ impl ErrorKind {
             ErrorKind::AmbiguousFraming => "ambiguous_framing",
             ErrorKind::Upstream(e) => e.as_str(),
             ErrorKind::FetchAbandoned => "fetch_abandoned",
+            ErrorKind::NotRouted => "not_routed",
+            ErrorKind::MethodNotRouted(_) => "method_not_routed",
+            ErrorKind::BadQuery => "bad_query",
         }
     }
 }
@@ -166,6 +179,12 @@ impl ProxyError {
             ErrorKind::FetchAbandoned => {
                 ErrorReply::new(StatusCode::BAD_GATEWAY, "upstream fetch was abandoned\n")
             }
+            ErrorKind::NotRouted => ErrorReply::new(StatusCode::NOT_FOUND, "no route\n"),
+            ErrorKind::MethodNotRouted(_) => ErrorReply::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not routed for this path\n",
+            ),
+            ErrorKind::BadQuery => ErrorReply::new(StatusCode::BAD_REQUEST, "bad query\n"),
         }
     }
 }
@@ -188,6 +207,13 @@ fn upstream_reply(e: &UpstreamError) -> ErrorReply {
         UpstreamError::Connect(_) | UpstreamError::BadResponse(_) | UpstreamError::Body(_) => {
             ErrorReply::new(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
         }
+        UpstreamError::Limited(l) if l.status == StatusCode::TOO_MANY_REQUESTS => {
+            ErrorReply::new(StatusCode::TOO_MANY_REQUESTS, "rate limited\n")
+        }
+        UpstreamError::Limited(_) => ErrorReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight\n",
+        ),
     }
 }
 
@@ -343,6 +369,16 @@ pub enum UpstreamError {
     /// The upstream answered a revalidation or refresh with this server error; the stored
     /// copy is kept rather than replaced by an error.
     Status(u16),
+    /// A route's rate limit (429) or in-flight cap (503) kept the request from the upstream.
+    Limited(Limited),
+}
+
+/// A request a route's limits kept from the upstream: the status and its fields
+/// (`Retry-After`, `RateLimit-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub status: StatusCode,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl UpstreamError {
@@ -361,6 +397,10 @@ impl UpstreamError {
             UpstreamError::Body(_) => "body",
             UpstreamError::Request(_) => "request",
             UpstreamError::Status(_) => "status",
+            UpstreamError::Limited(l) if l.status == StatusCode::TOO_MANY_REQUESTS => {
+                "rate_limited"
+            }
+            UpstreamError::Limited(_) => "in_flight_cap",
         }
     }
 }
@@ -375,6 +415,10 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Body(e) => write!(f, "upstream body failed: {e}"),
             UpstreamError::Request(e) => write!(f, "cannot build upstream request: {e}"),
             UpstreamError::Status(code) => write!(f, "upstream answered {code}"),
+            UpstreamError::Limited(l) if l.status == StatusCode::TOO_MANY_REQUESTS => {
+                f.write_str("over the route's rate limit")
+            }
+            UpstreamError::Limited(_) => f.write_str("at the route's in-flight cap"),
         }
     }
 }

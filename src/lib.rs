@@ -102,14 +102,21 @@ pub fn install_crypto_provider() {
 /// (expiry, health probes, refreshes, the operator listener and its connections) has been
 /// cancelled and has ended. Errs if any of that background work panicked during shutdown
 /// (each panic is in the error log); the daemon then exits 1.
+///
+/// `routes`: `ROUTES_FILE` as loaded at start-up; with it, SIGHUP reads the file again.
 pub async fn run(
     listener: TcpListener,
     ops: Option<TcpListener>,
     config: Config,
+    routes: Option<routes::Routes>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), supervise::PanickedInShutdown> {
     install_crypto_provider();
     let proxy = Arc::new(proxy::Proxy::new(config));
+    if let Some(routes) = routes {
+        proxy.install_routes(routes);
+        reload_on_sighup(&proxy);
+    }
     if let Some(l) = ops {
         // On the background tree: up while connections drain, cancelled with the rest.
         proxy
@@ -120,5 +127,27 @@ pub async fn run(
     match proxy.background.panicked_in_shutdown() {
         0 => Ok(()),
         n => Err(supervise::PanickedInShutdown(n)),
+    }
+}
+
+/// Reads `ROUTES_FILE` again on each SIGHUP ([`proxy::Proxy::reload_routes`]), on the
+/// background tree.
+fn reload_on_sighup(proxy: &Arc<proxy::Proxy>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::error!(%error, "cannot install the SIGHUP handler: routes reload off");
+                return;
+            }
+        };
+        let p = proxy.clone();
+        proxy.background.spawn("routes_reload", async move {
+            while hangups.recv().await.is_some() {
+                p.reload_routes();
+            }
+        });
     }
 }

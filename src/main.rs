@@ -47,6 +47,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // ROUTES_FILE: read and checked here, before anything starts (and by --check); its
+    // `${VAR}`s come from the environment, as on a SIGHUP reload.
+    let routes = match &config.routes_file {
+        None => None,
+        Some(path) => match edgecache::routes::Routes::load(path, lookup) {
+            Ok(routes) => Some(routes),
+            Err(e) => {
+                eprintln!("edgecache: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let log_filter = lookup("RUST_LOG").filter(|v| !v.trim().is_empty());
     if args.get_flag("check") {
         for (name, value) in config.effective() {
@@ -125,7 +137,7 @@ fn main() -> ExitCode {
         // whoever started the daemon with port 0 (the tests, a supervisor script), as
         // mock-origin does.
         announce(&addr, &ops_listen);
-        match edgecache::run(listener, ops, config, shutdown_signal(signals)).await {
+        match edgecache::run(listener, ops, config, routes, shutdown_signal(signals)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("edgecache: {e}");

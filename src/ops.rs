@@ -106,6 +106,9 @@ pub fn metrics_text(proxy: &Proxy) -> String {
         "edgecache_stream_cutoffs_total {}",
         stats.stream_cutoffs
     );
+    if let Some(table) = proxy.route_table() {
+        table.routes.render_metrics(&mut out);
+    }
     if let Some(tier) = proxy.cache.shared() {
         render_shared(&mut out, tier);
     }
@@ -197,6 +200,9 @@ struct Status {
     backends: Vec<BackendStatus>,
     panic_mode: bool,
     cache: CacheSummary,
+    /// `ROUTES_FILE`'s routes (injected header names, never values); absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routes: Option<crate::routes::RoutesStatus>,
 }
 
 #[derive(serde::Serialize)]
@@ -217,6 +223,7 @@ pub fn status_json(proxy: &Proxy) -> String {
             bytes: stats.bytes,
             in_flight: stats.in_flight,
         },
+        routes: proxy.route_table().map(|t| t.routes.status()),
     };
     // Plain structs of strings, numbers and booleans: serializing them cannot fail.
     serde_json::to_string(&status).unwrap_or_else(|_| "{}".into())

@@ -71,7 +71,7 @@ async fn run_closes_the_operator_listener_and_its_connections_before_returning()
     let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops_addr = ops.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let run = tokio::spawn(edgecache::run(listener, Some(ops), config, async {
+    let run = tokio::spawn(edgecache::run(listener, Some(ops), config, None, async {
         let _ = rx.await;
     }));
 

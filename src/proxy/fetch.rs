@@ -47,6 +47,9 @@ pub(crate) struct FetchRequest {
     /// The caller writes the stored entry to the shared tier itself (it holds the fleet's
     /// lease and must wake the other instances only once the copy is there).
     pub defer_share: bool,
+    /// The address a per-client rate limit of the key's route charges (the requester that
+    /// led the fill; unspecified for background refreshes).
+    pub client: std::net::IpAddr,
 }
 
 /// Where the fill sends a response that may not be shared: to the request that started the
@@ -91,13 +94,33 @@ impl Proxy {
             }
         }
 
-        let sent =
-            self.upstream
-                .send_idempotent(&Method::GET, split_key(&req.key).1, &headers, deadline);
-        let resp = match sent.await {
-            Ok(resp) => resp,
-            Err(e) => return fail(e),
+        // The key's route (ROUTES_FILE): its pool, injected fields, limits and retries. The
+        // admission is held until the fill ends: the route's in-flight cap counts it.
+        let route = self.route_of_key(&req.key);
+        let sent = self.send_upstream(
+            route.as_ref(),
+            super::routing::Outgoing {
+                method: &Method::GET,
+                path_and_query: split_key(&req.key).1,
+                headers,
+                body: super::routing::Resend::Empty,
+                deadline,
+                client: req.client,
+            },
+        );
+        let (resp, _admitted) = match sent.await {
+            Ok(sent) => sent,
+            Err(e) => {
+                return fail(match e.kind {
+                    crate::error::ErrorKind::Upstream(e) => e,
+                    other => UpstreamError::Request(other.as_str().to_owned()),
+                })
+            }
         };
+        let default_ttl = route
+            .as_ref()
+            .and_then(|r| r.route().ttl)
+            .or(self.config.default_ttl);
         let response_time = SystemTime::now();
         let received_at = Instant::now();
         // A stored response is never replaced by a server error: the good copy stays (and
@@ -130,7 +153,7 @@ impl Proxy {
             parts.status,
             &parts.headers,
             &resp_cc,
-            self.config.default_ttl,
+            default_ttl,
             response_time,
         );
         let storable = policy::storability(
@@ -379,7 +402,9 @@ impl Proxy {
             base.status,
             &headers,
             &cc,
-            self.config.default_ttl,
+            self.route_of_key(&req.key)
+                .and_then(|r| r.route().ttl)
+                .or(self.config.default_ttl),
             response_time,
         );
         let entry = NewEntry {

@@ -25,6 +25,7 @@ pub mod fleet;
 pub mod headers;
 pub mod purge;
 pub mod respond;
+pub mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ pub struct Proxy {
     /// Background refreshes (expiry, stale serving, admin) share these `REFRESH_CONCURRENCY`
     /// slots, so a refresh of many keys never becomes a herd of its own.
     refresh_slots: Arc<tokio::sync::Semaphore>,
+    /// The routes in force (`ROUTES_FILE`; empty without one), swapped whole on SIGHUP.
+    routes: arc_swap::ArcSwapOption<routing::RouteTable>,
 }
 
 /// What a cache fill is asked for on behalf of one request, and how to answer it.
@@ -120,6 +123,7 @@ impl Proxy {
             background: crate::supervise::Background::new(),
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
             settings: Settings::from(&config),
+            routes: arc_swap::ArcSwapOption::empty(),
             config,
         }
     }
@@ -199,7 +203,7 @@ impl Proxy {
     /// origin, and with whatever the step it chose failed with.
     async fn handle_inner(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         down: &Downstream<'_>,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -207,6 +211,7 @@ impl Proxy {
             trace.admin = true;
             return Ok(self.purge(req, down).await);
         }
+        let route = self.route_request(&mut req)?;
         let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
             Ok(key) => key,
             Err(BadOrigin::Host) => return Err(ErrorKind::InvalidHost.into()),
@@ -219,8 +224,9 @@ impl Proxy {
             // RFC 9110 §15.5.20: not a host this proxy answers for; nothing is looked up.
             return Err(ErrorKind::HostNotServed.into());
         }
+        let cached = route.as_ref().is_none_or(|r| r.route().cache);
         match *req.method() {
-            Method::GET | Method::HEAD => {
+            Method::GET | Method::HEAD if cached => {
                 // A GET or HEAD body has no defined meaning (RFC 9110 §9.3.1): it is not read.
                 let (parts, _body) = req.into_parts();
                 self.lookup(parts, down, key, trace).await
@@ -228,7 +234,8 @@ impl Proxy {
             Method::CONNECT => Err(ErrorKind::ConnectNotSupported.into()),
             _ => {
                 trace.cache = Some(CacheStatus::Bypass);
-                self.pass(req, down, split_key(&key).0, trace).await
+                self.pass(req, down, split_key(&key).0, route.as_ref(), trace)
+                    .await
             }
         }
     }
@@ -243,7 +250,15 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = req.method == Method::HEAD;
         let now = Instant::now();
-        let client = decide::client_directives(&req.headers, &self.settings);
+        let client = if req.extensions.get::<routing::QueryDirectives>().is_some() {
+            let full = Settings {
+                client_cache_control: crate::config::ClientCacheControl::Full,
+                ..self.settings
+            };
+            decide::client_directives(&req.headers, &full)
+        } else {
+            decide::client_directives(&req.headers, &self.settings)
+        };
         let base = self.cache.lookup(&key, &req.headers).map(|hit| hit.entry);
         if let Some(entry) = &base {
             entry.touch();
@@ -321,6 +336,7 @@ impl Proxy {
             last_access_ms: clock_ms(),
             started: Instant::now(),
             defer_share: false,
+            client: down.peer,
         };
 
         let ctx = Asking {
@@ -558,6 +574,7 @@ impl Proxy {
                     base: Some(entry.clone()),
                     started: Instant::now(),
                     defer_share: false,
+                    client: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 };
                 let proxy = self.clone();
                 let flight = flight_key_copy;
@@ -610,19 +627,20 @@ impl Proxy {
         req: Request<Incoming>,
         down: &Downstream<'_>,
         origin: &str,
+        route: Option<&routing::ActiveRoute>,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let path = path_and_query(&parts.uri);
         let headers = self.upstream_headers(&parts.headers, down, origin, false);
         let method = parts.method.clone();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
         let remaining = match self.config.limits.max_request_body {
             None => u64::MAX,
             Some(limit) => {
-                let declared = parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
                 if declared.is_some_and(|n| n > limit) {
                     return Err(ErrorKind::BodyTooLarge.into());
                 }
@@ -633,12 +651,43 @@ impl Proxy {
             rest: body,
             remaining,
         };
+        // A route that retries this method reads a small body whole first, so a retry can
+        // send it again.
+        let retried = route.and_then(|r| r.route().retry).is_some_and(|policy| {
+            policy.retry_unsafe || crate::routes::retry::is_idempotent(&method)
+        });
+        let body = if parts.headers.contains_key(header::CONTENT_LENGTH)
+            || parts.headers.contains_key(header::TRANSFER_ENCODING)
+        {
+            if retried && declared.is_some_and(|n| n <= routing::RETRY_BODY_LIMIT) {
+                match http_body_util::BodyExt::collect(body).await {
+                    Ok(all) => routing::Resend::Buffered(all.to_bytes()),
+                    Err(e) => {
+                        let fault = crate::error::BodyFault::find(&*e)
+                            .unwrap_or(crate::error::BodyFault::Malformed);
+                        return Err(fault.into());
+                    }
+                }
+            } else {
+                routing::Resend::Stream(body)
+            }
+        } else {
+            routing::Resend::Empty
+        };
         let started = Instant::now();
         let deadline = self.upstream.deadline();
-        let sent = self
-            .upstream
-            .send_once(&method, path, headers, body, deadline);
-        let result = sent.await;
+        let sent = self.send_upstream(
+            route,
+            routing::Outgoing {
+                method: &method,
+                path_and_query: path,
+                headers,
+                body,
+                deadline,
+                client: down.peer,
+            },
+        );
+        let result = sent.await.map(|(resp, _admitted)| resp);
         trace.upstream_ms = Some(started.elapsed().as_millis() as u64);
         match result {
             // A body the client sent too large or broken is its fault (413 / 400 and
@@ -884,7 +933,13 @@ mod tests {
                 .map(|(_, v)| v.to_string()),
         })
         .expect("test config");
-        tokio::spawn(crate::run(listener, None, config, std::future::pending()));
+        tokio::spawn(crate::run(
+            listener,
+            None,
+            config,
+            None,
+            std::future::pending(),
+        ));
         addr
     }
 

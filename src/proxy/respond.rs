@@ -14,7 +14,7 @@ use crate::cache::conditional::not_modified;
 use crate::cache::entry::{CachedResponse, Filling};
 use crate::cache::range::{self, RangeReply};
 pub use crate::cache::status::CacheStatus;
-use crate::error::ProxyError;
+use crate::error::{ErrorKind, ProxyError, UpstreamError};
 
 /// Headers a 304 carries over from the 200 it stands for (RFC 9110 §15.4.5).
 const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
@@ -255,6 +255,18 @@ pub fn error(err: &ProxyError) -> Response<ProxyBody> {
     if reply.close {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    match &err.kind {
+        ErrorKind::Upstream(UpstreamError::Limited(limited)) => {
+            for (name, value) in &limited.headers {
+                resp.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        ErrorKind::MethodNotRouted(allow) => {
+            let (name, value) = super::routing::allow_header(allow);
+            resp.headers_mut().insert(name, value);
+        }
+        _ => {}
     }
     resp
 }

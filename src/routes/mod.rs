@@ -168,6 +168,29 @@ impl Routes {
         }
     }
 
+    /// For a request the allowlist refused: the methods the routes of its path's longest
+    /// routed prefix admit (`GET, HEAD, POST`, for a 405's `Allow`); `None` when no route
+    /// has a prefix of `path` (404).
+    pub fn methods_for(&self, path: &str) -> Option<String> {
+        if has_dot_segment(path) {
+            return None;
+        }
+        let longest = self.tree.find(path, |_| true)?;
+        let prefix = &self.routes[longest].prefix;
+        let mut allowed: Vec<&str> = Vec::new();
+        for route in self.routes.iter().filter(|r| &r.prefix == prefix) {
+            match &route.methods {
+                // A route of this prefix takes every method: the refusal was the dot segment.
+                None => return None,
+                Some(m) => allowed.extend(m.listed().iter().map(Method::as_str)),
+            }
+        }
+        if allowed.contains(&"GET") && !allowed.contains(&"HEAD") {
+            allowed.push("HEAD");
+        }
+        Some(allowed.join(", "))
+    }
+
     pub fn allowlist(&self) -> bool {
         self.allowlist
     }

@@ -259,7 +259,14 @@ impl ProxyHandle {
         let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("test config is valid");
         let listener = TcpListener::bind(config.listen_addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let routes = config.routes_file.as_ref().map(|path| {
+            edgecache::routes::Routes::load(path, |k| vars.get(k).cloned())
+                .unwrap_or_else(|e| panic!("test routes are valid: {e}"))
+        });
         let proxy = Arc::new(Proxy::new(config));
+        if let Some(routes) = routes {
+            proxy.install_routes(routes);
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(edgecache::server::serve(listener, proxy.clone(), async {
             let _ = rx.await;
