@@ -28,7 +28,8 @@
 //! that is [`StartError::Full`] (`503` with `Retry-After`, [`respond::unavailable`]). A pending
 //! job still pending `JOBS_MAX_AGE_SECS` after it started fails as `expired` (no callback is
 //! sent for it; a late result is dropped); a finished job is forgotten `JOBS_MAX_AGE_SECS`
-//! after it finished (then `404`). So a job holds its slot for at most twice that. Jobs live
+//! after it finished (then `404`); an expiry counts from the first call (or sweep) that sees
+//! it. So a job holds its slot for about twice that at most. Jobs live
 //! in this process's memory only: **a restart loses every job**, pending or finished — their
 //! URLs answer `404` and their callbacks are never sent — and jobs are not shared between
 //! the instances of a fleet (a job URL must reach the instance that made it).
