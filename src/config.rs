@@ -83,6 +83,8 @@ pub struct Config {
     /// `ROUTES_FILE`: per-path routing policy ([`crate::routes`]), loaded by the daemon at
     /// start-up and again on SIGHUP.
     pub routes_file: Option<std::path::PathBuf>,
+    /// Async jobs and signed callbacks (`JOBS_*`, `CALLBACK_*`; see [`crate::jobs`]).
+    pub jobs: JobsConfig,
 }
 
 /// Limits that protect the proxy from hostile or broken clients.
@@ -398,6 +400,10 @@ pub const SETTINGS: &[Setting] = &[
     setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
     setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
     setting("ROUTES_FILE", "", "TOML file of routes: allowlist, per-route upstreams, cache rules, injected headers, rate limits, retries, client deadlines (README: Routes); re-read on SIGHUP; empty = none"),
+    setting("CALLBACK_ALLOWED_HOSTS", "", "Comma-separated host:port entries a job's callback URL may name (exact match; IPs only if listed); empty = callbacks refused (400)"),
+    setting("CALLBACK_SECRET", "", "HMAC-SHA256 key signing callbacks (Edgecache-Signature), at least 16 characters; required with CALLBACK_ALLOWED_HOSTS; never shown"),
+    setting("JOBS_MAX", "10000", "Async jobs held at once at most (pending or finished); a new one beyond it gets 503 (1-1000000)"),
+    setting("JOBS_MAX_AGE_SECS", "3600", "A pending job fails as expired this long after it started; a finished one is forgotten this long after it finished (1-86400)"),
 ];
 
 /// Where and how the shared tier is reached.
@@ -727,6 +733,7 @@ impl Config {
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from);
+        let jobs = JobsConfig::from_lookup(var)?;
         Ok(Config {
             routes_file,
             allowed_hosts,
@@ -751,6 +758,7 @@ impl Config {
             stream_buffer,
             stream_buffer_total,
             redis,
+            jobs,
         })
     }
 }
@@ -915,11 +923,194 @@ impl Config {
                     .map_or(String::new(), |p| p.display().to_string()),
             ),
         ];
+        out.extend(self.jobs.effective());
         // In the order of SETTINGS (a name missing there would sort first; a test checks).
         out.sort_by_key(|(name, _)| SETTINGS.iter().position(|s| s.name == *name));
         out
     }
 }
+
+// --- Async jobs and signed callbacks (src/jobs/): JOBS_MAX, JOBS_MAX_AGE_SECS,
+// CALLBACK_ALLOWED_HOSTS, CALLBACK_SECRET. ---
+
+/// Async jobs and their callbacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsConfig {
+    /// Jobs held at once at most, pending or finished (`JOBS_MAX`).
+    pub max_jobs: usize,
+    /// A pending job fails as expired this long after it started; a finished one is
+    /// forgotten this long after it finished (`JOBS_MAX_AGE_SECS`).
+    pub max_age: Duration,
+    /// The only `host:port` pairs a callback URL may name (`CALLBACK_ALLOWED_HOSTS`);
+    /// empty: every callback is refused.
+    pub callback_hosts: Vec<CallbackHost>,
+    /// Signs every callback (`CALLBACK_SECRET`); set whenever `callback_hosts` is not empty.
+    pub callback_secret: Option<CallbackSecret>,
+}
+
+/// One `CALLBACK_ALLOWED_HOSTS` entry: a lower-case host name, or an IP address (IPv6 in
+/// brackets, in its canonical text form), and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackHost {
+    pub host: String,
+    pub port: u16,
+}
+
+impl CallbackHost {
+    /// Parses `host:port`, `1.2.3.4:port` or `[v6]:port`; the port is required. The host is
+    /// normalised by [`CallbackHost::normalise_host`], as a callback URL's host is
+    /// ([`crate::jobs::callback`]), so both sides compare alike.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` has no port (write host:port)"))?;
+        let port = match port.parse::<u16>() {
+            Ok(p) if p > 0 && !port.starts_with('+') => p,
+            _ => return Err(format!("`{s}` has no valid port (1-65535)")),
+        };
+        Ok(CallbackHost {
+            host: Self::normalise_host(host).ok_or_else(|| format!("`{s}` is not a host:port"))?,
+            port,
+        })
+    }
+
+    /// `host` lower-cased, or an IP address in canonical form (IPv6 in brackets); `None`
+    /// when it is neither a host name (letters, digits, `-`, `.`, `_`) nor an IP address.
+    pub fn normalise_host(host: &str) -> Option<String> {
+        if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            return v6
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(|ip| format!("[{ip}]"));
+        }
+        if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+            return Some(ip.to_string());
+        }
+        let name_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        (!host.is_empty() && host.bytes().all(name_char)).then(|| host.to_ascii_lowercase())
+    }
+}
+
+impl fmt::Display for CallbackHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// The callback signing key. Its `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CallbackSecret(Vec<u8>);
+
+impl CallbackSecret {
+    /// Shortest `CALLBACK_SECRET` accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        CallbackSecret(secret.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CallbackSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallbackSecret(<redacted>)")
+    }
+}
+
+impl JobsConfig {
+    /// Reads the four settings through [`Config::from_lookup`]'s `var` (trimmed, empty =
+    /// unset).
+    fn from_lookup(var: impl Fn(&'static str) -> Option<String>) -> Result<Self, ConfigError> {
+        let bad = |variable: &'static str, problem: String| ConfigError { variable, problem };
+        let max_jobs = match var("JOBS_MAX") {
+            None => 10_000,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => {
+                    return Err(bad(
+                        "JOBS_MAX",
+                        format!("`{v}` is not a whole number from 1 to 1000000"),
+                    ))
+                }
+            },
+        };
+        let max_age = match var("JOBS_MAX_AGE_SECS") {
+            None => Duration::from_secs(3600),
+            Some(v) => parse_seconds(&v, &(1.0..=DAY)).map_err(|p| bad("JOBS_MAX_AGE_SECS", p))?,
+        };
+        let callback_hosts: Vec<CallbackHost> = match var("CALLBACK_ALLOWED_HOSTS") {
+            None => Vec::new(),
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    CallbackHost::parse(h).map_err(|p| {
+                        bad(
+                            "CALLBACK_ALLOWED_HOSTS",
+                            format!("{p}; list host:port entries, e.g. hooks.example.com:443,10.0.0.7:8080"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let callback_secret = var("CALLBACK_SECRET").map(CallbackSecret::new);
+        match &callback_secret {
+            None if !callback_hosts.is_empty() => {
+                return Err(bad(
+                    "CALLBACK_SECRET",
+                    "is not set, but CALLBACK_ALLOWED_HOSTS is: callbacks must be signed \
+                     (e.g. CALLBACK_SECRET=$(openssl rand -hex 32))"
+                        .into(),
+                ))
+            }
+            // The value is never echoed.
+            Some(s) if s.as_bytes().len() < CallbackSecret::MIN_LEN => {
+                return Err(bad(
+                    "CALLBACK_SECRET",
+                    format!(
+                        "is shorter than {} characters (e.g. openssl rand -hex 32)",
+                        CallbackSecret::MIN_LEN
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        Ok(JobsConfig {
+            max_jobs,
+            max_age,
+            callback_hosts,
+            callback_secret,
+        })
+    }
+
+    /// The four settings as [`Config::effective`] shows them; the secret as `<redacted>`.
+    fn effective(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "CALLBACK_ALLOWED_HOSTS",
+                self.callback_hosts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "CALLBACK_SECRET",
+                self.callback_secret
+                    .as_ref()
+                    .map_or_else(String::new, |_| "<redacted>".into()),
+            ),
+            ("JOBS_MAX", self.max_jobs.to_string()),
+            ("JOBS_MAX_AGE_SECS", self.max_age.as_secs_f64().to_string()),
+        ]
+    }
+}
+
+// --- End of the async jobs settings. ---
 
 /// `REDIS_URL` must be `redis://host[:port][/db]` or, for TLS, `rediss://…` (with optional
 /// `user:password@`), or a Cluster's `redis+cluster://` / `rediss+cluster://` seed list
@@ -2012,5 +2203,152 @@ mod tests {
             let again = cfg(&back).unwrap_or_else(|e| panic!("{e}: {text}"));
             assert_eq!(format!("{again:?}"), format!("{config:?}"), "{text}");
         }
+    }
+
+    // --- Async jobs and callbacks settings. ---
+
+    /// Defaults, the `host:port` list (normalised), the secret's rules, ranges, and the
+    /// secret never shown by `Debug` or `--check`.
+    #[test]
+    fn jobs_and_callback_settings() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let d = cfg(&[up]).unwrap().jobs;
+        assert_eq!((d.max_jobs, d.max_age), (10_000, Duration::from_secs(3600)));
+        assert!(d.callback_hosts.is_empty() && d.callback_secret.is_none());
+
+        let secret = ("CALLBACK_SECRET", "0123456789abcdef-s3cret");
+        let c = cfg(&[
+            up,
+            secret,
+            (
+                "CALLBACK_ALLOWED_HOSTS",
+                " Hooks.Example.com:443, 10.0.0.7:8080 ,[0:0::1]:9000,",
+            ),
+            ("JOBS_MAX", "5"),
+            ("JOBS_MAX_AGE_SECS", "1.5"),
+        ])
+        .unwrap();
+        let hosts: Vec<String> = c
+            .jobs
+            .callback_hosts
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        assert_eq!(
+            hosts,
+            ["hooks.example.com:443", "10.0.0.7:8080", "[::1]:9000"]
+        );
+        assert_eq!(c.jobs.max_jobs, 5);
+        assert_eq!(c.jobs.max_age, Duration::from_millis(1500));
+        assert_eq!(
+            c.jobs.callback_secret.as_ref().unwrap().as_bytes(),
+            b"0123456789abcdef-s3cret"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let shown = c.effective();
+        assert!(!format!("{shown:?}").contains("s3cret"), "{shown:?}");
+        let value = |name: &str| shown.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        assert_eq!(value("CALLBACK_SECRET"), "<redacted>");
+        assert_eq!(
+            value("CALLBACK_ALLOWED_HOSTS"),
+            "hooks.example.com:443,10.0.0.7:8080,[::1]:9000"
+        );
+        assert_eq!(
+            (value("JOBS_MAX"), value("JOBS_MAX_AGE_SECS")),
+            ("5".into(), "1.5".into())
+        );
+        // Read back with the real secret in place of `<redacted>`: the same configuration.
+        let back: Vec<(&str, &str)> = shown
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    if *k == "CALLBACK_SECRET" {
+                        secret.1
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(format!("{:?}", cfg(&back).unwrap()), format!("{c:?}"));
+
+        // A secret without hosts is harmless; hosts without a secret are not.
+        assert!(cfg(&[up, secret]).is_ok());
+        for (pairs, var) in [
+            (vec![("CALLBACK_ALLOWED_HOSTS", "a:1")], "CALLBACK_SECRET"),
+            (
+                vec![
+                    ("CALLBACK_ALLOWED_HOSTS", "a:1"),
+                    ("CALLBACK_SECRET", "short"),
+                ],
+                "CALLBACK_SECRET",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "hooks.example.com")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "http://a:1")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "u@a:1")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "a:0")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "a:65536")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "a:+80")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "::1:80")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (
+                vec![secret, ("CALLBACK_ALLOWED_HOSTS", "[not-v6]:80")],
+                "CALLBACK_ALLOWED_HOSTS",
+            ),
+            (vec![("JOBS_MAX", "0")], "JOBS_MAX"),
+            (vec![("JOBS_MAX", "1000001")], "JOBS_MAX"),
+            (vec![("JOBS_MAX", "many")], "JOBS_MAX"),
+            (vec![("JOBS_MAX_AGE_SECS", "0")], "JOBS_MAX_AGE_SECS"),
+            (vec![("JOBS_MAX_AGE_SECS", "86401")], "JOBS_MAX_AGE_SECS"),
+            (vec![("JOBS_MAX_AGE_SECS", "NaN")], "JOBS_MAX_AGE_SECS"),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(up);
+            let err = cfg(&pairs).unwrap_err();
+            assert_eq!(err.variable, var, "{pairs:?}: {err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        for ok in [
+            ("JOBS_MAX", "1"),
+            ("JOBS_MAX", "1000000"),
+            ("JOBS_MAX_AGE_SECS", "1"),
+            ("JOBS_MAX_AGE_SECS", "86400"),
+        ] {
+            assert!(cfg(&[up, ok]).is_ok(), "{ok:?}");
+        }
+        // The README and --help state the age's range as the code does.
+        let readme = include_str!("../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `JOBS_MAX_AGE_SECS` |"))
+            .unwrap();
+        assert!(row.contains("Range `1`–`86400`"), "{row}");
+        let help = SETTINGS
+            .iter()
+            .find(|s| s.name == "JOBS_MAX_AGE_SECS")
+            .unwrap()
+            .help;
+        assert!(help.contains("(1-86400)"), "{help}");
     }
 }

@@ -45,6 +45,13 @@
 //! * [`error`] — failures as [`error::ProxyError`] (a kind and a side: upstream, downstream,
 //!   internal) and the one mapping from a failure to its status, body and headers; the
 //!   request body's fault ([`error::BodyFault`]) that travels back through hyper's error.
+//! * [`jobs`] — async completion jobs (issue 14), the building blocks: the bounded job
+//!   registry (ids, de-duplication of identical requests, expiry), the job URL's answers
+//!   (`/_edgecache/jobs/{id}`), callback URLs checked against `CALLBACK_ALLOWED_HOSTS`, their
+//!   signed delivery with retries ([`jobs::callback`]) and the HMAC signature
+//!   ([`jobs::sign`]). Pure but for the delivery task; the pipeline wires it in (its module
+//!   docs say how). It uses `config`, `error`, `metrics` and `supervise`, no pipeline
+//!   module.
 //! * [`ops`] — the operator listener (`OPS_LISTEN_ADDR`: `/status`, `/metrics`), off the
 //!   proxy port;
 //!   [`metrics`] holds the counters and their label enums (it imports no pipeline module).
@@ -69,6 +76,7 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod jobs;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;

@@ -108,7 +108,7 @@ fn bad_config_exits_2_with_one_line_naming_the_variable() {
 /// The list is checked against `.env.example`, so a new duration setting must join it.
 #[test]
 fn absurd_durations_exit_2_with_one_line_naming_the_variable() {
-    const DURATIONS: [&str; 13] = [
+    const DURATIONS: [&str; 14] = [
         "DEFAULT_CACHE_EXPIRY_TIME_SECS",
         "DEFAULT_REFRESH_WINDOW_SECS",
         "REQ_TIMEOUT",
@@ -122,6 +122,7 @@ fn absurd_durations_exit_2_with_one_line_naming_the_variable() {
         "UPSTREAM_IDLE_TIMEOUT_SECS",
         "HEADER_READ_TIMEOUT_SECS",
         "KEEPALIVE_TIMEOUT_SECS",
+        "JOBS_MAX_AGE_SECS",
     ];
     for name in include_str!("../.env.example")
         .lines()
