@@ -3,7 +3,7 @@
 # hyper server, all on loopback in front of the same mock origin. See bench/README.md.
 #
 #   bench/run.sh [--smoke] [--rounds N] [--duration S] [--no-build]
-#                [--concurrency C] [--objects N] [--out DIR]
+#                [--concurrency C] [--objects N] [--out DIR] [--only SECTIONS]
 #
 #   --smoke          quick check that the suite still works (CI): 1 round of 1 s, herd of 200,
 #                    2,000 objects; the table goes to stdout only; exits 1 when edgecache's
@@ -15,6 +15,9 @@
 #   --concurrency C  herd size (default 1000; smoke 200)
 #   --objects N      objects for the memory run (default 100000; smoke 2000)
 #   --out DIR        where latest.md, the dated copy and latest.raw go (default bench/results)
+#   --only SECTIONS  run only these sections, comma-separated: throughput, herd, memory (e.g.
+#                    `--only memory` with BENCH_WITHOUT=nginx,varnish: edgecache's memory row
+#                    alone, ~1 min); the partial table goes to stdout only
 #
 # nginx, varnishd and wrk are optional: missing ones are skipped with a note (the apt-get line
 # to install them is printed). Without wrk the throughput runs use `herd --load` instead, a
@@ -29,7 +32,7 @@ root=$(dirname "$here")
 say() { printf 'bench: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 2; }
 
-smoke=0 rounds='' duration='' build=1 herd_c='' objects='' outdir=$here/results
+smoke=0 rounds='' duration='' build=1 herd_c='' objects='' outdir=$here/results only=''
 while [ $# -gt 0 ]; do
     case $1 in
         --smoke) smoke=1 ;;
@@ -43,8 +46,10 @@ while [ $# -gt 0 ]; do
         --objects=*) objects=${1#*=} ;;
         --out) [ $# -ge 2 ] || die "--out needs a directory"; outdir=$2; shift ;;
         --out=*) outdir=${1#*=} ;;
+        --only) [ $# -ge 2 ] || die "--only needs sections"; only=$2; shift ;;
+        --only=*) only=${1#*=} ;;
         --no-build) build=0 ;;
-        -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -57,6 +62,18 @@ fi
 for v in rounds duration herd_c objects; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
 done
+declare -A run_section=([throughput]=1 [herd]=1 [memory]=1)
+if [ -n "$only" ]; then
+    run_section=()
+    for s in ${only//,/ }; do
+        case $s in
+            throughput | herd | memory) run_section[$s]=1 ;;
+            *) die "--only: unknown section '$s' (throughput, herd, memory)" ;;
+        esac
+    done
+    [ ${#run_section[@]} -gt 0 ] || die "--only needs at least one section"
+fi
+section() { [ -n "${run_section[$1]:-}" ]; }
 
 SIZES=(1024 102400)
 HERD_DELAY_MS=200
@@ -418,6 +435,7 @@ run_load() { # system size -> "rps p50_ms p99_ms errors"
     fi
 }
 
+if section throughput; then
 say "warming the throughput keys"
 for sys in "${systems[@]}"; do
     for size in "${SIZES[@]}"; do
@@ -452,9 +470,11 @@ for sys in "${caches[@]}"; do
         tp_origin[$sys,$size]=$(($(origin_count "$(origin_path "$sys" "$size")") - ${tp_origin[$sys,$size]}))
     done
 done
+fi
 
 # --- 2. thundering herd ----------------------------------------------------------------------
 declare -A h_up h_min h_p50 h_p99 h_max h_gap h_sent h_err
+if section herd; then
 for ((r = 1; r <= rounds; r++)); do
     mapfile -t order < <(rotate $((r - 1)) "${systems[@]}")
     for sys in "${order[@]}"; do
@@ -486,9 +506,11 @@ for ((r = 1; r <= rounds; r++)); do
         sleep 0.5 # let the herd's connections close before the next system
     done
 done
+fi
 
 # --- 3. memory per cached object -------------------------------------------------------------
 declare -A m_before m_after m_rate m_err m_check m_disk
+if section memory; then
 for sys in "${caches[@]}"; do
     say "memory: $objects distinct 1 KiB objects into $sys"
     tmpl="/bytes?size=1024&$CC&mem=$sys&k={i}"
@@ -520,6 +542,7 @@ for sys in "${caches[@]}"; do
         m_disk[$sys]="+ $((apparent / objects)) B per file on disk ($((allocated / objects)) B allocated; $files files)"
     fi
 done
+fi
 
 # --- the report --------------------------------------------------------------------------------
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
@@ -537,7 +560,7 @@ report=$rundir/report.md
 {
     if [ "$smoke" = 1 ]; then echo "# edgecache benchmark — SMOKE run (numbers meaningless)"; else echo "# edgecache benchmark"; fi
     echo
-    echo "$now · \`bench/run.sh$([ "$smoke" = 1 ] && printf ' --smoke') --rounds $rounds --duration $duration\` · $((SECONDS - start_time)) s after the build"
+    echo "$now · \`bench/run.sh$([ "$smoke" = 1 ] && printf ' --smoke')$([ -z "$only" ] || printf ' --only %s' "$only") --rounds $rounds --duration $duration\` · $((SECONDS - start_time)) s after the build"
     echo
     echo "| machine | |"
     echo "|---|---|"
@@ -551,6 +574,7 @@ report=$rundir/report.md
     echo "from memory (\`herd --serve\`): the ceiling for a hyper-based server on this machine."
     echo "Medians of $rounds round(s); within a round the systems run interleaved, in rotated order."
     echo
+    if section throughput; then
     echo "## 1. Hit throughput (keep-alive, $CONNS connections, ${duration} s per run)"
     echo
     echo "| body | system | req/s | p50 ms | p99 ms | req/s ÷ bare | edgecache req/s ÷ this | errors | origin calls |"
@@ -570,6 +594,8 @@ report=$rundir/report.md
     echo
     echo "origin calls: requests that reached the origin for the benchmarked key during the runs (0 = all hits)."
     echo
+    fi
+    if section herd; then
     echo "## 2. Thundering herd ($herd_c simultaneous requests, one cold key, ${HERD_DELAY_MS} ms upstream)"
     echo
     echo "| system | upstream calls (per round) | leader ms | followers p50 ms | p99 ms | max ms | p99 − leader ms | p99 ÷ edgecache's | errors | last request sent at ms |"
@@ -593,6 +619,8 @@ report=$rundir/report.md
     echo "(client included). last request sent at: when the client had written its last request — the"
     echo "client's own share of the spread."
     echo
+    fi
+    if section memory; then
     echo "## 3. Memory per cached object ($(thousands "$objects") distinct 1 KiB bodies)"
     echo
     echo "| system | measured | before MiB | after MiB | growth per object | also | load req/s | still cached |"
@@ -619,7 +647,8 @@ report=$rundir/report.md
         echo "nginx keeps bodies in files, which live in the kernel's page cache, not in nginx's memory:"
         echo "its row is the shared key zone and the workers only, plus the files' size."
     fi
-    if [ -f "$here/results/eviction.md" ]; then
+    fi
+    if [ -z "$only" ] && [ -f "$here/results/eviction.md" ]; then
         echo
         echo "## 4. Eviction hit ratio"
         echo
@@ -637,7 +666,7 @@ report=$rundir/report.md
 } >"$report"
 
 cat "$report"
-if [ "$smoke" = 0 ]; then
+if [ "$smoke" = 0 ] && [ -z "$only" ]; then
     mkdir -p "$outdir"
     stamp=$(date -u '+%Y-%m-%d-%H%M%S')
     cp "$report" "$outdir/latest.md"
@@ -649,18 +678,22 @@ fi
 # --- smoke checks: edgecache's own numbers must make sense ----------------------------------------
 if [ "$smoke" = 1 ]; then
     failed=()
-    for size in "${SIZES[@]}"; do
+    section throughput && for size in "${SIZES[@]}"; do
         rps=$(median "${tp_rps[edgecache,$size]}")
         awk -v r="${rps:-0}" 'BEGIN { exit !(r > 0) }' || failed+=("throughput $size B: no requests completed")
         [ "${tp_err[edgecache,$size]:-1}" = 0 ] || failed+=("throughput $size B: ${tp_err[edgecache,$size]} errors")
         [ "${tp_origin[edgecache,$size]:-1}" = 0 ] || failed+=("throughput $size B: ${tp_origin[edgecache,$size]} origin calls during the hit runs")
     done
-    for u in ${h_up[edgecache]:-none}; do
-        [ "$u" = 1 ] || failed+=("herd: $u upstream calls (want 1)")
-    done
-    [ "${h_err[edgecache]:-1}" = 0 ] || failed+=("herd: ${h_err[edgecache]:-?} errors")
-    [ "${m_err[edgecache]:-1}" = 0 ] || failed+=("memory run: ${m_err[edgecache]:-?} errors")
-    [ "${m_check[edgecache]:-}" = ok ] || failed+=("memory run: ${m_check[edgecache]:-not run}")
+    if section herd; then
+        for u in ${h_up[edgecache]:-none}; do
+            [ "$u" = 1 ] || failed+=("herd: $u upstream calls (want 1)")
+        done
+        [ "${h_err[edgecache]:-1}" = 0 ] || failed+=("herd: ${h_err[edgecache]:-?} errors")
+    fi
+    if section memory; then
+        [ "${m_err[edgecache]:-1}" = 0 ] || failed+=("memory run: ${m_err[edgecache]:-?} errors")
+        [ "${m_check[edgecache]:-}" = ok ] || failed+=("memory run: ${m_check[edgecache]:-not run}")
+    fi
     if [ ${#failed[@]} -gt 0 ]; then
         for f in "${failed[@]}"; do say "SMOKE FAILED: edgecache $f"; done
         exit 1

@@ -143,7 +143,7 @@ pub fn exercise_entry_codec(data: &[u8]) {
             .to_owned();
         let shared = codec::decode_shared(&Bytes::copy_from_slice(blob), &key, now, wall);
         let reencode = |e| {
-            let entry = CachedResponse::new(e, key.len(), 0);
+            let entry = CachedResponse::from_encoded(e, key.len(), 0);
             codec::encode(&entry, &key, now, wall)
         };
         match codec::decode(blob, &key, now, wall) {

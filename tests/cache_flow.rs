@@ -163,7 +163,7 @@ async fn explicit_freshness_wins_and_age_is_reported() {
         .lookup(&proxy.key("/a"), &Default::default())
         .unwrap()
         .entry;
-    assert_eq!(entry.lifetime, Duration::from_secs(600));
+    assert_eq!(entry.lifetime(), Duration::from_secs(600));
     let hit = get(proxy.addr, "/a", &[]).await;
     assert_eq!(hit.cache(), "HIT");
     let age: u64 = hit.header("age").unwrap().parse().unwrap();

@@ -1,65 +1,88 @@
-//! [`Pieces`]: a complete body held in memory as the pieces it arrived in. A response that was
-//! streamed to its waiters while it was fetched is stored as those same pieces — the stored
-//! entry and the readers share every byte, nothing is copied into one block afterwards. Most
-//! small bodies are one piece.
+//! [`Pieces`]: a complete body held in memory as the pieces it arrived in. A large response
+//! that was streamed to its waiters while it was fetched is stored as those same pieces — the
+//! stored entry and the readers share every byte, nothing is copied afterwards. (A small one,
+//! at most 16 KiB, is copied behind its entry's head block instead: one allocation per entry,
+//! see [`crate::cache::entry`]; its body is then one piece, a slice of that block.) A body of
+//! one piece is held without any slice allocated around it.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-/// An immutable body made of shared pieces; cloning it is one reference-count bump.
-#[derive(Debug, Clone, Default)]
-pub struct Pieces {
-    pieces: Arc<[Bytes]>,
-    len: usize,
+/// An immutable body made of shared pieces; cloning it is one reference-count bump. A body
+/// of one piece (most small ones, and a stored entry's inline body) is held as that piece
+/// alone, with no slice allocated around it.
+#[derive(Debug, Clone)]
+pub struct Pieces(Repr);
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// One piece, possibly empty (then the body is empty).
+    One(Bytes),
+    /// Two or more non-empty pieces and their total length.
+    Many(Arc<[Bytes]>, usize),
+}
+
+impl Default for Pieces {
+    fn default() -> Pieces {
+        Pieces(Repr::One(Bytes::new()))
+    }
 }
 
 impl Pieces {
     /// A body from its pieces, in order. Empty pieces are dropped.
     pub fn new(pieces: Vec<Bytes>) -> Pieces {
-        let pieces: Vec<Bytes> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
-        let len = pieces.iter().map(Bytes::len).sum();
-        Pieces {
-            pieces: pieces.into(),
-            len,
+        let mut pieces: Vec<Bytes> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+        match pieces.len() {
+            0 => Pieces::default(),
+            1 => Pieces(Repr::One(pieces.pop().unwrap_or_default())),
+            _ => {
+                let len = pieces.iter().map(Bytes::len).sum();
+                Pieces(Repr::Many(pieces.into(), len))
+            }
         }
     }
 
     /// Total length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        match &self.0 {
+            Repr::One(b) => b.len(),
+            Repr::Many(_, len) => *len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The pieces, in order (none is empty).
     pub fn as_slice(&self) -> &[Bytes] {
-        &self.pieces
+        match &self.0 {
+            Repr::One(b) if b.is_empty() => &[],
+            Repr::One(b) => std::slice::from_ref(b),
+            Repr::Many(pieces, _) => pieces,
+        }
     }
 
     /// The body as one `Bytes` when it is a single piece.
     pub fn single(&self) -> Option<&Bytes> {
-        match &*self.pieces {
-            [one] => Some(one),
+        match &self.0 {
+            Repr::One(b) if !b.is_empty() => Some(b),
             _ => None,
         }
     }
 
     /// Bytes `range` of the body (clamped to its length), as slices of the same pieces.
     pub fn slice(&self, range: RangeInclusive<usize>) -> Pieces {
-        let (start, end) = (
-            *range.start(),
-            (*range.end()).min(self.len.saturating_sub(1)),
-        );
-        if self.len == 0 || start > end {
+        let len = self.len();
+        let (start, end) = (*range.start(), (*range.end()).min(len.saturating_sub(1)));
+        if len == 0 || start > end {
             return Pieces::default();
         }
         let mut out = Vec::new();
         let mut at = 0;
-        for piece in self.pieces.iter() {
+        for piece in self.as_slice() {
             let (from, to) = (at, at + piece.len()); // this piece holds bytes from..to
             at = to;
             if to <= start {
@@ -77,8 +100,8 @@ impl Pieces {
 
     /// A copy as one contiguous vector (tests and small bodies only).
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.len);
-        for p in self.pieces.iter() {
+        let mut v = Vec::with_capacity(self.len());
+        for p in self.as_slice() {
             v.extend_from_slice(p);
         }
         v
@@ -88,15 +111,15 @@ impl Pieces {
 /// Equal when the bytes are, however they are split into pieces.
 impl PartialEq for Pieces {
     fn eq(&self, other: &Pieces) -> bool {
-        self.len == other.len && self.to_vec() == other.to_vec()
+        self.len() == other.len() && self.to_vec() == other.to_vec()
     }
 }
 
 impl PartialEq<[u8]> for Pieces {
     fn eq(&self, other: &[u8]) -> bool {
-        self.len == other.len() && {
+        self.len() == other.len() && {
             let mut rest = other;
-            self.pieces.iter().all(|p| {
+            self.as_slice().iter().all(|p| {
                 let (head, tail) = rest.split_at(p.len());
                 rest = tail;
                 head == &p[..]
@@ -113,7 +136,7 @@ impl PartialEq<&str> for Pieces {
 
 impl From<Bytes> for Pieces {
     fn from(b: Bytes) -> Pieces {
-        Pieces::new(vec![b])
+        Pieces(Repr::One(b))
     }
 }
 
@@ -163,5 +186,13 @@ mod tests {
         assert_ne!(body(), "abcdefgX");
         assert_ne!(body(), "abc");
         assert_eq!(body(), Pieces::from(Bytes::from_static(b"abcdefgh")));
+        let empty = Pieces::from(Bytes::new());
+        assert!(empty.is_empty() && empty.as_slice().is_empty() && empty.single().is_none());
+        assert_eq!(
+            Pieces::new(vec![Bytes::new(), Bytes::from_static(b"y")])
+                .as_slice()
+                .len(),
+            1
+        );
     }
 }

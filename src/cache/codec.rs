@@ -1,38 +1,52 @@
-//! One stored variant as one self-contained, versioned binary blob: the value of the shared
-//! second tier (issue 13, "fleet mode on Redis") and, later, the in-memory representation.
-//! Pure functions, no I/O: [`encode`] a [`CachedResponse`], [`decode`] (or
-//! [`decode_shared`]) it back into the [`NewEntry`] that rebuilds it, in this process or
+//! A stored variant's encoding, versioned: the in-memory entry's *head block* and the value of
+//! the shared second tier (issue 13, "fleet mode on Redis"), which is that same block behind
+//! the few fields only another process needs. Pure functions, no I/O: [`encode_head`] writes
+//! the block a [`CachedResponse`] keeps, [`Fields`] walks its header fields, [`encode`] wraps
+//! a [`CachedResponse`] into a shared-tier blob and [`decode`] (or [`decode_shared`]) reads one
+//! back into the [`EncodedEntry`] that becomes a [`CachedResponse`] again, in this process or
 //! another one. Decoding never panics, whatever the bytes: anything that is not a blob
-//! [`encode`] wrote is a [`DecodeError`].
+//! [`encode`] wrote is a [`DecodeError`] (an old or unknown version is
+//! [`DecodeError::Version`], which the shared tier treats as a miss).
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! Integers are unsigned LEB128 varints (7 bits a byte, low group first, at most 10 bytes)
 //! unless said otherwise. A *string* is a varint length followed by that many bytes.
+//!
+//! A shared-tier blob:
 //!
 //! | field | encoding |
 //! |---|---|
 //! | magic | the 2 bytes `EC` |
 //! | version | 1 byte, [`VERSION`] (another value: [`DecodeError::Version`]) |
-//! | flags | 1 byte, the bits below; an undefined combination is an error |
 //! | key | string: the primary key it was stored under, checked against the caller's |
-//! | status | varint, 100–999 |
 //! | stored | varint: wall-clock ms since the UNIX epoch when it was stored (below) |
 //! | initial age | varint ms, rounded **up** |
 //! | lifetime | varint ms, rounded down |
 //! | stale-while-revalidate | varint ms, rounded down |
 //! | stale-if-error | varint ms, rounded down |
+//! | Vary | varint count, then per header a *name* and a value tag: 0 when the request lacked the header, else 1 + the length, followed by the captured value |
+//! | body length | varint |
+//! | head block | below: what the in-memory entry holds |
+//! | body | the body's bytes, exactly *body length* of them; they end the blob, anything after is an error |
+//!
+//! The head block (an in-memory entry keeps exactly these bytes, followed by the body when
+//! that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
+//! blob is the other fields followed by a copy of that allocation):
+//!
+//! | field | encoding |
+//! |---|---|
+//! | flags | 1 byte, the bits below; an undefined combination is an error |
+//! | status | varint, 100–999 |
 //! | ETag | string, only with [`flags::ETAG_EXPLICIT`] |
 //! | upstream ETag | string, only with [`flags::UPSTREAM_ETAG_EXPLICIT`] |
 //! | upstream Last-Modified | string, only with [`flags::UPSTREAM_LM_EXPLICIT`] |
 //! | last modified | only with [`flags::LAST_MODIFIED_EXPLICIT`]: varint 0 (none) or 1 followed by varint seconds and varint nanoseconds since the epoch |
-//! | Vary | varint count, then per header a *name* and a value tag: 0 when the request lacked the header, else 1 + the length, followed by the captured value |
-//! | headers | varint count, then per field line a *name* and a string value, in the map's order (repeated names stay in order) |
-//! | body | string: all pieces concatenated; it ends the blob, trailing bytes are an error |
+//! | headers | varint count (at most [`MAX_FIELDS`]), then per field line a *name* and a string value, in the map's order (repeated names stay in order); values are raw bytes, validated when decoded, so a hit serves them as slices of the block without another check |
 //!
 //! A *name* is a varint tag: odd, it is entry `tag >> 1` of the fixed table of common field
 //! names ([`NAMES`], 1 byte instead of the name); even, a literal lowercase name of
-//! `tag >> 1` bytes follows. The table is part of version 1: changing it needs a new version.
+//! `tag >> 1` bytes follows. The table is part of the version: changing it needs a new one.
 //!
 //! The flags say which validators are derived instead of spelled out, so the usual entry
 //! stores none of them twice:
@@ -47,6 +61,10 @@
 //!
 //! (A `304` can leave them apart: the stored `ETag` header is kept while the upstream's new
 //! one is what is sent when revalidating.)
+//!
+//! Version 1 (until issue 13's compact entries) had the flags after the version, the status
+//! and validators before `Vary`, and the body as a string; its blobs are
+//! [`DecodeError::Version`]`(1)`, a miss: they expire from Redis on their own.
 //!
 //! # Times
 //!
@@ -66,32 +84,45 @@
 //! The key, the header values, the captured `Vary` values and the body, plus about 40 bytes
 //! of framing for a typical response: a 1 KiB body with 6 headers (114 bytes of values), a
 //! 37-byte key and `Vary: accept-encoding` is 1,216 bytes (the
-//! `typical_1_kib_entry_is_compact` test).
+//! `typical_1_kib_entry_is_compact` test); its head block, what memory holds besides the
+//! body, 130.
 //!
 //! # Bodies
 //!
-//! [`decode`] copies the body out of the blob into one piece of its own, so the blob can go.
-//! [`decode_shared`] slices a large body out of a shared blob instead (no copy of a
-//! multi-megabyte body; the blob's other bytes are then kept alive with it).
+//! [`decode`] copies what it keeps out of the blob, so the blob can go: a small body with
+//! the head block it follows (one allocation, as a stored entry has it), a large one into a
+//! piece of its own. [`decode_shared`] slices a large body (and its head block) out of a
+//! shared blob instead (no copy of a multi-megabyte body; the blob's other bytes are then
+//! kept alive with it).
 
 use std::error::Error;
 use std::fmt;
+use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::entry::{CachedResponse, NewEntry};
+use super::entry::{CachedResponse, EncodedEntry, NewEntry};
 use super::key::VaryKey;
 use super::policy;
 use crate::body::Pieces;
 
 /// The first bytes of every blob.
 pub const MAGIC: [u8; 2] = *b"EC";
-/// The format version this module writes (and the only one it reads so far).
-pub const VERSION: u8 = 1;
+/// The format version this module writes (and the only one it reads).
+pub const VERSION: u8 = 2;
+
+/// Bodies up to this size are kept in the head block's allocation (copied there when
+/// stored); larger ones keep the pieces they arrived in, shared with the readers that were
+/// streamed them while they arrived (no copy of a large body).
+pub const INLINE_BODY_MAX: usize = 16 * 1024;
+
+/// The most header fields a head block holds (hyper accepts 100 by default): a decoded
+/// block always fits in a `HeaderMap`.
+pub const MAX_FIELDS: usize = 4096;
 
 /// The bits of the flags byte.
 pub mod flags {
@@ -113,8 +144,9 @@ pub mod flags {
     pub const LAST_MODIFIED_EXPLICIT: u8 = 1 << 7;
 }
 
-/// Field names written as one table index (version 1; never reorder or change).
-pub static NAMES: [HeaderName; 40] = [
+/// Field names written as one table index (never reorder or change within a version; the
+/// first 40 are version 1's). Up to 64 entries a tag is one byte.
+pub static NAMES: [HeaderName; 56] = [
     header::ACCEPT_RANGES,
     header::ACCESS_CONTROL_ALLOW_ORIGIN,
     header::AGE,
@@ -155,6 +187,23 @@ pub static NAMES: [HeaderName; 40] = [
     HeaderName::from_static("cdn-cache-control"),
     HeaderName::from_static("surrogate-control"),
     HeaderName::from_static("surrogate-key"),
+    // Version 2.
+    header::ACCESS_CONTROL_ALLOW_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+    header::ACCESS_CONTROL_MAX_AGE,
+    header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
+    header::PRAGMA,
+    header::TRAILER,
+    header::WARNING,
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-powered-by"),
+    HeaderName::from_static("server-timing"),
+    HeaderName::from_static("timing-allow-origin"),
+    HeaderName::from_static("permissions-policy"),
+    HeaderName::from_static("cross-origin-resource-policy"),
+    HeaderName::from_static("cross-origin-opener-policy"),
+    HeaderName::from_static("x-robots-tag"),
+    HeaderName::from_static("x-cache"),
 ];
 
 /// Why a blob could not be decoded.
@@ -180,7 +229,7 @@ pub enum DecodeError {
     HeaderName,
     /// An invalid field value.
     HeaderValue,
-    /// More field lines than a header map holds.
+    /// More field lines than [`MAX_FIELDS`].
     TooManyHeaders,
     /// A validator derived from a header (`ETag`, `Last-Modified`) that is absent.
     MissingHeader(HeaderName),
@@ -210,81 +259,302 @@ impl fmt::Display for DecodeError {
 
 impl Error for DecodeError {}
 
-/// Encodes a stored variant, stored under `key`, into one self-contained blob. `now` and
-/// `wall` are the same moment on the monotonic and the wall clock.
-pub fn encode(entry: &CachedResponse, key: &str, now: Instant, wall: SystemTime) -> Bytes {
-    let served_etag = entry.headers.get(header::ETAG);
-    let served_lm = entry.headers.get(header::LAST_MODIFIED);
+/// Where things are in a head block, as [`encode_head`] wrote it or [`parse_head`] checked
+/// it.
+#[derive(Debug)]
+pub struct HeadLayout {
+    pub flags: u8,
+    pub status: StatusCode,
+    /// Offset of the header count (after the validators).
+    pub headers_at: usize,
+    /// The block's length (where an inline body starts).
+    pub len: usize,
+    /// The parsed last-modified time (explicit, or the `Last-Modified` header's).
+    pub last_modified: Option<SystemTime>,
+    /// The names written literally (not in [`NAMES`]), in order.
+    pub literal_names: Vec<HeaderName>,
+}
+
+/// Appends `e`'s head block to `out`: flags, status, the validators its headers do not
+/// already hold, and the header fields.
+pub fn encode_head(out: &mut Vec<u8>, e: &NewEntry) -> HeadLayout {
+    let start = out.len();
+    let served_etag = e.headers.get(header::ETAG);
+    let served_lm = e.headers.get(header::LAST_MODIFIED);
     let mut fl = 0;
     let mut set = |bit: u8, on: bool| {
         if on {
             fl |= bit;
         }
     };
-    set(flags::FORBIDS_STALE, entry.forbids_stale);
-    set(flags::OPERATOR_TTL, entry.operator_ttl);
-    let etag_explicit = served_etag != Some(&entry.etag);
+    set(flags::FORBIDS_STALE, e.forbids_stale);
+    set(flags::OPERATOR_TTL, e.operator_ttl);
+    let etag_explicit = served_etag != Some(&e.etag);
     set(flags::ETAG_EXPLICIT, etag_explicit);
-    set(flags::UPSTREAM_ETAG, entry.upstream_etag.is_some());
-    let upstream_etag = entry.upstream_etag.as_ref().filter(|e| **e != entry.etag);
+    set(flags::UPSTREAM_ETAG, e.upstream_etag.is_some());
+    let upstream_etag = e.upstream_etag.as_ref().filter(|u| **u != e.etag);
     set(flags::UPSTREAM_ETAG_EXPLICIT, upstream_etag.is_some());
-    set(flags::UPSTREAM_LM, entry.upstream_last_modified.is_some());
-    let upstream_lm = entry
+    set(flags::UPSTREAM_LM, e.upstream_last_modified.is_some());
+    let upstream_lm = e
         .upstream_last_modified
         .as_ref()
         .filter(|lm| Some(*lm) != served_lm);
     set(flags::UPSTREAM_LM_EXPLICIT, upstream_lm.is_some());
-    let lm_explicit =
-        policy::http_date(&entry.headers, header::LAST_MODIFIED) != entry.last_modified;
+    let lm_explicit = policy::http_date(&e.headers, header::LAST_MODIFIED) != e.last_modified;
     set(flags::LAST_MODIFIED_EXPLICIT, lm_explicit);
 
-    let header_bytes: usize = entry
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let mut out = Vec::with_capacity(
-        96 + key.len()
-            + entry.etag.len() * 2
-            + header_bytes
-            + entry.vary.heap_size()
-            + entry.body.len(),
-    );
+    out.push(fl);
+    put_varint(out, u64::from(e.status.as_u16()));
+    if etag_explicit {
+        put_bytes(out, e.etag.as_bytes());
+    }
+    if let Some(u) = upstream_etag {
+        put_bytes(out, u.as_bytes());
+    }
+    if let Some(lm) = upstream_lm {
+        put_bytes(out, lm.as_bytes());
+    }
+    if lm_explicit {
+        match e.last_modified {
+            None => put_varint(out, 0),
+            Some(t) => {
+                let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                put_varint(out, 1);
+                put_varint(out, since.as_secs());
+                put_varint(out, u64::from(since.subsec_nanos()));
+            }
+        }
+    }
+    let headers_at = out.len() - start;
+    put_varint(out, e.headers.len() as u64);
+    let mut literal_names = Vec::new();
+    for (name, value) in &e.headers {
+        if !put_name(out, name) {
+            literal_names.push(name.clone());
+        }
+        put_bytes(out, value.as_bytes());
+    }
+    HeadLayout {
+        flags: fl,
+        status: e.status,
+        headers_at,
+        len: out.len() - start,
+        last_modified: e.last_modified,
+        literal_names,
+    }
+}
+
+/// Checks a head block at the start of `buf` (which may go on with a body) and says where
+/// its parts are. Every name and value is validated, so [`Fields`] can serve the values
+/// unchecked.
+pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
+    let mut r = Reader { buf };
+    let fl = r.take(1)?[0];
+    let has = |bit: u8| fl & bit != 0;
+    if (has(flags::UPSTREAM_ETAG_EXPLICIT) && !has(flags::UPSTREAM_ETAG))
+        || (has(flags::UPSTREAM_LM_EXPLICIT) && !has(flags::UPSTREAM_LM))
+    {
+        return Err(DecodeError::Flags(fl));
+    }
+    let status = r.varint()?;
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or(DecodeError::Status(status))?;
+    if has(flags::ETAG_EXPLICIT) {
+        r.value()?;
+    }
+    if has(flags::UPSTREAM_ETAG_EXPLICIT) {
+        r.value()?;
+    }
+    if has(flags::UPSTREAM_LM_EXPLICIT) {
+        r.value()?;
+    }
+    let explicit_lm = has(flags::LAST_MODIFIED_EXPLICIT)
+        .then(|| r.time())
+        .transpose()?;
+    let headers_at = buf.len() - r.buf.len();
+    let count = r.count(2)?;
+    if count > MAX_FIELDS {
+        return Err(DecodeError::TooManyHeaders);
+    }
+    let mut literal_names = Vec::new();
+    let (mut etag, mut lm) = (false, None);
+    for _ in 0..count {
+        let name = r.name()?;
+        let value = r.value()?;
+        match name {
+            Name::Table(i) => {
+                let name = &NAMES[i];
+                if *name == header::ETAG {
+                    etag = true;
+                } else if *name == header::LAST_MODIFIED && lm.is_none() {
+                    lm = Some(value);
+                }
+            }
+            Name::Literal(n) => literal_names.push(n),
+        }
+    }
+    let missing = |n: HeaderName| Err(DecodeError::MissingHeader(n));
+    if !has(flags::ETAG_EXPLICIT) && !etag {
+        return missing(header::ETAG);
+    }
+    if has(flags::UPSTREAM_LM) && !has(flags::UPSTREAM_LM_EXPLICIT) && lm.is_none() {
+        return missing(header::LAST_MODIFIED);
+    }
+    Ok(HeadLayout {
+        flags: fl,
+        status,
+        headers_at,
+        len: buf.len() - r.buf.len(),
+        last_modified: explicit_lm.unwrap_or_else(|| lm.and_then(parse_date)),
+        literal_names,
+    })
+}
+
+/// An HTTP-date value as [`policy::http_date`] reads it.
+fn parse_date(v: &[u8]) -> Option<SystemTime> {
+    let v = std::str::from_utf8(v).ok()?;
+    httpdate::parse_http_date(v.trim()).ok()
+}
+
+/// The explicit validators of a head block whose flags are `fl`, as byte ranges into it
+/// (`None` for one it does not spell out).
+pub fn explicit_validators(block: &[u8], fl: u8) -> [Option<Range<usize>>; 3] {
+    let mut r = Reader { buf: block };
+    let mut out = [None, None, None];
+    let _ = (|| -> Result<(), DecodeError> {
+        r.take(1)?;
+        r.varint()?;
+        let bits = [
+            flags::ETAG_EXPLICIT,
+            flags::UPSTREAM_ETAG_EXPLICIT,
+            flags::UPSTREAM_LM_EXPLICIT,
+        ];
+        for (slot, bit) in out.iter_mut().zip(bits) {
+            if fl & bit != 0 {
+                let v = r.bytes()?;
+                let at = v.as_ptr() as usize - block.as_ptr() as usize;
+                *slot = Some(at..at + v.len());
+            }
+        }
+        Ok(())
+    })();
+    out
+}
+
+/// A field's name in a head block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldName {
+    /// Entry `i` of [`NAMES`].
+    Table(usize),
+    /// The `i`-th literal name of the block ([`HeadLayout::literal_names`]).
+    Literal(usize),
+}
+
+/// The field lines of a checked head block ([`parse_head`] or [`encode_head`]), in order:
+/// each name and its value's byte range in the block. Stops at the first malformed byte
+/// (there is none in a checked block).
+pub struct Fields<'a> {
+    block: &'a [u8],
+    at: usize,
+    left: usize,
+    literal: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of `block`, whose header count is at `headers_at`.
+    pub fn new(block: &'a [u8], headers_at: usize) -> Self {
+        let mut f = Fields {
+            block,
+            at: headers_at,
+            left: 0,
+            literal: 0,
+        };
+        f.left = f.varint().unwrap_or(0);
+        f
+    }
+
+    /// How many fields are left.
+    pub fn len(&self) -> usize {
+        self.left
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    #[inline]
+    fn varint(&mut self) -> Option<usize> {
+        let b = *self.block.get(self.at)?;
+        self.at += 1;
+        if b < 0x80 {
+            return Some(usize::from(b));
+        }
+        let mut v = usize::from(b & 0x7f);
+        for shift in (7..64).step_by(7) {
+            let b = *self.block.get(self.at)?;
+            self.at += 1;
+            v |= usize::from(b & 0x7f).checked_shl(shift)?;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+impl Iterator for Fields<'_> {
+    type Item = (FieldName, Range<usize>);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let tag = self.varint()?;
+        let name = if tag & 1 == 1 {
+            FieldName::Table(tag >> 1)
+        } else {
+            self.at = self.at.checked_add(tag >> 1)?;
+            self.literal += 1;
+            FieldName::Literal(self.literal - 1)
+        };
+        let len = self.varint()?;
+        let start = self.at;
+        self.at = start.checked_add(len)?;
+        if self.at > self.block.len() {
+            self.left = 0;
+            return None;
+        }
+        Some((name, start..self.at))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.left))
+    }
+}
+
+/// Encodes a stored variant, stored under `key`, into one self-contained blob. `now` and
+/// `wall` are the same moment on the monotonic and the wall clock.
+pub fn encode(entry: &CachedResponse, key: &str, now: Instant, wall: SystemTime) -> Bytes {
+    let head = entry.head_block();
+    let mut out =
+        Vec::with_capacity(64 + key.len() + entry.vary.heap_size() + head.len() + entry.body.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(fl);
     put_bytes(&mut out, key.as_bytes());
-    put_varint(&mut out, u64::from(entry.status.as_u16()));
     let held = now.saturating_duration_since(entry.stored_at);
     let stored = wall.checked_sub(held).unwrap_or(UNIX_EPOCH);
     put_varint(
         &mut out,
         ms_down(stored.duration_since(UNIX_EPOCH).unwrap_or_default()),
     );
-    put_varint(&mut out, ms_up(entry.initial_age));
-    put_varint(&mut out, ms_down(entry.lifetime));
-    put_varint(&mut out, ms_down(entry.stale_while_revalidate));
-    put_varint(&mut out, ms_down(entry.stale_if_error));
-    if etag_explicit {
-        put_bytes(&mut out, entry.etag.as_bytes());
-    }
-    if let Some(e) = upstream_etag {
-        put_bytes(&mut out, e.as_bytes());
-    }
-    if let Some(lm) = upstream_lm {
-        put_bytes(&mut out, lm.as_bytes());
-    }
-    if lm_explicit {
-        match entry.last_modified {
-            None => put_varint(&mut out, 0),
-            Some(t) => {
-                let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                put_varint(&mut out, 1);
-                put_varint(&mut out, since.as_secs());
-                put_varint(&mut out, u64::from(since.subsec_nanos()));
-            }
-        }
-    }
+    put_varint(&mut out, ms_up(entry.initial_age()));
+    put_varint(&mut out, ms_down(entry.lifetime()));
+    put_varint(&mut out, ms_down(entry.stale_while_revalidate()));
+    put_varint(&mut out, ms_down(entry.stale_if_error()));
     put_varint(&mut out, entry.vary.names().len() as u64);
     for (name, value) in entry.vary.names().iter().zip(entry.vary.values()) {
         put_name(&mut out, name);
@@ -296,47 +566,36 @@ pub fn encode(entry: &CachedResponse, key: &str, now: Instant, wall: SystemTime)
             }
         }
     }
-    put_varint(&mut out, entry.headers.len() as u64);
-    for (name, value) in &entry.headers {
-        put_name(&mut out, name);
-        put_bytes(&mut out, value.as_bytes());
-    }
     put_varint(&mut out, entry.body.len() as u64);
+    out.extend_from_slice(head);
     for piece in entry.body.as_slice() {
         out.extend_from_slice(piece);
     }
     Bytes::from(out)
 }
 
-/// Decodes a blob written by [`encode`] (any supported version) that was stored under `key`;
-/// the body is copied out, so the blob can be dropped. `now` and `wall` are the same moment
-/// on the monotonic and the wall clock.
+/// Decodes a blob written by [`encode`] (of this version) that was stored under `key`;
+/// what it keeps is copied out, so the blob can be dropped. `now` and `wall` are the same
+/// moment on the monotonic and the wall clock.
 pub fn decode(
     blob: &[u8],
     key: &str,
     now: Instant,
     wall: SystemTime,
-) -> Result<NewEntry, DecodeError> {
-    decode_with(blob, key, now, wall, Bytes::copy_from_slice)
+) -> Result<EncodedEntry, DecodeError> {
+    decode_with(blob, key, now, wall, None)
 }
 
-/// [`decode`] from a shared blob: a large body becomes a slice of `blob` (no copy, the blob's
-/// few hundred other bytes stay alive with it); a small one, where those bytes would be a
-/// large share of what is kept, is copied like [`decode`] does.
+/// [`decode`] from a shared blob: a large body and its head block become slices of `blob`
+/// (no copy, the blob's few hundred other bytes stay alive with them); a small one, where
+/// those bytes would be a large share of what is kept, is copied like [`decode`] does.
 pub fn decode_shared(
     blob: &Bytes,
     key: &str,
     now: Instant,
     wall: SystemTime,
-) -> Result<NewEntry, DecodeError> {
-    decode_with(blob, key, now, wall, |body| {
-        let rest = blob.len() - body.len();
-        if rest <= body.len() / 16 {
-            blob.slice_ref(body)
-        } else {
-            Bytes::copy_from_slice(body)
-        }
-    })
+) -> Result<EncodedEntry, DecodeError> {
+    decode_with(blob, key, now, wall, Some(blob))
 }
 
 /// The key a blob says it was stored under (without decoding the rest).
@@ -346,94 +605,64 @@ pub fn stored_key(blob: &[u8]) -> Result<&[u8], DecodeError> {
     r.bytes()
 }
 
-fn decode_with<'a>(
-    blob: &'a [u8],
+fn decode_with(
+    blob: &[u8],
     key: &str,
     now: Instant,
     wall: SystemTime,
-    body: impl FnOnce(&'a [u8]) -> Bytes,
-) -> Result<NewEntry, DecodeError> {
+    shared: Option<&Bytes>,
+) -> Result<EncodedEntry, DecodeError> {
     let mut r = Reader { buf: blob };
-    let fl = r.header()?;
-    let has = |bit: u8| fl & bit != 0;
-    if (has(flags::UPSTREAM_ETAG_EXPLICIT) && !has(flags::UPSTREAM_ETAG))
-        || (has(flags::UPSTREAM_LM_EXPLICIT) && !has(flags::UPSTREAM_LM))
-    {
-        return Err(DecodeError::Flags(fl));
-    }
+    r.header()?;
     if r.bytes()? != key.as_bytes() {
         return Err(DecodeError::KeyMismatch);
     }
-    let status = r.varint()?;
-    let status = u16::try_from(status)
-        .ok()
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .ok_or(DecodeError::Status(status))?;
     let stored_ms = r.varint()?;
     let initial_age = Duration::from_millis(r.varint()?);
     let lifetime = Duration::from_millis(r.varint()?);
     let stale_while_revalidate = Duration::from_millis(r.varint()?);
     let stale_if_error = Duration::from_millis(r.varint()?);
-    let etag = has(flags::ETAG_EXPLICIT).then(|| r.value()).transpose()?;
-    let upstream_etag = has(flags::UPSTREAM_ETAG_EXPLICIT)
-        .then(|| r.value())
-        .transpose()?;
-    let upstream_lm = has(flags::UPSTREAM_LM_EXPLICIT)
-        .then(|| r.value())
-        .transpose()?;
-    let last_modified = has(flags::LAST_MODIFIED_EXPLICIT)
-        .then(|| r.time())
-        .transpose()?;
 
     let vary_count = r.count(2)?;
     let mut names = Vec::with_capacity(vary_count);
     let mut values = Vec::with_capacity(vary_count);
     for _ in 0..vary_count {
-        names.push(r.name()?);
+        names.push(r.name()?.into_header_name());
         values.push(match r.varint()? {
             0 => None,
             n => Some(Box::from(r.take(len(n - 1)?)?)),
         });
     }
     let vary = VaryKey::from_parts(names, values).ok_or(DecodeError::Truncated)?;
+    let body_len = len(r.varint()?)?;
 
-    let header_count = r.count(2)?;
-    let mut headers =
-        HeaderMap::try_with_capacity(header_count).map_err(|_| DecodeError::TooManyHeaders)?;
-    for _ in 0..header_count {
-        let name = r.name()?;
-        let value = r.value()?;
-        headers
-            .try_append(name, value)
-            .map_err(|_| DecodeError::TooManyHeaders)?;
+    let block_at = blob.len() - r.buf.len();
+    let head = parse_head(r.buf)?;
+    let rest = r.buf.len() - head.len;
+    if rest < body_len {
+        return Err(DecodeError::Truncated);
     }
-    let body_bytes = r.bytes()?;
-    if !r.buf.is_empty() {
-        return Err(DecodeError::Trailing(r.buf.len()));
+    if rest > body_len {
+        return Err(DecodeError::Trailing(rest - body_len));
     }
-
-    let etag = match etag {
-        Some(e) => e,
-        None => headers
-            .get(header::ETAG)
-            .cloned()
-            .ok_or(DecodeError::MissingHeader(header::ETAG))?,
-    };
-    let upstream_etag =
-        has(flags::UPSTREAM_ETAG).then(|| upstream_etag.unwrap_or_else(|| etag.clone()));
-    let upstream_last_modified = if has(flags::UPSTREAM_LM) {
-        Some(match upstream_lm {
-            Some(lm) => lm,
-            None => headers
-                .get(header::LAST_MODIFIED)
-                .cloned()
-                .ok_or(DecodeError::MissingHeader(header::LAST_MODIFIED))?,
-        })
+    let head_range = block_at..block_at + head.len;
+    let body_range = head_range.end..blob.len();
+    let (block, body) = if body_len <= INLINE_BODY_MAX {
+        // Head and body together, one exact-size allocation, as a stored entry keeps them.
+        let block = Bytes::copy_from_slice(&blob[block_at..]);
+        let body = block.slice(head.len..);
+        (block, body)
     } else {
-        None
+        match shared {
+            Some(b) if blob.len() - body_len <= body_len / 16 => {
+                (b.slice(head_range), b.slice(body_range))
+            }
+            _ => (
+                Bytes::copy_from_slice(&blob[head_range]),
+                Bytes::copy_from_slice(&blob[body_range]),
+            ),
+        }
     };
-    let last_modified =
-        last_modified.unwrap_or_else(|| policy::http_date(&headers, header::LAST_MODIFIED));
 
     // Back onto this process's monotonic clock.
     let elapsed = UNIX_EPOCH
@@ -442,22 +671,16 @@ fn decode_with<'a>(
         .unwrap_or(Duration::ZERO);
     let (stored_at, initial_age) = rebase(now.checked_sub(elapsed), now, elapsed, initial_age);
 
-    Ok(NewEntry {
-        status,
-        headers,
-        body: Pieces::from(body(body_bytes)),
-        etag,
-        last_modified,
-        upstream_etag,
-        upstream_last_modified,
+    Ok(EncodedEntry {
+        block,
+        head,
+        body: Pieces::from(body),
         vary,
         stored_at,
         initial_age,
         lifetime,
-        forbids_stale: has(flags::FORBIDS_STALE),
         stale_while_revalidate,
         stale_if_error,
-        operator_ttl: has(flags::OPERATOR_TTL),
     })
 }
 
@@ -497,19 +720,49 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-fn put_name(out: &mut Vec<u8>, name: &HeaderName) {
-    match NAMES.iter().position(|n| n == name) {
-        Some(i) => put_varint(out, ((i as u64) << 1) | 1),
+/// Writes `name` as a table index (returns true) or a literal (false).
+fn put_name(out: &mut Vec<u8>, name: &HeaderName) -> bool {
+    match table_index(name) {
+        Some(i) => {
+            put_varint(out, ((i as u64) << 1) | 1);
+            true
+        }
         None => {
             put_varint(out, (name.as_str().len() as u64) << 1);
             out.extend_from_slice(name.as_str().as_bytes());
+            false
         }
     }
+}
+
+/// `name`'s index in [`NAMES`].
+pub fn table_index(name: &HeaderName) -> Option<usize> {
+    NAMES.iter().position(|n| n == name)
 }
 
 /// A varint length as `usize`.
 fn len(n: u64) -> Result<usize, DecodeError> {
     usize::try_from(n).map_err(|_| DecodeError::Truncated)
+}
+
+/// A name as read: a table entry (by index) or a literal one.
+enum Name {
+    Table(usize),
+    Literal(HeaderName),
+}
+
+impl Name {
+    fn into_header_name(self) -> HeaderName {
+        match self {
+            Name::Table(i) => NAMES[i].clone(),
+            Name::Literal(n) => n,
+        }
+    }
+}
+
+/// Whether `v` is a valid field value (the bytes `HeaderValue::from_bytes` accepts).
+pub(crate) fn valid_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
 }
 
 /// Reads fields off the front of the blob; every read checks what is left.
@@ -518,16 +771,15 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// Magic and version; returns the flags byte.
-    fn header(&mut self) -> Result<u8, DecodeError> {
+    /// Magic and version.
+    fn header(&mut self) -> Result<(), DecodeError> {
         if self.take(2).map_err(|_| DecodeError::Magic)? != MAGIC {
             return Err(DecodeError::Magic);
         }
         match self.take(1)?[0] {
-            VERSION => {}
-            v => return Err(DecodeError::Version(v)),
+            VERSION => Ok(()),
+            v => Err(DecodeError::Version(v)),
         }
-        Ok(self.take(1)?[0])
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -570,18 +822,34 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn value(&mut self) -> Result<HeaderValue, DecodeError> {
-        HeaderValue::from_bytes(self.bytes()?).map_err(|_| DecodeError::HeaderValue)
+    /// A field value, checked.
+    fn value(&mut self) -> Result<&'a [u8], DecodeError> {
+        let v = self.bytes()?;
+        if valid_value(v) {
+            Ok(v)
+        } else {
+            Err(DecodeError::HeaderValue)
+        }
     }
 
-    fn name(&mut self) -> Result<HeaderName, DecodeError> {
+    fn name(&mut self) -> Result<Name, DecodeError> {
         let tag = self.varint()?;
         if tag & 1 == 1 {
             let i = usize::try_from(tag >> 1).map_err(|_| DecodeError::HeaderName)?;
-            return NAMES.get(i).cloned().ok_or(DecodeError::HeaderName);
+            return if i < NAMES.len() {
+                Ok(Name::Table(i))
+            } else {
+                Err(DecodeError::HeaderName)
+            };
         }
         let name = self.take(len(tag >> 1)?)?;
-        HeaderName::from_bytes(name).map_err(|_| DecodeError::HeaderName)
+        // Literal names are written lowercase and never for a table entry: anything else
+        // is not a blob `encode` wrote (and would not be found by name).
+        let parsed = HeaderName::from_bytes(name).map_err(|_| DecodeError::HeaderName)?;
+        if parsed.as_str().as_bytes() != name || table_index(&parsed).is_some() {
+            return Err(DecodeError::HeaderName);
+        }
+        Ok(Name::Literal(parsed))
     }
 
     /// An explicit last-modified time: 0, or 1 + seconds + nanoseconds since the epoch.
@@ -607,6 +875,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderMap, HeaderValue};
 
     const KEY: &str = "http://example.com/assets/app.css?v=3";
 
@@ -663,7 +932,7 @@ mod tests {
             lifetime: Duration::from_secs(600),
             forbids_stale: true,
             stale_while_revalidate: Duration::from_secs(30),
-            stale_if_error: Duration::from_millis(86_400_001),
+            stale_if_error: Duration::from_secs(86_400),
             operator_ttl: true,
         }
     }
@@ -672,61 +941,81 @@ mod tests {
         CachedResponse::new(e, KEY.len(), 0)
     }
 
-    /// Every field but the times equal.
-    fn assert_same(got: &NewEntry, want: &CachedResponse) {
-        assert_eq!(got.status, want.status);
-        assert_eq!(got.headers, want.headers);
-        let order = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
-            h.iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect()
-        };
-        assert_eq!(order(&got.headers), order(&want.headers), "order kept");
-        assert_eq!(got.body, want.body);
-        assert_eq!(got.etag, want.etag);
-        assert_eq!(got.last_modified, want.last_modified);
-        assert_eq!(got.upstream_etag, want.upstream_etag);
-        assert_eq!(got.upstream_last_modified, want.upstream_last_modified);
-        assert_eq!(got.vary, want.vary);
-        assert_eq!(got.lifetime, want.lifetime);
-        assert_eq!(got.forbids_stale, want.forbids_stale);
-        assert_eq!(got.stale_while_revalidate, want.stale_while_revalidate);
-        assert_eq!(got.stale_if_error, want.stale_if_error);
-        assert_eq!(got.operator_ttl, want.operator_ttl);
+    fn rebuilt(e: EncodedEntry) -> CachedResponse {
+        CachedResponse::from_encoded(e, KEY.len(), 0)
     }
 
-    fn round_trip(e: NewEntry) -> (CachedResponse, NewEntry, Bytes) {
+    /// The fields of `h` in order, repeated names included.
+    fn order(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// Every field but the times equal.
+    fn assert_same(got: &CachedResponse, want: &CachedResponse) {
+        assert_eq!(got.status, want.status);
+        assert_eq!(got.headers_map(), want.headers_map());
+        assert_eq!(
+            order(&got.headers_map()),
+            order(&want.headers_map()),
+            "order kept"
+        );
+        assert_eq!(got.body, want.body);
+        assert_eq!(got.etag(), want.etag());
+        assert_eq!(got.last_modified, want.last_modified);
+        assert_eq!(got.upstream_etag(), want.upstream_etag());
+        assert_eq!(got.upstream_last_modified(), want.upstream_last_modified());
+        assert_eq!(got.vary, want.vary);
+        assert_eq!(got.lifetime(), want.lifetime());
+        assert_eq!(got.forbids_stale(), want.forbids_stale());
+        assert_eq!(got.stale_while_revalidate(), want.stale_while_revalidate());
+        assert_eq!(got.stale_if_error(), want.stale_if_error());
+        assert_eq!(got.operator_ttl(), want.operator_ttl());
+        assert_eq!(got.head_block(), want.head_block(), "the same head block");
+    }
+
+    fn round_trip(e: NewEntry) -> (CachedResponse, CachedResponse, Bytes) {
         let now = Instant::now();
         let original = stored(e);
         let blob = encode(&original, KEY, now, wall0());
         let back = decode(&blob, KEY, now, wall0()).unwrap();
-        assert_same(&back, &original);
-        assert_eq!(back.initial_age, original.initial_age);
+        assert_eq!(back.initial_age, original.initial_age());
         let drift = back.stored_at.saturating_duration_since(original.stored_at)
             + original.stored_at.saturating_duration_since(back.stored_at);
         assert!(drift <= Duration::from_millis(1), "{drift:?}");
+        let back = rebuilt(back);
+        assert_same(&back, &original);
         (original, back, blob)
+    }
+
+    /// The flags byte of `blob`'s head block.
+    fn flags_of(blob: &[u8]) -> u8 {
+        rebuilt(decode(blob, KEY, Instant::now(), wall0()).unwrap()).head_block()[0]
     }
 
     #[test]
     fn a_full_entry_round_trips() {
         let now = Instant::now();
         let (original, back, blob) = round_trip(full(now));
-        assert_eq!(&blob[..3], b"EC\x01");
+        assert_eq!(&blob[..3], b"EC\x02");
         assert_eq!(back.vary.values().filter(Option::is_none).count(), 1);
         assert_eq!(back.vary.request_headers().len(), 2);
         // Validators are derived from the headers, not written twice.
-        assert_eq!(blob[3] & flags::ETAG_EXPLICIT, 0);
-        assert_eq!(blob[3] & flags::UPSTREAM_ETAG_EXPLICIT, 0);
-        assert_eq!(blob[3] & flags::UPSTREAM_LM_EXPLICIT, 0);
-        assert_eq!(blob[3] & flags::LAST_MODIFIED_EXPLICIT, 0);
+        let explicit = flags::ETAG_EXPLICIT
+            | flags::UPSTREAM_ETAG_EXPLICIT
+            | flags::UPSTREAM_LM_EXPLICIT
+            | flags::LAST_MODIFIED_EXPLICIT;
+        assert_eq!(flags_of(&blob) & explicit, 0);
+        // The blob ends with the entry's own block: head block, then the (inline) body.
+        let block = [original.head_block(), &original.body.to_vec()].concat();
+        assert!(blob.ends_with(&block));
         // Rebuilt, it is the same entry to the policy.
-        let rebuilt = stored(back);
         let later = now + Duration::from_secs(100);
-        assert_eq!(rebuilt.is_fresh(later), original.is_fresh(later));
-        assert_eq!(rebuilt.revalidatable(), original.revalidatable());
-        assert!(rebuilt.age(later) >= original.age(later));
-        assert!(rebuilt.age(later) <= original.age(later) + Duration::from_millis(1));
+        assert_eq!(back.is_fresh(later), original.is_fresh(later));
+        assert_eq!(back.revalidatable(), original.revalidatable());
+        assert!(back.age(later) >= original.age(later));
+        assert!(back.age(later) <= original.age(later) + Duration::from_millis(1));
     }
 
     #[test]
@@ -746,9 +1035,13 @@ mod tests {
         e.vary = VaryKey::default();
         e.body = Pieces::default();
         let (_, back, blob) = round_trip(e);
-        assert!(back.upstream_etag.is_none() && back.upstream_last_modified.is_none());
+        assert!(back.upstream_etag().is_none() && back.upstream_last_modified().is_none());
         assert!(back.body.is_empty());
-        assert_eq!(blob[3] & (flags::UPSTREAM_ETAG | flags::UPSTREAM_LM), 0);
+        assert!(!back.revalidatable());
+        assert_eq!(
+            flags_of(&blob) & (flags::UPSTREAM_ETAG | flags::UPSTREAM_LM),
+            0
+        );
     }
 
     #[test]
@@ -759,11 +1052,25 @@ mod tests {
         e.upstream_etag = Some(hv("W/\"v4\""));
         e.upstream_last_modified = Some(hv("Sun, 12 Nov 2023 10:00:00 GMT"));
         e.last_modified = Some(UNIX_EPOCH + Duration::new(1_600_000_000, 5));
-        let (_, _, blob) = round_trip(e);
+        let (original, back, blob) = round_trip(e);
         let explicit = flags::UPSTREAM_ETAG_EXPLICIT
             | flags::UPSTREAM_LM_EXPLICIT
             | flags::LAST_MODIFIED_EXPLICIT;
-        assert_eq!(blob[3] & explicit, explicit);
+        assert_eq!(flags_of(&blob) & explicit, explicit);
+        assert_eq!(original.upstream_etag(), Some(hv("W/\"v4\"")));
+        assert_eq!(back.etag(), hv("\"v3\""));
+        assert_eq!(
+            back.upstream_last_modified(),
+            Some(hv("Sun, 12 Nov 2023 10:00:00 GMT"))
+        );
+        assert_eq!(
+            back.header(&header::LAST_MODIFIED),
+            Some(hv("Mon, 13 Nov 2023 10:00:00 GMT"))
+        );
+        assert_eq!(
+            back.last_modified,
+            Some(UNIX_EPOCH + Duration::new(1_600_000_000, 5))
+        );
         // A served ETag the headers lack; a Last-Modified header that was not the upstream's;
         // a parseable header whose time is not kept.
         let mut e = full(now);
@@ -772,8 +1079,130 @@ mod tests {
         e.upstream_last_modified = None;
         e.last_modified = None;
         let (_, back, blob) = round_trip(e);
-        assert_eq!(blob[3] & flags::ETAG_EXPLICIT, flags::ETAG_EXPLICIT);
-        assert!(back.headers.contains_key(header::LAST_MODIFIED));
+        assert_eq!(flags_of(&blob) & flags::ETAG_EXPLICIT, flags::ETAG_EXPLICIT);
+        assert_eq!(back.etag(), hv("\"v3\""));
+        assert!(back.header(&header::ETAG).is_none());
+        assert!(back.header(&header::LAST_MODIFIED).is_some());
+        assert_eq!(back.last_modified, None);
+    }
+
+    /// Every kind of field line survives the head block, in order: table names, literal
+    /// names, repeated names interleaved with others, empty values, values that are not
+    /// UTF-8 (obs-text) or hold tabs, and a long value (a multi-byte length).
+    #[test]
+    fn every_kind_of_header_round_trips_in_order() {
+        let now = Instant::now();
+        let mut h = HeaderMap::new();
+        let lit = |n: &str| HeaderName::from_bytes(n.as_bytes()).unwrap();
+        let raw = |b: &[u8]| HeaderValue::from_bytes(b).unwrap();
+        h.append(header::SET_COOKIE, hv("a=1"));
+        h.append(lit("x-one"), raw(b"caf\xc3\xa9 \xff\x80"));
+        h.append(header::SET_COOKIE, hv("b=2"));
+        h.append(lit("x-one"), raw(b""));
+        h.append(header::ETAG, hv("\"t\""));
+        h.append(lit("x-two"), raw(b"tab\there"));
+        h.append(header::SET_COOKIE, hv("c=3"));
+        h.append(lit("x-long"), raw(&[b'v'; 300]));
+        h.append(
+            HeaderName::from_static("cdn-cache-control"),
+            hv("max-age=5"),
+        );
+        h.append(HeaderName::from_static("x-cache"), hv("HIT from elsewhere"));
+        let want = order(&h);
+        let mut e = full(now);
+        e.headers = h;
+        e.upstream_last_modified = None;
+        e.last_modified = None;
+        e.etag = hv("\"t\"");
+        e.upstream_etag = None;
+        let original = stored(e);
+        assert_eq!(order(&original.headers_map()), want);
+        let fields: Vec<(String, Vec<u8>)> = original
+            .fields()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(fields, want);
+        assert_eq!(original.field_count(), want.len());
+        assert_eq!(
+            original.header(&lit("x-one")),
+            Some(raw(b"caf\xc3\xa9 \xff\x80"))
+        );
+        assert_eq!(original.header(&header::SET_COOKIE), Some(hv("a=1")));
+        assert_eq!(original.header(&lit("x-absent")), None);
+        assert_eq!(
+            original.header_bytes(&lit("x-two")),
+            Some(&b"tab\there"[..])
+        );
+        assert!(original.headers_map_with(3).capacity() >= want.len() + 3);
+        let (_, back, _) = round_trip(full(now));
+        assert_eq!(back.field_count(), 11);
+        // And through a blob.
+        let blob = encode(&original, KEY, now, wall0());
+        let back = rebuilt(decode(&blob, KEY, now, wall0()).unwrap());
+        assert_eq!(order(&back.headers_map()), want);
+        assert_same(&back, &original);
+    }
+
+    /// A small body shares the head block's allocation (also when read back); a large one
+    /// keeps the pieces it arrived in, uncopied.
+    #[test]
+    fn small_bodies_are_inline_large_ones_keep_their_pieces() {
+        let now = Instant::now();
+        let within = |e: &CachedResponse| {
+            let block = e.head_block().as_ptr_range();
+            let body = e.body.as_slice()[0].as_ptr();
+            std::ptr::eq(body, block.end)
+        };
+        let small = stored(full(now));
+        assert!(within(&small), "inline, right behind the head block");
+        assert_eq!(small.body.as_slice().len(), 1);
+        let blob = encode(&small, KEY, now, wall0());
+        assert!(within(&rebuilt(decode(&blob, KEY, now, wall0()).unwrap())));
+
+        let mut e = full(now);
+        e.headers.remove(header::CONTENT_LENGTH);
+        let big = Bytes::from(vec![7u8; INLINE_BODY_MAX + 1]);
+        e.body = Pieces::new(vec![big.slice(..100), big.slice(100..)]);
+        let large = stored(e);
+        assert!(!within(&large));
+        assert_eq!(
+            large.body.as_slice()[0].as_ptr(),
+            big.as_ptr(),
+            "not copied"
+        );
+        assert_eq!(large.body.as_slice().len(), 2);
+        let (_, back, _) = round_trip(full(now));
+        assert_eq!(back.body, "abcde");
+        // An empty body: nothing behind the head block.
+        let mut e = full(now);
+        e.body = Pieces::default();
+        let empty = stored(e);
+        assert!(empty.body.is_empty());
+        assert!(empty.size < small.size);
+    }
+
+    #[test]
+    fn sub_second_lifetimes_are_kept() {
+        let now = Instant::now();
+        let mut e = full(now);
+        e.stored_at = now;
+        e.initial_age = Duration::ZERO;
+        e.lifetime = Duration::from_millis(500);
+        let entry = stored(e);
+        assert_eq!(entry.lifetime(), Duration::from_millis(500));
+        assert!(entry.is_fresh(now + Duration::from_millis(499)));
+        assert!(!entry.is_fresh(now + Duration::from_millis(500)));
+        let mut e = full(now);
+        e.lifetime = Duration::from_nanos(1_234_567);
+        e.initial_age = Duration::from_nanos(7);
+        let entry = stored(e);
+        assert_eq!(entry.lifetime(), Duration::from_nanos(1_234_567));
+        assert_eq!(entry.initial_age(), Duration::from_nanos(7));
+        // Through a blob: whole milliseconds, never fresher.
+        let blob = encode(&entry, KEY, now, wall0());
+        let back = decode(&blob, KEY, now, wall0()).unwrap();
+        assert_eq!(back.lifetime, Duration::from_millis(1));
+        assert_eq!(back.initial_age, Duration::from_millis(1));
     }
 
     #[test]
@@ -786,7 +1215,7 @@ mod tests {
         let later = Duration::from_millis(3_600_250);
         let back = decode(&blob, KEY, now2, wall0() + later).unwrap();
         let want = original.age(now) + later;
-        let got = stored(back).age(now2);
+        let got = rebuilt(back).age(now2);
         assert!(
             got >= want && got <= want + Duration::from_millis(1),
             "{got:?} vs {want:?}"
@@ -795,7 +1224,7 @@ mod tests {
         // Written by a host whose clock is ahead: stored "in the future" counts as now.
         let back = decode(&blob, KEY, now2, wall0() - Duration::from_secs(60)).unwrap();
         assert_eq!(back.stored_at, now2);
-        assert_eq!(back.initial_age, original.initial_age);
+        assert_eq!(back.initial_age, original.initial_age());
 
         // Durations round towards staleness, never fresher than the original.
         let mut e = full(now);
@@ -822,7 +1251,7 @@ mod tests {
         assert_eq!((at, age), (back, Duration::from_secs(3)));
         // A blob stored at the epoch decodes without panicking either way.
         let mut blob = encode(&stored(full(now)), KEY, now, wall0()).to_vec();
-        let at = 4 + 1 + KEY.len() + 2; // magic, version, flags, key, status (2 bytes)
+        let at = 3 + 1 + KEY.len(); // magic, version, key
         let old = decode(&blob, KEY, now, wall0()).unwrap();
         blob.splice(at..at + 6, [0u8]);
         let back = decode(&blob, KEY, now, wall0()).unwrap();
@@ -836,11 +1265,21 @@ mod tests {
     fn version_magic_and_key_are_checked() {
         let now = Instant::now();
         let blob = encode(&stored(full(now)), KEY, now, wall0());
-        let mut v2 = blob.to_vec();
-        v2[2] = 2;
+        for v in [1, 3, 0xff] {
+            let mut other = blob.to_vec();
+            other[2] = v;
+            assert_eq!(
+                decode(&other, KEY, now, wall0()).err(),
+                Some(DecodeError::Version(v))
+            );
+            assert_eq!(stored_key(&other), Err(DecodeError::Version(v)));
+        }
+        // A version 1 blob, as the previous release wrote it, is an unsupported version
+        // (a miss), not an error of its fields.
+        let v1 = b"EC\x01\x00\x01k\xc8\x01\x00\x00\x00\x00\x00\x00\x01\x1b\x02\"\"\x00";
         assert_eq!(
-            decode(&v2, KEY, now, wall0()).err(),
-            Some(DecodeError::Version(2))
+            decode(v1, "k", now, wall0()).err(),
+            Some(DecodeError::Version(1))
         );
         let mut bad = blob.to_vec();
         bad[0] = b'X';
@@ -858,17 +1297,19 @@ mod tests {
         );
         assert_eq!(stored_key(&blob), Ok(KEY.as_bytes()));
         assert_eq!(
-            DecodeError::Version(2).to_string(),
-            "unsupported cache entry format version 2"
+            DecodeError::Version(1).to_string(),
+            "unsupported cache entry format version 1"
         );
     }
 
-    /// `blob` with the fields after the flags replaced by `rest`.
-    fn with_rest(flags: u8, rest: &[u8]) -> Vec<u8> {
-        let mut b = b"EC\x01".to_vec();
-        b.push(flags);
+    /// A blob for key `k` with no times and no `Vary`, then `head` and `body`.
+    fn blob_with(head: &[u8], body: &[u8]) -> Vec<u8> {
+        let mut b = b"EC\x02".to_vec();
         put_bytes(&mut b, b"k");
-        b.extend_from_slice(rest);
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // stored, age, lifetime, swr, sie; Vary
+        put_varint(&mut b, body.len() as u64);
+        b.extend_from_slice(head);
+        b.extend_from_slice(body);
         b
     }
 
@@ -883,88 +1324,109 @@ mod tests {
             decode(&trailing, KEY, now, wall0()).err(),
             Some(DecodeError::Trailing(1))
         );
-        // status, stored, initial age, lifetime, swr, sie; no Vary; then the headers.
-        let ok = |status: &[u8], headers: &[u8]| {
-            let mut r = status.to_vec();
-            r.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-            r.extend_from_slice(headers);
-            r
+        // flags, status; then the headers.
+        let head = |fl: u8, status: &[u8], rest: &[u8]| {
+            let mut h = vec![fl];
+            h.extend_from_slice(status);
+            h.extend_from_slice(rest);
+            h
         };
-        let etag = [1, (13 << 1) | 1, 2, b'"', b'"', 0];
-        assert!(decode(&with_rest(0, &ok(&[200, 1], &etag)), "k", now, wall0()).is_ok());
+        let etag = [1, (13 << 1) | 1, 2, b'"', b'"'];
+        assert!(d(&blob_with(&head(0, &[200, 1], &etag), b"")).is_none());
+        assert!(d(&blob_with(&head(0, &[200, 1], &etag), b"body")).is_none());
         assert_eq!(
-            d(&with_rest(0, &ok(&[99], &etag))),
+            d(&blob_with(&head(0, &[99], &etag), b"")),
             Some(DecodeError::Status(99))
         );
         assert_eq!(
-            d(&with_rest(0, &ok(&[0xe8, 0x07], &etag))),
+            d(&blob_with(&head(0, &[0xe8, 0x07], &etag), b"")),
             Some(DecodeError::Status(1000))
         );
         assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &[0, 0]))),
+            d(&blob_with(&head(0, &[200, 1], &[0]), b"")),
             Some(DecodeError::MissingHeader(header::ETAG))
         );
+        let explicit_etag = [2, b'"', b'"', 0];
+        assert!(d(&blob_with(
+            &head(flags::ETAG_EXPLICIT, &[200, 1], &explicit_etag),
+            b""
+        ))
+        .is_none());
         let lm_flags = flags::ETAG_EXPLICIT | flags::UPSTREAM_LM;
-        let mut explicit_etag = ok(&[200, 1], &[]);
-        explicit_etag.splice(7..7, [2, b'"', b'"']);
-        explicit_etag.extend_from_slice(&[0, 0]);
-        assert!(d(&with_rest(flags::ETAG_EXPLICIT, &explicit_etag)).is_none());
         assert_eq!(
-            d(&with_rest(lm_flags, &explicit_etag)),
+            d(&blob_with(&head(lm_flags, &[200, 1], &explicit_etag), b"")),
             Some(DecodeError::MissingHeader(header::LAST_MODIFIED))
         );
         assert_eq!(
-            d(&with_rest(flags::UPSTREAM_ETAG_EXPLICIT, &[])),
+            d(&blob_with(
+                &head(flags::UPSTREAM_ETAG_EXPLICIT, &[200, 1], &etag),
+                b""
+            )),
             Some(DecodeError::Flags(flags::UPSTREAM_ETAG_EXPLICIT))
         );
         // Header names and values.
-        let bad_value = [1, (13 << 1) | 1, 2, b'\n', b'"', 0];
+        let bad_value = [1, (13 << 1) | 1, 2, b'\n', b'"'];
         assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &bad_value))),
+            d(&blob_with(&head(0, &[200, 1], &bad_value), b"")),
             Some(DecodeError::HeaderValue)
         );
-        let bad_name = [1, 4, b'a', b' ', 0, 0];
-        assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &bad_name))),
-            Some(DecodeError::HeaderName)
-        );
-        let empty_name = [1, 0, 0, 0];
-        assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &empty_name))),
-            Some(DecodeError::HeaderName)
-        );
-        let past_table = [1, (40 << 1) | 1, 0, 0];
-        assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &past_table))),
-            Some(DecodeError::HeaderName)
-        );
+        let with_etag = |fields: &[u8]| {
+            let mut h = vec![0, 200, 1, 2, (13 << 1) | 1, 2, b'"', b'"'];
+            h.extend_from_slice(fields);
+            blob_with(&h, b"")
+        };
+        assert!(d(&with_etag(&[6, b'x', b'-', b'a', 0])).is_none());
+        for bad_name in [
+            &[4, b'a', b' ', 0][..],         // not a token
+            &[0, 0],                         // empty
+            &[4, b'X', b'-', 0],             // not lowercase
+            &[8, b'e', b't', b'a', b'g', 0], // a table name spelled out
+            &[(56 << 1) | 1, 0],             // past the table
+        ] {
+            assert_eq!(
+                d(&with_etag(bad_name)),
+                Some(DecodeError::HeaderName),
+                "{bad_name:?}"
+            );
+        }
         // Lengths and counts past the end, before anything is allocated for them.
         let huge_len = [1, (13 << 1) | 1, 0xff, 0xff, 0xff, 0xff, 0x0f, b'"'];
         assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &huge_len))),
+            d(&blob_with(&head(0, &[200, 1], &huge_len), b"")),
             Some(DecodeError::Truncated)
         );
         let huge_count = [0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0];
         assert_eq!(
-            d(&with_rest(0, &ok(&[200, 1], &huge_count))),
+            d(&blob_with(&head(0, &[200, 1], &huge_count), b"")),
             Some(DecodeError::Truncated)
         );
-        let mut huge_key = b"EC\x01\x00".to_vec();
+        let mut too_many = head(0, &[200, 1], &[]);
+        put_varint(&mut too_many, MAX_FIELDS as u64 + 1);
+        for _ in 0..=MAX_FIELDS {
+            too_many.extend_from_slice(&[(13 << 1) | 1, 0]);
+        }
+        assert_eq!(
+            d(&blob_with(&too_many, b"")),
+            Some(DecodeError::TooManyHeaders)
+        );
+        let mut short_body = blob_with(&head(0, &[200, 1], &etag), b"body");
+        short_body.pop();
+        assert_eq!(d(&short_body), Some(DecodeError::Truncated));
+        let mut huge_key = b"EC\x02".to_vec();
         huge_key.extend_from_slice(&[0xff; 9]);
         huge_key.push(0x01);
         assert_eq!(d(&huge_key), Some(DecodeError::Truncated));
-        let mut long_varint = b"EC\x01\x00".to_vec();
+        let mut long_varint = b"EC\x02".to_vec();
         long_varint.extend_from_slice(&[0xff; 9]);
         long_varint.push(0x02);
         assert_eq!(d(&long_varint), Some(DecodeError::Varint));
-        let mut eleven = b"EC\x01\x00".to_vec();
+        let mut eleven = b"EC\x02".to_vec();
         eleven.extend_from_slice(&[0x80; 11]);
         assert_eq!(d(&eleven), Some(DecodeError::Varint));
         // An explicit last-modified time out of range.
-        let mut bad_time = with_rest(flags::LAST_MODIFIED_EXPLICIT, &[200, 1, 0, 0, 0, 0, 0]);
-        bad_time.extend_from_slice(&[1, 0]);
+        let mut bad_time = head(flags::LAST_MODIFIED_EXPLICIT, &[200, 1], &[1, 0]);
         put_varint(&mut bad_time, 1_000_000_000);
-        assert_eq!(d(&bad_time), Some(DecodeError::Time));
+        assert_eq!(d(&blob_with(&bad_time, b"")), Some(DecodeError::Time));
     }
 
     #[test]
@@ -1002,9 +1464,19 @@ mod tests {
         match decode(blob, &key, now, wall0()) {
             Ok(e) => {
                 assert!(shared.is_ok());
-                let entry = stored(e);
+                let entry = rebuilt(e);
+                // Every accessor works on whatever decoded.
+                let _ = (
+                    entry.etag(),
+                    entry.upstream_etag(),
+                    entry.upstream_last_modified(),
+                );
+                assert_eq!(entry.headers_map().len(), entry.field_count());
                 let again = encode(&entry, &key, now, wall0());
-                assert_same(&decode(&again, &key, now, wall0()).unwrap(), &entry);
+                assert_same(
+                    &rebuilt(decode(&again, &key, now, wall0()).unwrap()),
+                    &entry,
+                );
             }
             Err(err) => assert_eq!(shared.err(), Some(err)),
         }
@@ -1019,7 +1491,7 @@ mod tests {
             let mut blob: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             if i % 2 == 0 {
                 // Past the magic, so the fields behind it are exercised too.
-                blob.splice(0..0, *b"EC\x01");
+                blob.splice(0..0, *b"EC\x02");
             }
             never_panics(&blob, now);
         }
@@ -1050,18 +1522,51 @@ mod tests {
         e.headers.remove(header::CONTENT_LENGTH);
         e.body = Pieces::from(Bytes::from(vec![7u8; 64 * 1024]));
         let blob = encode(&stored(e), KEY, now, wall0());
-        let body = decode_shared(&blob, KEY, now, wall0()).unwrap().body;
+        let back = decode_shared(&blob, KEY, now, wall0()).unwrap();
         let range = blob.as_ptr_range();
         assert!(
-            range.contains(&body.as_slice()[0].as_ptr()),
+            range.contains(&back.body.as_slice()[0].as_ptr()),
             "a slice of the blob"
         );
+        assert!(range.contains(&back.block.as_ptr()), "so is the head block");
+        let copied = decode(&blob, KEY, now, wall0()).unwrap();
+        assert!(!range.contains(&copied.body.as_slice()[0].as_ptr()));
         let small = encode(&stored(full(now)), KEY, now, wall0());
         let body = decode_shared(&small, KEY, now, wall0()).unwrap().body;
         assert!(
             !small.as_ptr_range().contains(&body.as_slice()[0].as_ptr()),
             "copied"
         );
+    }
+
+    /// Writes the seeds of `fuzz/corpus/entry_codec` for this version (run with
+    /// `--ignored` after a format change).
+    #[test]
+    #[ignore]
+    fn write_fuzz_seeds() {
+        let now = Instant::now();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/entry_codec");
+        let mut minimal = full(now);
+        minimal.headers = headers(&[("etag", "\"\"")]);
+        minimal.etag = hv("\"\"");
+        minimal.upstream_etag = None;
+        minimal.upstream_last_modified = None;
+        minimal.last_modified = None;
+        minimal.vary = VaryKey::default();
+        minimal.body = Pieces::default();
+        let mut explicit = full(now);
+        explicit.upstream_etag = Some(hv("W/\"v4\""));
+        explicit.upstream_last_modified = Some(hv("Sun, 12 Nov 2023 10:00:00 GMT"));
+        explicit.last_modified = Some(UNIX_EPOCH + Duration::new(1_600_000_000, 5));
+        explicit.headers.remove(header::ETAG);
+        for (name, e) in [
+            ("v2_full", full(now)),
+            ("v2_minimal", minimal),
+            ("v2_explicit_validators", explicit),
+        ] {
+            let blob = encode(&stored(e), KEY, now, wall0());
+            std::fs::write(dir.join(name), &blob).unwrap();
+        }
     }
 
     #[test]
@@ -1096,14 +1601,22 @@ mod tests {
             operator_ttl: false,
         };
         let key = "http://api.example.com/v1/items/12345";
-        let blob = encode(&stored(e), key, now, wall0());
+        let entry = CachedResponse::new(e, key.len(), 0);
+        let blob = encode(&entry, key, now, wall0());
         let overhead = blob.len() - 1024;
         println!(
-            "1 KiB entry, 6 headers, {}-byte key: {} bytes",
+            "1 KiB entry, 6 headers, {}-byte key: {} bytes, head block {}",
             key.len(),
-            blob.len()
+            blob.len(),
+            entry.head_block().len()
         );
-        // Header values 114 bytes, key 37, Vary value 4: 1,216 bytes, ~40 of them framing.
+        // Header values 114 bytes, key 37, Vary value 4: ~1,220 bytes, ~40 of them framing.
         assert!(overhead <= 200, "{overhead}");
+        // What memory holds besides the body: values and ~2 bytes of framing per field.
+        assert!(
+            entry.head_block().len() <= 114 + 6 * 3 + 4,
+            "{}",
+            entry.head_block().len()
+        );
     }
 }

@@ -136,14 +136,14 @@ fn may_serve_stale(
     settings: &Settings,
     now: Instant,
 ) -> bool {
-    if entry.forbids_stale {
+    if entry.forbids_stale() {
         return false;
     }
     let stale_for = entry.stale_for(now);
     let window = settings.refresh_window;
-    stale_for <= entry.stale_while_revalidate
+    stale_for <= entry.stale_while_revalidate()
         || client.max_stale.is_some_and(|m| stale_for.as_secs() <= m)
-        || (entry.operator_ttl && !window.is_zero() && stale_for <= window)
+        || (entry.operator_ttl() && !window.is_zero() && stale_for <= window)
 }
 
 /// What an upstream failure is answered with when `entry` is stored.
@@ -159,8 +159,8 @@ pub enum OnError {
 /// the operator's `STALE_IF_ERROR_SECS` for responses that do not forbid serving stale.
 pub fn on_upstream_error(entry: &CachedResponse, settings: &Settings, now: Instant) -> OnError {
     let stale_for = entry.stale_for(now);
-    if (!entry.stale_if_error.is_zero() && stale_for <= entry.stale_if_error)
-        || (!entry.forbids_stale && stale_for <= settings.stale_if_error)
+    if (!entry.stale_if_error().is_zero() && stale_for <= entry.stale_if_error())
+        || (!entry.forbids_stale() && stale_for <= settings.stale_if_error)
     {
         OnError::ServeStale
     } else {
@@ -173,10 +173,10 @@ pub fn on_upstream_error(entry: &CachedResponse, settings: &Settings, now: Insta
 /// before the old one goes stale.
 pub fn timer_at(entry: &CachedResponse, settings: &Settings) -> Instant {
     let expires = entry.expires_at();
-    if settings.refresh_window.is_zero() || entry.lifetime.is_zero() {
+    if settings.refresh_window.is_zero() || entry.lifetime().is_zero() {
         return expires;
     }
-    let lead = (entry.lifetime / 10).min(settings.upstream_timeout);
+    let lead = (entry.lifetime() / 10).min(settings.upstream_timeout);
     expires.checked_sub(lead).unwrap_or(expires)
 }
 
@@ -208,7 +208,7 @@ pub fn on_deadline(entry: &CachedResponse, settings: &Settings, now: Now) -> Exp
     let window = settings.refresh_window;
     let stale_for = entry.stale_for(now.at);
     let hot = !window.is_zero() && entry.requested_within_at(window, now.ms);
-    if hot && !entry.lifetime.is_zero() && stale_for <= window {
+    if hot && !entry.lifetime().is_zero() && stale_for <= window {
         return if entry.may_start_refresh_at(now.ms) {
             ExpiryAction::Refresh {
                 recheck: now.at + entry.refresh_backoff(),
@@ -224,8 +224,8 @@ pub fn on_deadline(entry: &CachedResponse, settings: &Settings, now: Now) -> Exp
         return ExpiryAction::Recheck(entry.expires_at());
     }
     let stale_allowance = entry
-        .stale_while_revalidate
-        .max(entry.stale_if_error)
+        .stale_while_revalidate()
+        .max(entry.stale_if_error())
         .max(settings.stale_if_error);
     let mut keep_until = entry.expires_at() + stale_allowance;
     if entry.revalidatable() {
@@ -249,8 +249,8 @@ pub fn on_deadline(entry: &CachedResponse, settings: &Settings, now: Now) -> Exp
 /// `None` when that is already over (nothing to write).
 pub fn shared_ttl(entry: &CachedResponse, settings: &Settings, now: Instant) -> Option<Duration> {
     let mut allowance = entry
-        .stale_while_revalidate
-        .max(entry.stale_if_error)
+        .stale_while_revalidate()
+        .max(entry.stale_if_error())
         .max(settings.stale_if_error);
     if entry.revalidatable() {
         allowance = allowance.max(settings.stale_retention);

@@ -218,9 +218,13 @@ fn first_member(v: &[u8]) -> &[u8] {
     trim(v.split(|&b| b == b',').next().unwrap_or(v))
 }
 
-/// The request header values a stored variant was selected by.
+/// The request header values a stored variant was selected by. A response without `Vary`
+/// (most of them) keeps no allocation and one pointer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VaryKey {
+pub struct VaryKey(Option<Box<VaryParts>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VaryParts {
     names: Box<[HeaderName]>,
     /// Normalised values, one per name; `None` when the request lacked the header (which
     /// differs from an empty header, RFC 9111 §4.1).
@@ -234,47 +238,52 @@ impl VaryKey {
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         let values = names.iter().map(|n| normalized(req, n)).collect();
-        VaryKey { names, values }
+        VaryKey::new(names, values)
+    }
+
+    fn new(names: Box<[HeaderName]>, values: Box<[Option<Box<[u8]>>]>) -> Self {
+        VaryKey((!names.is_empty()).then(|| Box::new(VaryParts { names, values })))
     }
 
     /// A key from its parts as [`Self::names`] and [`Self::values`] give them (a stored
     /// variant read back, [`super::codec`]); `None` unless there is one value per name.
     pub fn from_parts(names: Vec<HeaderName>, values: Vec<Option<Box<[u8]>>>) -> Option<Self> {
-        (names.len() == values.len()).then(|| VaryKey {
-            names: names.into(),
-            values: values.into(),
-        })
+        (names.len() == values.len()).then(|| VaryKey::new(names.into(), values.into()))
     }
 
     /// The header names this key varies on.
     pub fn names(&self) -> &[HeaderName] {
-        &self.names
+        self.0.as_ref().map_or(&[], |p| &p.names)
+    }
+
+    fn stored(&self) -> &[Option<Box<[u8]>>] {
+        self.0.as_ref().map_or(&[], |p| &p.values)
     }
 
     /// The captured (normalised) request values, one per name in [`Self::names`]' order;
     /// `None` where the request lacked the header.
     pub fn values(&self) -> impl ExactSizeIterator<Item = Option<&[u8]>> + '_ {
-        self.values.iter().map(|v| v.as_deref())
+        self.stored().iter().map(|v| v.as_deref())
     }
 
     /// Whether a request selects this variant.
     pub fn matches(&self, req: &HeaderMap) -> bool {
-        self.names
+        self.names()
             .iter()
-            .zip(self.values.iter())
+            .zip(self.stored())
             .all(|(name, stored)| normalized(req, name).as_deref() == stored.as_deref())
     }
 
     /// Same header names (the origin's `Vary` did not change).
     pub fn same_names(&self, other: &VaryKey) -> bool {
-        self.names == other.names
+        self.names() == other.names()
     }
 
     /// Approximate heap bytes, for size accounting.
     pub fn heap_size(&self) -> usize {
-        self.names.iter().map(|n| n.as_str().len()).sum::<usize>()
+        self.names().iter().map(|n| n.as_str().len()).sum::<usize>()
             + self
-                .values
+                .stored()
                 .iter()
                 .map(|v| v.as_ref().map_or(0, |v| v.len()))
                 .sum::<usize>()
@@ -284,7 +293,7 @@ impl VaryKey {
     /// refreshes never carry another client's credentials).
     pub fn request_headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        for (name, value) in self.names.iter().zip(self.values.iter()) {
+        for (name, value) in self.names().iter().zip(self.stored()) {
             if let Some(v) = value.as_ref().and_then(|v| HeaderValue::from_bytes(v).ok()) {
                 h.insert(name.clone(), v);
             }

@@ -1,7 +1,8 @@
 //! The cache: what is stored ([`store`]), when it expires ([`expiry`]), who fetches it
 //! ([`coalesce`]), and the pure rules deciding all of that ([`policy`], [`conditional`],
-//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop); [`codec`] writes a
-//! stored variant as one versioned binary blob and reads it back (the shared tier's value);
+//! [`key`], and [`decide`]: serve fresh or stale, refresh, keep or drop); [`codec`] is the
+//! versioned encoding of a stored variant: the head block an [`entry`] keeps in memory, and
+//! the shared tier's value (that block behind the fields only another process needs);
 //! [`shared`] is the second tier on Redis (`REDIS_URL`) behind this instance's memory.
 //!
 //! [`Cache`] is the only way in from the rest of the crate: its store, timers and flights are
@@ -222,7 +223,7 @@ impl Cache {
         for blob in blobs {
             match codec::decode(&blob, key, now, wall) {
                 Ok(e) if e.vary.matches(req) => {
-                    let entry = CachedResponse::new(e, key.len(), entry::clock_ms());
+                    let entry = CachedResponse::from_encoded(e, key.len(), entry::clock_ms());
                     return Some(Hit {
                         entry: Arc::new(entry),
                         tier: Tier::Shared,

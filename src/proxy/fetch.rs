@@ -86,11 +86,11 @@ impl Proxy {
             HeaderValue::from_static(SURROGATE_CAPABILITY_VALUE),
         );
         if let Some(base) = &req.base {
-            if let Some(etag) = &base.upstream_etag {
-                headers.insert(header::IF_NONE_MATCH, etag.clone());
+            if let Some(etag) = base.upstream_etag() {
+                headers.insert(header::IF_NONE_MATCH, etag);
             }
-            if let Some(lm) = &base.upstream_last_modified {
-                headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            if let Some(lm) = base.upstream_last_modified() {
+                headers.insert(header::IF_MODIFIED_SINCE, lm);
             }
         }
 
@@ -382,7 +382,7 @@ impl Proxy {
         update: &HeaderMap,
         (request_time, response_time, stored_at): (SystemTime, SystemTime, Instant),
     ) -> Result<Arc<CachedResponse>, Box<Response<ProxyBody>>> {
-        let mut headers = base.headers.clone();
+        let mut headers = base.headers_map();
         for name in update.keys() {
             // Fields describing the stored body itself are kept: updating them from a 304
             // could make them disagree with the bytes we hold (RFC 9111 §3.2 allows this).
@@ -412,16 +412,16 @@ impl Proxy {
             etag: headers
                 .get(header::ETAG)
                 .cloned()
-                .unwrap_or_else(|| base.etag.clone()),
+                .unwrap_or_else(|| base.etag()),
             last_modified: policy::http_date(&headers, header::LAST_MODIFIED),
             upstream_etag: update
                 .get(header::ETAG)
                 .cloned()
-                .or_else(|| base.upstream_etag.clone()),
+                .or_else(|| base.upstream_etag()),
             upstream_last_modified: update
                 .get(header::LAST_MODIFIED)
                 .cloned()
-                .or_else(|| base.upstream_last_modified.clone()),
+                .or_else(|| base.upstream_last_modified()),
             headers,
             body: base.body.clone(),
             vary: base.vary.clone(),
@@ -443,7 +443,7 @@ impl Proxy {
             self.cache.invalidate_version(&req.key, base.id);
             let mut resp = Response::new(ProxyBody::from_pieces(&entry.body));
             *resp.status_mut() = entry.status;
-            *resp.headers_mut() = entry.headers.clone();
+            *resp.headers_mut() = entry.headers_map();
             return Err(Box::new(resp));
         }
         self.store(req.key.clone(), entry.clone());

@@ -39,23 +39,31 @@ pub fn from_entry(
 ) -> Response<ProxyBody> {
     let age = HeaderValue::from(entry.age(now).as_secs());
     let cache_status = entry_cache_status(entry, status, now);
-    // RFC 9111 §4.3.2: without `Last-Modified`, `If-Modified-Since` is compared with the
-    // stored response's `Date`.
-    let last_modified = entry.last_modified.or_else(|| {
-        req.contains_key(header::IF_MODIFIED_SINCE)
-            .then(|| crate::cache::policy::http_date(&entry.headers, header::DATE))
-            .flatten()
-    });
-    if entry.status.is_success() && not_modified(req, Some(&entry.etag), last_modified) {
-        return not_modified_response(&entry.headers, age, status, cache_status);
+    // The validators are looked up in the entry's head block only for a request that has
+    // preconditions or a range (most hits have neither).
+    let conditional =
+        req.contains_key(header::IF_NONE_MATCH) || req.contains_key(header::IF_MODIFIED_SINCE);
+    if conditional && entry.status.is_success() {
+        // RFC 9111 §4.3.2: without `Last-Modified`, `If-Modified-Since` is compared with the
+        // stored response's `Date`.
+        let last_modified = entry.last_modified.or_else(|| {
+            req.contains_key(header::IF_MODIFIED_SINCE)
+                .then(|| entry.header_bytes(&header::DATE).and_then(http_date))
+                .flatten()
+        });
+        if not_modified(req, Some(&entry.etag()), last_modified) {
+            let headers = entry.headers_map();
+            return not_modified_response(&headers, age, status, cache_status);
+        }
     }
     let len = entry.body.len() as u64;
-    let reply = if entry.status == StatusCode::OK {
-        range::select(req, len, Some(&entry.etag), entry.last_modified)
+    let reply = if entry.status == StatusCode::OK && req.contains_key(header::RANGE) {
+        let etag = req.contains_key(header::IF_RANGE).then(|| entry.etag());
+        range::select(req, len, etag.as_ref(), entry.last_modified)
     } else {
         RangeReply::Full
     };
-    let mut headers = entry.headers.clone();
+    let mut headers = entry.headers_map_with(3);
     headers.insert(header::AGE, age);
     headers.insert(X_CACHE_STATUS, status.header());
     headers.insert(CACHE_STATUS, cache_status);
@@ -137,6 +145,11 @@ pub fn from_filling(
     *resp.status_mut() = code;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// An HTTP-date field value, as [`crate::cache::policy::http_date`] reads one.
+fn http_date(v: &[u8]) -> Option<std::time::SystemTime> {
+    httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()
 }
 
 /// RFC 9211's `collapsed`: this response came from a fetch another request started.
