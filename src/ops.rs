@@ -108,6 +108,8 @@ pub fn metrics_text(proxy: &Proxy) -> String {
     );
     if let Some(table) = proxy.route_table() {
         table.routes.render_metrics(&mut out);
+        proxy.jobs.render_metrics(&mut out);
+        proxy.callbacks.render_metrics(&mut out);
     }
     if let Some(tier) = proxy.cache.shared() {
         render_shared(&mut out, tier);

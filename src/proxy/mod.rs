@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod fleet;
 pub mod headers;
 pub mod purge;
+pub mod release;
 pub mod respond;
 pub mod routing;
 
@@ -77,6 +78,10 @@ pub struct Proxy {
     refresh_slots: Arc<tokio::sync::Semaphore>,
     /// The routes in force (`ROUTES_FILE`; empty without one), swapped whole on SIGHUP.
     routes: arc_swap::ArcSwapOption<routing::RouteTable>,
+    /// Requests released at their route's client deadline ([`release`]), and the callbacks
+    /// their results are sent to.
+    pub jobs: crate::jobs::Jobs,
+    pub callbacks: Arc<crate::jobs::callback::Callbacks>,
 }
 
 /// What a cache fill is asked for on behalf of one request, and how to answer it.
@@ -91,7 +96,7 @@ struct Asking<'a> {
 }
 
 /// Facts about one request gathered for its access-log line, and its span.
-struct Trace {
+pub(crate) struct Trace {
     cache: Option<CacheStatus>,
     upstream_ms: Option<u64>,
     coalesced: bool,
@@ -124,6 +129,11 @@ impl Proxy {
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(config.refresh_concurrency)),
             settings: Settings::from(&config),
             routes: arc_swap::ArcSwapOption::empty(),
+            jobs: crate::jobs::Jobs::new(&config.jobs),
+            callbacks: Arc::new(crate::jobs::callback::Callbacks::new(
+                config.jobs.callback_secret.clone(),
+                crate::jobs::callback::RetryPolicy::default(),
+            )),
             config,
         }
     }
@@ -211,7 +221,28 @@ impl Proxy {
             trace.admin = true;
             return Ok(self.purge(req, down).await);
         }
+        if let Some(resp) = self.job_status(&req) {
+            return Ok(resp);
+        }
         let route = self.route_request(&mut req)?;
+        if let Some(route) = route.clone() {
+            if let Some(limit) = route.route().client_deadline {
+                return self.release_after(req, down, route, limit, trace).await;
+            }
+        }
+        self.dispatch(req, down, route, trace).await
+    }
+
+    /// The request for its step (after the admin check and its route): GET/HEAD to the
+    /// cache (unless the route bypasses it), `CONNECT` refused, anything else passed
+    /// through. Errs for a bad or unserved origin, and with whatever the step failed with.
+    async fn dispatch(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        down: &Downstream<'_>,
+        route: Option<routing::ActiveRoute>,
+        trace: &mut Trace,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let key = match request_key(req.uri(), req.headers(), down.peer_trusted) {
             Ok(key) => key,
             Err(BadOrigin::Host) => return Err(ErrorKind::InvalidHost.into()),

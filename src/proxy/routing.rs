@@ -321,7 +321,7 @@ impl Proxy {
 }
 
 /// Replaces the request's query (`""`: none), keeping its path.
-fn set_query(req: &mut Request<Incoming>, query: &str) -> Result<(), ProxyError> {
+pub(crate) fn set_query(req: &mut Request<Incoming>, query: &str) -> Result<(), ProxyError> {
     let path = req.uri().path();
     let pq = if query.is_empty() {
         path.to_owned()
