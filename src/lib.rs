@@ -18,7 +18,10 @@
 //!   fill, which streams the response to every waiter as it arrives and stores it when
 //!   complete; [`proxy::fleet`] reads and writes the shared tier around it (`REDIS_URL`);
 //!   [`proxy::headers`] rewrites headers between the two sides; [`proxy::purge`] executes
-//!   admin requests.
+//!   admin requests; [`proxy::routing`] holds the routes in force (swapped on SIGHUP, each
+//!   with its own pool), applies a route before the cache and sends every upstream request
+//!   within its route's limits and retries; [`proxy::release`] answers a request past its
+//!   route's client deadline with `202` and a job.
 //! * [`routes`] — the optional routes file (`ROUTES_FILE`): per-prefix policy (own upstream
 //!   pool, cache on/off and TTL, query parameters left out of the key, injected headers,
 //!   allowlist), parsed and validated as a pure function ([`routes::Routes::parse`]) and
@@ -52,8 +55,7 @@
 //!   registry (ids, de-duplication of identical requests, expiry), the job URL's answers
 //!   (`/_edgecache/jobs/{id}`), callback URLs checked against `CALLBACK_ALLOWED_HOSTS`, their
 //!   signed delivery with retries ([`jobs::callback`]) and the HMAC signature
-//!   ([`jobs::sign`]). Pure but for the delivery task; the pipeline wires it in (its module
-//!   docs say how). It uses `config`, `error`, `metrics` and `supervise`, no pipeline
+//!   ([`jobs::sign`]). Pure but for the delivery task; [`proxy::release`] wires it in. It uses `config`, `error`, `metrics` and `supervise`, no pipeline
 //!   module.
 //! * [`ops`] — the operator listener (`OPS_LISTEN_ADDR`: `/status`, `/metrics`), off the
 //!   proxy port;
@@ -68,7 +70,8 @@
 //!   body being fetched among every request waiting on it, within the stream buffer bounds;
 //!   the flights in [`cache::coalesce`] own one each.
 //!
-//! Imports point down this list and never back: `proxy` uses `routes`, `admin` and `cache`; `admin`
+//! Imports point down this list and never back: `proxy` uses `routes`, `jobs`, `admin` and
+//! `cache`; `admin`
 //! uses `cache` but not `proxy`; `cache` uses neither; `ops` reads `proxy`; `proxy`,
 //! `cache` and `upstream` use `body`; `body` uses `error`, and `error` uses no module.
 
@@ -127,6 +130,13 @@ pub async fn run(
     if let Some(routes) = routes {
         proxy.install_routes(routes);
         reload_on_sighup(&proxy);
+        let jobs_proxy = proxy.clone();
+        proxy.background.spawn("jobs_sweep", async move {
+            // Frees finished and expired jobs while no request comes to do it (requests
+            // sweep as they use the registry).
+            let every = std::time::Duration::from_secs(1);
+            jobs_proxy.jobs.sweep_every(every).await;
+        });
     }
     if let Some(l) = ops {
         // On the background tree: up while connections drain, cancelled with the rest.

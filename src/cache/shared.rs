@@ -11,7 +11,7 @@
 //!
 //! One server (`redis://`, `rediss://`) or a Redis Cluster (`redis+cluster://`): every Lua
 //! call touches only one path's keys (one slot); the purge stream, acknowledgement sets and
-//! live-instance set are single keys; keyspace scans visit every master ([`Conn`]).
+//! live-instance set are single keys; keyspace scans visit every master (`Conn`).
 //!
 //! Every operation on the request path is bounded by `REDIS_TIMEOUT_MS` and goes through a
 //! [`Breaker`]: after [`FAILURES_TO_OPEN`] failures in a row Redis is left out of the path for

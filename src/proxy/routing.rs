@@ -2,7 +2,7 @@
 //! in force — swapped whole on SIGHUP, each route with its own upstream pool and probes —,
 //! the request step that applies a route before the cache (allowlist, query rewriting for the
 //! key, dropping a client's copies of injected fields), and the one way any request goes
-//! upstream ([`Proxy::send_upstream`]): within the route's rate limit and in-flight cap, with
+//! upstream (`Proxy::send_upstream`): within the route's rate limit and in-flight cap, with
 //! its injected headers and its retries.
 //!
 //! Without a routes file the table is empty and every step here is a single load of an

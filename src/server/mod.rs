@@ -90,11 +90,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             }
         });
     }
-    let jobs_proxy = proxy.clone();
-    proxy.background.spawn("jobs_sweep", async move {
-        // Frees finished and expired jobs while no request comes to do it.
-        jobs_proxy.jobs.sweep_every(Duration::from_secs(1)).await;
-    });
     for probe in proxy.upstream.health_checks() {
         let probe_proxy = proxy.clone();
         proxy
