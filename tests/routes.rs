@@ -155,6 +155,16 @@ upstream = "{b}"
     assert_eq!(second.text(), "/a/q?id=1");
     let other = get(proxy.addr, "/a/q?id=2&utm_source=mail", &[]).await;
     assert_eq!(other.cache(), "MISS", "id is part of the key");
+    // Requests that do not go through the cache keep their query.
+    let post = send(
+        "POST",
+        proxy.addr,
+        "/a/p?id=1&utm_source=mail",
+        &[],
+        Bytes::from("x"),
+    )
+    .await;
+    assert_eq!(post.text(), "/a/p?id=1&utm_source=mail");
     // Only this route ignores them.
     get(proxy.addr, "/z?utm_source=1", &[]).await;
     let z = get(proxy.addr, "/z?utm_source=2", &[]).await;

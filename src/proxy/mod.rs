@@ -367,7 +367,7 @@ impl Proxy {
             last_access_ms: clock_ms(),
             started: Instant::now(),
             defer_share: false,
-            client: down.peer,
+            client: down.client(&parts.headers),
         };
 
         let ctx = Asking {
@@ -715,7 +715,7 @@ impl Proxy {
                 headers,
                 body,
                 deadline,
-                client: down.peer,
+                client: down.client(&parts.headers),
             },
         );
         let result = sent.await.map(|(resp, _admitted)| resp);

@@ -201,6 +201,12 @@ impl Proxy {
         for name in route.headers.names() {
             req.headers_mut().remove(name);
         }
+        // The query rules shape cache keys: requests that do not go through the cache keep
+        // their query as sent.
+        let keyed = route.cache && matches!(*req.method(), Method::GET | Method::HEAD);
+        if !keyed {
+            return Ok(Some(active));
+        }
         if route.query_cache_control {
             // This route's clients give their directives in the query (the interface of the
             // Go caching proxy it replaces), obeyed in full: the operator chose it per route.
