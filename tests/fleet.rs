@@ -1861,3 +1861,69 @@ async fn a_fleet_on_a_redis_cluster() {
     })
     .await
 }
+
+/// A purge that lands while a fill of the same key is in flight on another instance: the
+/// fill's answer (asked for before the purge) may go to the requests waiting on it, but it is
+/// never stored, in memory or in Redis, so nothing served afterwards is the old body.
+#[tokio::test]
+async fn a_purge_during_a_fill_keeps_the_old_body_from_being_served_afterwards() {
+    bounded(async {
+        let redis = RedisServer::start();
+        let version = Arc::new(AtomicUsize::new(1));
+        let gate = common::Gate::new();
+        let v = version.clone();
+        let origin = Origin::start_behind(&gate, move |_req| {
+            // The body is what the document was when the request arrived.
+            let body = format!("v{}", v.load(Ordering::SeqCst));
+            async move { reply(200, &[("cache-control", "max-age=60")], body) }
+        })
+        .await;
+        let url = redis.url();
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+
+        let addr = a.addr();
+        let pending = tokio::spawn(async move { get(addr, "/doc", &[("host", HOST)]).await });
+        assert!(
+            origin
+                .wait_until(Duration::from_secs(10), |o| o
+                    .started
+                    .load(Ordering::SeqCst)
+                    >= 1)
+                .await,
+            "A's fill reached the origin"
+        );
+        // The document changes and the upstream clears it through B while A's fill runs.
+        version.store(2, Ordering::SeqCst);
+        let cleared = b.purge("/doc").await;
+        assert_eq!(cleared.status, 200, "{cleared:?}");
+        gate.open();
+        let first = pending.await.unwrap();
+        assert_eq!(first.status, 200);
+
+        for node in [&a, &b] {
+            for _ in 0..3 {
+                let got = node.get_ok("/doc").await;
+                assert_eq!(got.text(), "v2", "{} served the pre-purge body", node.name);
+            }
+        }
+        assert!(
+            redis
+                .keys("*")
+                .iter()
+                .all(|k| !k.contains(":v:") || redis_value_is_not(&redis, k, b"v1")),
+            "the pre-purge body reached Redis"
+        );
+    })
+    .await;
+}
+
+/// Whether the Redis hash `key` holds no field whose value ends with `body`.
+fn redis_value_is_not(redis: &RedisServer, key: &str, body: &[u8]) -> bool {
+    redis
+        .cmd(&["HVALS", key])
+        .bytes()
+        .iter()
+        .all(|v| !v.ends_with(body))
+}

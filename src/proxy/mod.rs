@@ -225,8 +225,8 @@ impl Proxy {
             return Ok(resp);
         }
         let route = self.route_request(&mut req)?;
-        if let Some(route) = route.clone() {
-            if let Some(limit) = route.route().client_deadline {
+        if let Some(limit) = route.as_ref().and_then(|r| r.route().client_deadline) {
+            if let Some(route) = route {
                 return self.release_after(req, down, route, limit, trace).await;
             }
         }

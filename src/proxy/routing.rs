@@ -213,23 +213,28 @@ impl Proxy {
             req.headers_mut().remove(CACHE_CONTROL);
             req.extensions_mut().insert(QueryDirectives);
         }
-        if let Some(query) = req.uri().query() {
-            let mut directives = None;
-            let mut query: std::borrow::Cow<'_, str> = query.into();
-            if route.query_cache_control {
-                if let Some(taken) = crate::routes::query::take_cache_control(&query) {
-                    directives = Some(taken.directives);
-                    query = taken.rest.into_owned().into();
-                }
-            }
-            let filtered = route.filter_query(&query).into_owned();
-            if filtered.len() != req.uri().query().map_or(0, str::len) {
-                set_query(req, &filtered)?;
-            }
-            if let Some(d) = directives.filter(|d| !d.is_empty()) {
-                let value = HeaderValue::try_from(d).map_err(|_| ErrorKind::BadQuery)?;
-                req.headers_mut().append(CACHE_CONTROL, value);
-            }
+        // Nothing is allocated unless the route takes something out of the query.
+        let (new_query, directives) = {
+            let Some(query) = req.uri().query() else {
+                return Ok(Some(active));
+            };
+            let taken = if route.query_cache_control {
+                crate::routes::query::take_cache_control(query)
+            } else {
+                None
+            };
+            let rest = taken.as_ref().map_or(query, |t| &t.rest);
+            let filtered = route.filter_query(rest);
+            let changed = taken.is_some() || matches!(filtered, std::borrow::Cow::Owned(_));
+            let new_query = changed.then(|| filtered.into_owned());
+            (new_query, taken.map(|t| t.directives))
+        };
+        if let Some(query) = new_query {
+            set_query(req, &query)?;
+        }
+        if let Some(d) = directives.filter(|d| !d.is_empty()) {
+            let value = HeaderValue::try_from(d).map_err(|_| ErrorKind::BadQuery)?;
+            req.headers_mut().append(CACHE_CONTROL, value);
         }
         Ok(Some(active))
     }
