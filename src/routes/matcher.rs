@@ -189,21 +189,57 @@ fn insert<'n>(node: &'n mut Node, key: &[u8]) -> &'n mut Node {
     insert(child, &key[common..])
 }
 
-/// The deepest node along `rest` with a route that `accept`s, searched deepest first.
-fn find(node: &Node, rest: &[u8], accept: &impl Fn(usize) -> bool) -> Option<usize> {
+/// The deepest node along `rest` with a route that `accept`s, searched deepest first: one
+/// walk down (no recursion), remembering the nodes passed, then back up.
+fn find(root: &Node, path: &[u8], accept: &impl Fn(usize) -> bool) -> Option<usize> {
+    const DEPTH: usize = 32;
+    let mut passed: [&Node; DEPTH] = [root; DEPTH];
+    let mut depth = 0;
+    let (mut node, mut rest) = (root, path);
+    loop {
+        if depth == DEPTH {
+            // A deeper tree than any sane routes file: finish the walk the slow way.
+            return find_deep(node, rest, accept).or_else(|| best(&passed[..depth], accept));
+        }
+        passed[depth] = node;
+        depth += 1;
+        let Some(&first) = rest.first() else { break };
+        let Ok(pos) = node.children.binary_search_by_key(&first, |c| c.label[0]) else {
+            break;
+        };
+        let child = &node.children[pos];
+        if !rest.starts_with(&child.label) {
+            break;
+        }
+        rest = &rest[child.label.len()..];
+        node = child;
+    }
+    best(&passed[..depth], accept)
+}
+
+/// The first route that `accept`s among `nodes`, deepest (last) first.
+#[inline]
+fn best(nodes: &[&Node], accept: &impl Fn(usize) -> bool) -> Option<usize> {
+    nodes.iter().rev().find_map(|node| {
+        node.specific
+            .iter()
+            .copied()
+            .chain(node.any_method)
+            .find(|&i| accept(i))
+    })
+}
+
+/// [`find`] below `node`, recursively (only past [`find`]'s depth).
+fn find_deep(node: &Node, rest: &[u8], accept: &impl Fn(usize) -> bool) -> Option<usize> {
     if let Some(&first) = rest.first() {
         if let Ok(pos) = node.children.binary_search_by_key(&first, |c| c.label[0]) {
             let child = &node.children[pos];
             if rest.starts_with(&child.label) {
-                if let Some(found) = find(child, &rest[child.label.len()..], accept) {
+                if let Some(found) = find_deep(child, &rest[child.label.len()..], accept) {
                     return Some(found);
                 }
             }
         }
     }
-    node.specific
-        .iter()
-        .copied()
-        .chain(node.any_method)
-        .find(|&i| accept(i))
+    best(&[node], accept)
 }
