@@ -30,9 +30,10 @@
 //! | head block | below: what the in-memory entry holds |
 //! | body | the body's bytes, exactly *body length* of them; they end the blob, anything after is an error |
 //!
-//! The head block (an in-memory entry keeps exactly these bytes, followed by the body when
-//! that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
-//! blob is the other fields followed by a copy of that allocation):
+//! The head block (an in-memory entry keeps exactly these bytes, usually followed by the body
+//! when that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
+//! blob is the other fields followed by a copy of that allocation; see
+//! [`super::entry::body_inline`] for when a small body is kept apart):
 //!
 //! | field | encoding |
 //! |---|---|
@@ -90,8 +91,8 @@
 //! # Bodies
 //!
 //! [`decode`] copies what it keeps out of the blob, so the blob can go: a small body with
-//! the head block it follows (one allocation, as a stored entry has it), a large one into a
-//! piece of its own. [`decode_shared`] slices a large body (and its head block) out of a
+//! the head block it follows (one allocation, or two when a stored entry would have two), a
+//! large one into a piece of its own. [`decode_shared`] slices a large body (and its head block) out of a
 //! shared blob instead (no copy of a multi-megabyte body; the blob's other bytes are then
 //! kept alive with it).
 
@@ -105,7 +106,7 @@ use http::header::{self, HeaderName};
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::entry::{CachedResponse, EncodedEntry, NewEntry};
+use super::entry::{body_inline, CachedResponse, EncodedEntry, NewEntry};
 use super::key::VaryKey;
 use super::policy;
 use crate::body::Pieces;
@@ -647,11 +648,16 @@ fn decode_with(
     }
     let head_range = block_at..block_at + head.len;
     let body_range = head_range.end..blob.len();
-    let (block, body) = if body_len <= INLINE_BODY_MAX {
+    let (block, body) = if body_inline(head.len, body_len) {
         // Head and body together, one exact-size allocation, as a stored entry keeps them.
         let block = Bytes::copy_from_slice(&blob[block_at..]);
         let body = block.slice(head.len..);
         (block, body)
+    } else if body_len <= INLINE_BODY_MAX {
+        (
+            Bytes::copy_from_slice(&blob[head_range]),
+            Bytes::copy_from_slice(&blob[body_range]),
+        )
     } else {
         match shared {
             Some(b) if blob.len() - body_len <= body_len / 16 => {
@@ -1143,8 +1149,8 @@ mod tests {
         assert_same(&back, &original);
     }
 
-    /// A small body shares the head block's allocation (also when read back); a large one
-    /// keeps the pieces it arrived in, uncopied.
+    /// A small body shares the head block's allocation (also when read back) unless apart
+    /// they take less memory; a large one keeps the pieces it arrived in, uncopied.
     #[test]
     fn small_bodies_are_inline_large_ones_keep_their_pieces() {
         let now = Instant::now();
@@ -1158,6 +1164,31 @@ mod tests {
         assert_eq!(small.body.as_slice().len(), 1);
         let blob = encode(&small, KEY, now, wall0());
         assert!(within(&rebuilt(decode(&blob, KEY, now, wall0()).unwrap())));
+
+        // A body that would push the one allocation into a larger size class (a 1 KiB body
+        // behind a short head) gets an exact-size piece of its own instead (a copy), also
+        // when read back.
+        let mut e = full(now);
+        e.headers.remove(header::CONTENT_LENGTH);
+        e.body = Pieces::default();
+        let head = stored(e).head_block().len();
+        let n = (1024..INLINE_BODY_MAX)
+            .find(|&n| !body_inline(head, n))
+            .unwrap();
+        let mut e = full(now);
+        e.headers.remove(header::CONTENT_LENGTH);
+        let kib = Bytes::from(vec![7u8; n]);
+        e.body = Pieces::from(kib.clone());
+        let apart = stored(e);
+        assert_eq!(apart.head_block().len(), head);
+        assert!(!within(&apart));
+        assert_ne!(apart.body.as_slice()[0].as_ptr(), kib.as_ptr(), "copied");
+        assert_eq!(apart.body, *kib);
+        let blob = encode(&apart, KEY, now, wall0());
+        let back = rebuilt(decode(&blob, KEY, now, wall0()).unwrap());
+        assert!(!within(&back));
+        assert_eq!(back.body, *kib);
+        assert_same(&back, &apart);
 
         let mut e = full(now);
         e.headers.remove(header::CONTENT_LENGTH);
