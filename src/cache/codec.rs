@@ -270,8 +270,6 @@ pub struct HeadLayout {
     pub headers_at: usize,
     /// The block's length (where an inline body starts).
     pub len: usize,
-    /// The parsed last-modified time (explicit, or the `Last-Modified` header's).
-    pub last_modified: Option<SystemTime>,
     /// The names written literally (not in [`NAMES`]), in order.
     pub literal_names: Vec<HeaderName>,
 }
@@ -340,7 +338,6 @@ pub fn encode_head(out: &mut Vec<u8>, e: &NewEntry) -> HeadLayout {
         status: e.status,
         headers_at,
         len: out.len() - start,
-        last_modified: e.last_modified,
         literal_names,
     }
 }
@@ -371,26 +368,26 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
     if has(flags::UPSTREAM_LM_EXPLICIT) {
         r.value()?;
     }
-    let explicit_lm = has(flags::LAST_MODIFIED_EXPLICIT)
-        .then(|| r.time())
-        .transpose()?;
+    if has(flags::LAST_MODIFIED_EXPLICIT) {
+        r.time()?;
+    }
     let headers_at = buf.len() - r.buf.len();
     let count = r.count(2)?;
     if count > MAX_FIELDS {
         return Err(DecodeError::TooManyHeaders);
     }
     let mut literal_names = Vec::new();
-    let (mut etag, mut lm) = (false, None);
+    let (mut etag, mut lm) = (false, false);
     for _ in 0..count {
         let name = r.name()?;
-        let value = r.value()?;
+        r.value()?;
         match name {
             Name::Table(i) => {
                 let name = &NAMES[i];
                 if *name == header::ETAG {
                     etag = true;
-                } else if *name == header::LAST_MODIFIED && lm.is_none() {
-                    lm = Some(value);
+                } else if *name == header::LAST_MODIFIED {
+                    lm = true;
                 }
             }
             Name::Literal(n) => literal_names.push(n),
@@ -400,7 +397,7 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
     if !has(flags::ETAG_EXPLICIT) && !etag {
         return missing(header::ETAG);
     }
-    if has(flags::UPSTREAM_LM) && !has(flags::UPSTREAM_LM_EXPLICIT) && lm.is_none() {
+    if has(flags::UPSTREAM_LM) && !has(flags::UPSTREAM_LM_EXPLICIT) && !lm {
         return missing(header::LAST_MODIFIED);
     }
     Ok(HeadLayout {
@@ -408,13 +405,12 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
         status,
         headers_at,
         len: buf.len() - r.buf.len(),
-        last_modified: explicit_lm.unwrap_or_else(|| lm.and_then(parse_date)),
         literal_names,
     })
 }
 
 /// An HTTP-date value as [`policy::http_date`] reads it.
-fn parse_date(v: &[u8]) -> Option<SystemTime> {
+pub fn parse_date(v: &[u8]) -> Option<SystemTime> {
     let v = std::str::from_utf8(v).ok()?;
     httpdate::parse_http_date(v.trim()).ok()
 }
@@ -442,6 +438,27 @@ pub fn explicit_validators(block: &[u8], fl: u8) -> [Option<Range<usize>>; 3] {
         Ok(())
     })();
     out
+}
+
+/// The last-modified time a head block whose flags are `fl` spells out
+/// ([`flags::LAST_MODIFIED_EXPLICIT`]): `None` without the flag, or when it says none.
+pub fn explicit_last_modified(block: &[u8], fl: u8) -> Option<SystemTime> {
+    if fl & flags::LAST_MODIFIED_EXPLICIT == 0 {
+        return None;
+    }
+    let mut r = Reader { buf: block };
+    r.take(1).ok()?;
+    r.varint().ok()?;
+    for bit in [
+        flags::ETAG_EXPLICIT,
+        flags::UPSTREAM_ETAG_EXPLICIT,
+        flags::UPSTREAM_LM_EXPLICIT,
+    ] {
+        if fl & bit != 0 {
+            r.bytes().ok()?;
+        }
+    }
+    r.time().ok()?
 }
 
 /// A field's name in a head block.
@@ -969,7 +986,7 @@ mod tests {
         );
         assert_eq!(got.body, want.body);
         assert_eq!(got.etag(), want.etag());
-        assert_eq!(got.last_modified, want.last_modified);
+        assert_eq!(got.last_modified(), want.last_modified());
         assert_eq!(got.upstream_etag(), want.upstream_etag());
         assert_eq!(got.upstream_last_modified(), want.upstream_last_modified());
         assert_eq!(got.vary, want.vary);
@@ -1074,7 +1091,7 @@ mod tests {
             Some(hv("Mon, 13 Nov 2023 10:00:00 GMT"))
         );
         assert_eq!(
-            back.last_modified,
+            back.last_modified(),
             Some(UNIX_EPOCH + Duration::new(1_600_000_000, 5))
         );
         // A served ETag the headers lack; a Last-Modified header that was not the upstream's;
@@ -1089,7 +1106,7 @@ mod tests {
         assert_eq!(back.etag(), hv("\"v3\""));
         assert!(back.header(&header::ETAG).is_none());
         assert!(back.header(&header::LAST_MODIFIED).is_some());
-        assert_eq!(back.last_modified, None);
+        assert_eq!(back.last_modified(), None);
     }
 
     /// Every kind of field line survives the head block, in order: table names, literal
