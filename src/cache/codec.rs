@@ -30,9 +30,10 @@
 //! | head block | below: what the in-memory entry holds |
 //! | body | the body's bytes, exactly *body length* of them; they end the blob, anything after is an error |
 //!
-//! The head block (an in-memory entry keeps exactly these bytes, followed by the body when
-//! that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
-//! blob is the other fields followed by a copy of that allocation):
+//! The head block (an in-memory entry keeps exactly these bytes, usually followed by the body
+//! when that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
+//! blob is the other fields followed by a copy of that allocation; see
+//! [`super::entry::body_inline`] for when a small body is kept apart):
 //!
 //! | field | encoding |
 //! |---|---|
@@ -90,8 +91,8 @@
 //! # Bodies
 //!
 //! [`decode`] copies what it keeps out of the blob, so the blob can go: a small body with
-//! the head block it follows (one allocation, as a stored entry has it), a large one into a
-//! piece of its own. [`decode_shared`] slices a large body (and its head block) out of a
+//! the head block it follows (one allocation, or two when a stored entry would have two), a
+//! large one into a piece of its own. [`decode_shared`] slices a large body (and its head block) out of a
 //! shared blob instead (no copy of a multi-megabyte body; the blob's other bytes are then
 //! kept alive with it).
 
@@ -105,7 +106,7 @@ use http::header::{self, HeaderName};
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::entry::{CachedResponse, EncodedEntry, NewEntry};
+use super::entry::{body_inline, CachedResponse, EncodedEntry, NewEntry};
 use super::key::VaryKey;
 use super::policy;
 use crate::body::Pieces;
@@ -269,8 +270,6 @@ pub struct HeadLayout {
     pub headers_at: usize,
     /// The block's length (where an inline body starts).
     pub len: usize,
-    /// The parsed last-modified time (explicit, or the `Last-Modified` header's).
-    pub last_modified: Option<SystemTime>,
     /// The names written literally (not in [`NAMES`]), in order.
     pub literal_names: Vec<HeaderName>,
 }
@@ -339,7 +338,6 @@ pub fn encode_head(out: &mut Vec<u8>, e: &NewEntry) -> HeadLayout {
         status: e.status,
         headers_at,
         len: out.len() - start,
-        last_modified: e.last_modified,
         literal_names,
     }
 }
@@ -370,26 +368,26 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
     if has(flags::UPSTREAM_LM_EXPLICIT) {
         r.value()?;
     }
-    let explicit_lm = has(flags::LAST_MODIFIED_EXPLICIT)
-        .then(|| r.time())
-        .transpose()?;
+    if has(flags::LAST_MODIFIED_EXPLICIT) {
+        r.time()?;
+    }
     let headers_at = buf.len() - r.buf.len();
     let count = r.count(2)?;
     if count > MAX_FIELDS {
         return Err(DecodeError::TooManyHeaders);
     }
     let mut literal_names = Vec::new();
-    let (mut etag, mut lm) = (false, None);
+    let (mut etag, mut lm) = (false, false);
     for _ in 0..count {
         let name = r.name()?;
-        let value = r.value()?;
+        r.value()?;
         match name {
             Name::Table(i) => {
                 let name = &NAMES[i];
                 if *name == header::ETAG {
                     etag = true;
-                } else if *name == header::LAST_MODIFIED && lm.is_none() {
-                    lm = Some(value);
+                } else if *name == header::LAST_MODIFIED {
+                    lm = true;
                 }
             }
             Name::Literal(n) => literal_names.push(n),
@@ -399,7 +397,7 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
     if !has(flags::ETAG_EXPLICIT) && !etag {
         return missing(header::ETAG);
     }
-    if has(flags::UPSTREAM_LM) && !has(flags::UPSTREAM_LM_EXPLICIT) && lm.is_none() {
+    if has(flags::UPSTREAM_LM) && !has(flags::UPSTREAM_LM_EXPLICIT) && !lm {
         return missing(header::LAST_MODIFIED);
     }
     Ok(HeadLayout {
@@ -407,13 +405,12 @@ pub fn parse_head(buf: &[u8]) -> Result<HeadLayout, DecodeError> {
         status,
         headers_at,
         len: buf.len() - r.buf.len(),
-        last_modified: explicit_lm.unwrap_or_else(|| lm.and_then(parse_date)),
         literal_names,
     })
 }
 
 /// An HTTP-date value as [`policy::http_date`] reads it.
-fn parse_date(v: &[u8]) -> Option<SystemTime> {
+pub fn parse_date(v: &[u8]) -> Option<SystemTime> {
     let v = std::str::from_utf8(v).ok()?;
     httpdate::parse_http_date(v.trim()).ok()
 }
@@ -441,6 +438,27 @@ pub fn explicit_validators(block: &[u8], fl: u8) -> [Option<Range<usize>>; 3] {
         Ok(())
     })();
     out
+}
+
+/// The last-modified time a head block whose flags are `fl` spells out
+/// ([`flags::LAST_MODIFIED_EXPLICIT`]): `None` without the flag, or when it says none.
+pub fn explicit_last_modified(block: &[u8], fl: u8) -> Option<SystemTime> {
+    if fl & flags::LAST_MODIFIED_EXPLICIT == 0 {
+        return None;
+    }
+    let mut r = Reader { buf: block };
+    r.take(1).ok()?;
+    r.varint().ok()?;
+    for bit in [
+        flags::ETAG_EXPLICIT,
+        flags::UPSTREAM_ETAG_EXPLICIT,
+        flags::UPSTREAM_LM_EXPLICIT,
+    ] {
+        if fl & bit != 0 {
+            r.bytes().ok()?;
+        }
+    }
+    r.time().ok()?
 }
 
 /// A field's name in a head block.
@@ -647,11 +665,16 @@ fn decode_with(
     }
     let head_range = block_at..block_at + head.len;
     let body_range = head_range.end..blob.len();
-    let (block, body) = if body_len <= INLINE_BODY_MAX {
+    let (block, body) = if body_inline(head.len, body_len) {
         // Head and body together, one exact-size allocation, as a stored entry keeps them.
         let block = Bytes::copy_from_slice(&blob[block_at..]);
         let body = block.slice(head.len..);
         (block, body)
+    } else if body_len <= INLINE_BODY_MAX {
+        (
+            Bytes::copy_from_slice(&blob[head_range]),
+            Bytes::copy_from_slice(&blob[body_range]),
+        )
     } else {
         match shared {
             Some(b) if blob.len() - body_len <= body_len / 16 => {
@@ -963,7 +986,7 @@ mod tests {
         );
         assert_eq!(got.body, want.body);
         assert_eq!(got.etag(), want.etag());
-        assert_eq!(got.last_modified, want.last_modified);
+        assert_eq!(got.last_modified(), want.last_modified());
         assert_eq!(got.upstream_etag(), want.upstream_etag());
         assert_eq!(got.upstream_last_modified(), want.upstream_last_modified());
         assert_eq!(got.vary, want.vary);
@@ -1068,7 +1091,7 @@ mod tests {
             Some(hv("Mon, 13 Nov 2023 10:00:00 GMT"))
         );
         assert_eq!(
-            back.last_modified,
+            back.last_modified(),
             Some(UNIX_EPOCH + Duration::new(1_600_000_000, 5))
         );
         // A served ETag the headers lack; a Last-Modified header that was not the upstream's;
@@ -1083,7 +1106,7 @@ mod tests {
         assert_eq!(back.etag(), hv("\"v3\""));
         assert!(back.header(&header::ETAG).is_none());
         assert!(back.header(&header::LAST_MODIFIED).is_some());
-        assert_eq!(back.last_modified, None);
+        assert_eq!(back.last_modified(), None);
     }
 
     /// Every kind of field line survives the head block, in order: table names, literal
@@ -1143,8 +1166,8 @@ mod tests {
         assert_same(&back, &original);
     }
 
-    /// A small body shares the head block's allocation (also when read back); a large one
-    /// keeps the pieces it arrived in, uncopied.
+    /// A small body shares the head block's allocation (also when read back) unless apart
+    /// they take less memory; a large one keeps the pieces it arrived in, uncopied.
     #[test]
     fn small_bodies_are_inline_large_ones_keep_their_pieces() {
         let now = Instant::now();
@@ -1158,6 +1181,31 @@ mod tests {
         assert_eq!(small.body.as_slice().len(), 1);
         let blob = encode(&small, KEY, now, wall0());
         assert!(within(&rebuilt(decode(&blob, KEY, now, wall0()).unwrap())));
+
+        // A body that would push the one allocation into a larger size class (a 1 KiB body
+        // behind a short head) gets an exact-size piece of its own instead (a copy), also
+        // when read back.
+        let mut e = full(now);
+        e.headers.remove(header::CONTENT_LENGTH);
+        e.body = Pieces::default();
+        let head = stored(e).head_block().len();
+        let n = (1024..INLINE_BODY_MAX)
+            .find(|&n| !body_inline(head, n))
+            .unwrap();
+        let mut e = full(now);
+        e.headers.remove(header::CONTENT_LENGTH);
+        let kib = Bytes::from(vec![7u8; n]);
+        e.body = Pieces::from(kib.clone());
+        let apart = stored(e);
+        assert_eq!(apart.head_block().len(), head);
+        assert!(!within(&apart));
+        assert_ne!(apart.body.as_slice()[0].as_ptr(), kib.as_ptr(), "copied");
+        assert_eq!(apart.body, *kib);
+        let blob = encode(&apart, KEY, now, wall0());
+        let back = rebuilt(decode(&blob, KEY, now, wall0()).unwrap());
+        assert!(!within(&back));
+        assert_eq!(back.body, *kib);
+        assert_same(&back, &apart);
 
         let mut e = full(now);
         e.headers.remove(header::CONTENT_LENGTH);

@@ -1,7 +1,8 @@
 //! A stored response ([`CachedResponse`]): one immutable *head block* in the versioned
 //! encoding of [`super::codec`] (status, the validators the headers lack, the header fields as
 //! served) followed, for a body of at most [`codec::INLINE_BODY_MAX`] bytes, by the body — one
-//! allocation — plus the metadata the policy needs (age, lifetime, stale allowances) in
+//! allocation, unless two exact-size ones take less memory in the allocator's size classes
+//! ([`body_inline`]) — plus the metadata the policy needs (age, lifetime, stale allowances) in
 //! compact form, and the atomics of eviction and refresh. Headers are not parsed into a
 //! `HeaderMap` until a response is built ([`CachedResponse::headers_map`]): their values are
 //! served as slices of the block.
@@ -27,16 +28,16 @@ pub struct CachedResponse {
     pub id: u64,
     /// The head block ([`codec`]), then the body when it is inline.
     block: Bytes,
-    /// The body: a slice of `block` when inline, else the pieces it arrived in.
+    /// The body: a slice of `block` when inline, else one exact-size piece (small bodies) or
+    /// the pieces it arrived in.
     pub body: Pieces,
     /// The names the block spells out (not in [`codec::NAMES`]), in its order, parsed once:
-    /// a hit clones them instead of parsing them again.
-    literal_names: Box<[HeaderName]>,
+    /// a hit clones them instead of parsing them again. `None` when there are none (most
+    /// responses), so that they take 8 bytes of the entry, not 16.
+    literal_names: Option<Box<Box<[HeaderName]>>>,
     pub vary: VaryKey,
     /// When the response arrived (monotonic), for its age (RFC 9111 §4.2.3).
     pub stored_at: Instant,
-    /// Parsed `Last-Modified`, for `If-Modified-Since`.
-    pub last_modified: Option<SystemTime>,
     /// The age it had when it arrived and its freshness lifetime, in nanoseconds (sub-second
     /// lifetimes such as `DEFAULT_CACHE_EXPIRY_TIME_SECS=0.5` are exact; 584 years at most).
     initial_age_ns: u64,
@@ -142,12 +143,13 @@ pub struct EncodedEntry {
 }
 
 impl NewEntry {
-    /// Encodes the head block; a body of at most [`codec::INLINE_BODY_MAX`] bytes is copied
-    /// behind it (one exact-size allocation), a larger one keeps its pieces.
+    /// Encodes the head block. A body of at most [`codec::INLINE_BODY_MAX`] bytes is copied
+    /// behind it (one exact-size allocation) or, when [`body_inline`] says two allocations
+    /// take less memory, into an exact-size piece of its own; a larger one keeps its pieces.
     pub fn encode(self) -> EncodedEntry {
         let mut head = Vec::with_capacity(64 + self.headers.len() * 48);
         let layout = codec::encode_head(&mut head, &self);
-        let (block, body) = if self.body.len() <= codec::INLINE_BODY_MAX {
+        let (block, body) = if body_inline(head.len(), self.body.len()) {
             let mut block = Vec::with_capacity(head.len() + self.body.len());
             block.extend_from_slice(&head);
             for piece in self.body.as_slice() {
@@ -156,8 +158,11 @@ impl NewEntry {
             let block = Bytes::from(block);
             let body = Pieces::from(block.slice(head.len()..));
             (block, body)
+        } else if self.body.len() <= codec::INLINE_BODY_MAX {
+            let body = Pieces::from(Bytes::from(self.body.to_vec()));
+            (Bytes::copy_from_slice(&head), body)
         } else {
-            (Bytes::from(head.into_boxed_slice()), self.body)
+            (Bytes::copy_from_slice(&head), self.body)
         };
         EncodedEntry {
             block,
@@ -171,6 +176,33 @@ impl NewEntry {
             stale_if_error: self.stale_if_error,
         }
     }
+}
+
+/// The size of the allocation the daemon's allocator (mimalloc, `src/main.rs`) makes for a
+/// request of `n` bytes: a multiple of 8 up to 64 bytes, then one of four size classes per
+/// power of two (1,141 bytes take 1,280). Only used to choose between layouts.
+pub(crate) fn alloc_size(n: usize) -> usize {
+    let words = n.div_ceil(8).max(1);
+    if words <= 8 {
+        return words * 8;
+    }
+    let w = words - 1;
+    let shift = (usize::BITS - 1 - w.leading_zeros()) - 2;
+    ((w >> shift) + 1) << shift << 3
+}
+
+/// The reference count a [`Bytes`] allocates for its buffer once it is shared (buffer,
+/// capacity, count).
+const SHARED_COUNT: usize = 24;
+
+/// Whether a body of `body` bytes is kept behind a head block of `head` bytes, in one
+/// allocation: when it is at most [`codec::INLINE_BODY_MAX`] bytes and that allocation is
+/// no larger than the two separate ones and the second buffer's reference count. A 1 KiB
+/// body behind a ~120-byte head would take a 1,280-byte size class, 128 + 1,024 + 24 bytes
+/// apart; most other sizes waste less together.
+pub(crate) fn body_inline(head: usize, body: usize) -> bool {
+    body <= codec::INLINE_BODY_MAX
+        && alloc_size(head + body) <= alloc_size(head) + alloc_size(body) + SHARED_COUNT
 }
 
 /// Per-entry bookkeeping counted on top of the block, body, key and `Vary` values: the
@@ -217,8 +249,8 @@ impl CachedResponse {
             flags: e.head.flags,
             headers_at: e.head.headers_at as u32,
             head_len: e.head.len as u32,
-            last_modified: e.head.last_modified,
-            literal_names: e.head.literal_names.into_boxed_slice(),
+            literal_names: (!e.head.literal_names.is_empty())
+                .then(|| Box::new(e.head.literal_names.into_boxed_slice())),
             block: e.block,
             body: e.body,
             vary: e.vary,
@@ -234,6 +266,23 @@ impl CachedResponse {
             refresh_failures: AtomicU32::new(0),
             refresh_not_before_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The parsed `Last-Modified` time, for `If-Modified-Since` and `If-Range`: the header's
+    /// (as [`super::policy::http_date`] reads it) unless the block spells out another one.
+    /// Read from the block when asked (only conditional and range requests ask).
+    pub fn last_modified(&self) -> Option<SystemTime> {
+        if self.flags & flags::LAST_MODIFIED_EXPLICIT != 0 {
+            codec::explicit_last_modified(self.head_block(), self.flags)
+        } else {
+            self.header_bytes(&header::LAST_MODIFIED)
+                .and_then(codec::parse_date)
+        }
+    }
+
+    /// The names the block spells out, in its order.
+    fn literal_names(&self) -> &[HeaderName] {
+        self.literal_names.as_deref().map_or(&[], |n| n)
     }
 
     /// The head block as [`codec`] encodes it (without the inline body).
@@ -316,7 +365,7 @@ impl CachedResponse {
     fn header_range(&self, name: &HeaderName) -> Option<std::ops::Range<usize>> {
         let want = match codec::table_index(name) {
             Some(i) => FieldName::Table(i),
-            None => FieldName::Literal(self.literal_names.iter().position(|n| n == name)?),
+            None => FieldName::Literal(self.literal_names().iter().position(|n| n == name)?),
         };
         Fields::new(&self.block, self.headers_at as usize)
             .find(|(n, _)| *n == want)
@@ -361,7 +410,7 @@ impl CachedResponse {
     fn name(&self, name: FieldName) -> Option<HeaderName> {
         match name {
             FieldName::Table(i) => codec::NAMES.get(i).cloned(),
-            FieldName::Literal(i) => self.literal_names.get(i).cloned(),
+            FieldName::Literal(i) => self.literal_names().get(i).cloned(),
         }
     }
 
@@ -523,6 +572,30 @@ pub(crate) fn test_entry(body: usize) -> std::sync::Arc<CachedResponse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry and its `Arc` counts fit the allocator's 192-byte size class (one more
+    /// field and it takes 224).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_entry_fits_its_size_class() {
+        let arc = std::mem::size_of::<CachedResponse>() + 16;
+        assert_eq!(alloc_size(arc), 192, "{arc} bytes");
+    }
+
+    #[test]
+    fn allocation_sizes_follow_the_allocator_classes() {
+        let sizes = [
+            1, 8, 9, 64, 65, 117, 128, 129, 216, 1024, 1025, 1141, 1281, 16384,
+        ];
+        let want = [
+            8, 8, 16, 64, 80, 128, 128, 160, 224, 1024, 1280, 1280, 1536, 16384,
+        ];
+        assert_eq!(sizes.map(alloc_size), want);
+        assert!(!body_inline(117, 1024), "1,280 together, 1,176 apart");
+        assert!(body_inline(117, 900), "1,024 together");
+        assert!(body_inline(117, 0));
+        assert!(!body_inline(16, codec::INLINE_BODY_MAX + 1));
+    }
 
     #[test]
     fn failed_refreshes_back_off_exponentially_up_to_the_cap() {

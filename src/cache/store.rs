@@ -1,9 +1,10 @@
 //! The in-memory store: a sharded [`DashMap`] from primary key (origin + path + query, see
-//! [`super::key`]) to the stored variants of that URL, bounded by `CACHE_MAX_BYTES` through
-//! [`Sieve`] eviction. It also counts keys per origin, so an admin request for a path reaches
-//! that path under every host without scanning the map. Readers take one map-shard
-//! read lock for a lookup and leave with an `Arc`, so nothing is held across `.await`, a hit
-//! never copies a body, and a hit never touches the eviction queues (it sets one bit).
+//! [`super::key`]) to the stored variants of that URL (one held inline, more in a list),
+//! bounded by `CACHE_MAX_BYTES` through [`Sieve`] eviction. It also counts keys per origin,
+//! so an admin request for a path reaches that path under every host without scanning the
+//! map. Readers take one map-shard read lock for a lookup and leave with an `Arc`, so nothing
+//! is held across `.await`, a hit never copies a body, and a hit never touches the eviction
+//! queues (it sets one bit).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,9 +20,86 @@ use super::key::split_key;
 /// without bound (the oldest variant goes first).
 const MAX_VARIANTS: usize = 16;
 
+/// The stored variants of one key: almost always one, held without a list (a list would
+/// be an allocation of its own per key, and 8 more bytes in every map slot).
+#[derive(Default)]
+enum Variants {
+    #[default]
+    None,
+    One(Arc<CachedResponse>),
+    /// Two or more.
+    Many(Box<Vec<Arc<CachedResponse>>>),
+}
+
+impl std::ops::Deref for Variants {
+    type Target = [Arc<CachedResponse>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Variants::None => &[],
+            Variants::One(e) => std::slice::from_ref(e),
+            Variants::Many(v) => v,
+        }
+    }
+}
+
+impl Variants {
+    fn push(&mut self, entry: Arc<CachedResponse>) {
+        *self = match std::mem::take(self) {
+            Variants::None => Variants::One(entry),
+            Variants::One(first) => Variants::Many(Box::new(vec![first, entry])),
+            Variants::Many(mut v) => {
+                v.push(entry);
+                Variants::Many(v)
+            }
+        };
+    }
+
+    /// Keeps the variants for which `keep` is true, in order.
+    fn retain(&mut self, mut keep: impl FnMut(&Arc<CachedResponse>) -> bool) {
+        match self {
+            Variants::None => {}
+            Variants::One(e) => {
+                if !keep(e) {
+                    *self = Variants::None;
+                }
+            }
+            Variants::Many(v) => {
+                v.retain(keep);
+                self.unlist();
+            }
+        }
+    }
+
+    /// Removes and returns variant `i`, if there is one.
+    fn remove(&mut self, i: usize) -> Option<Arc<CachedResponse>> {
+        match self {
+            Variants::Many(v) if i < v.len() => {
+                let gone = v.remove(i);
+                self.unlist();
+                Some(gone)
+            }
+            Variants::One(_) if i == 0 => match std::mem::take(self) {
+                Variants::One(e) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A list of one or none becomes `One` or `None` again.
+    fn unlist(&mut self) {
+        if let Variants::Many(v) = self {
+            if v.len() <= 1 {
+                *self = v.pop().map_or(Variants::None, Variants::One);
+            }
+        }
+    }
+}
+
 /// Stored responses by primary key, with size accounting and a byte budget.
 pub struct Store {
-    map: DashMap<Arc<str>, Vec<Arc<CachedResponse>>>,
+    map: DashMap<Arc<str>, Variants>,
     /// Stored keys per origin (`scheme://host`); an origin leaves when its last key does.
     origins: DashMap<Box<str>, usize>,
     sieve: Sieve,
@@ -64,7 +142,7 @@ impl Store {
 
     /// All stored variants of `key`.
     pub fn variants(&self, key: &str) -> Vec<Arc<CachedResponse>> {
-        self.map.get(key).map(|v| v.clone()).unwrap_or_default()
+        self.map.get(key).map(|v| v.to_vec()).unwrap_or_default()
     }
 
     /// Stores `entry`, replacing the variant it supersedes (variants with a different set of
@@ -98,7 +176,7 @@ impl Store {
                 keep
             });
             if variants.len() >= MAX_VARIANTS {
-                removed.push(variants.remove(0));
+                removed.extend(variants.remove(0));
             }
             variants.push(entry.clone());
             self.bytes.fetch_add(entry.size, Ordering::Relaxed);
@@ -127,7 +205,9 @@ impl Store {
                 let Some(pos) = variants.iter().position(|e| e.id == id) else {
                     return false;
                 };
-                let gone = variants.remove(pos);
+                let Some(gone) = variants.remove(pos) else {
+                    return false;
+                };
                 self.forget(key, std::slice::from_ref(&gone));
                 if variants.is_empty() {
                     self.forget_origin(key);
@@ -181,7 +261,7 @@ impl Store {
         self.map
             .iter()
             .filter(|e| pred(e.key()))
-            .map(|e| (e.key().clone(), e.value().clone()))
+            .map(|e| (e.key().clone(), e.value().to_vec()))
             .collect()
     }
 
@@ -385,6 +465,34 @@ mod tests {
         assert_eq!(keys, ["http://a/x", "http://b:8080/x", "https://a/x"]);
         assert_eq!(store.keys_for_path("/x", |o| o.ends_with("//a")).len(), 2);
         store.check_invariants();
+    }
+
+    #[test]
+    fn one_variant_is_held_without_a_list() {
+        let (a, b, c) = (entry(1), entry(2), entry(3));
+        let ids = |v: &Variants| v.iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(std::mem::size_of::<Variants>(), 16);
+        let mut v = Variants::default();
+        v.push(a.clone());
+        assert!(matches!(v, Variants::One(_)));
+        v.push(b.clone());
+        v.push(c.clone());
+        assert_eq!(ids(&v), [a.id, b.id, c.id]);
+        assert_eq!(v.remove(0).map(|e| e.id), Some(a.id));
+        assert!(v.remove(2).is_none());
+        assert_eq!(ids(&v), [b.id, c.id]);
+        v.retain(|e| e.id != c.id);
+        assert!(matches!(v, Variants::One(ref e) if e.id == b.id));
+        v.push(c.clone());
+        assert_eq!(v.remove(1).map(|e| e.id), Some(c.id));
+        assert!(matches!(v, Variants::One(_)));
+        assert!(v.remove(1).is_none());
+        v.retain(|_| false);
+        assert!(matches!(v, Variants::None) && v.is_empty());
+        assert!(v.remove(0).is_none());
+        v.push(a.clone());
+        assert_eq!(v.remove(0).map(|e| e.id), Some(a.id));
+        assert!(matches!(v, Variants::None));
     }
 
     #[test]

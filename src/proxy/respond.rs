@@ -46,7 +46,7 @@ pub fn from_entry(
     if conditional && entry.status.is_success() {
         // RFC 9111 §4.3.2: without `Last-Modified`, `If-Modified-Since` is compared with the
         // stored response's `Date`.
-        let last_modified = entry.last_modified.or_else(|| {
+        let last_modified = entry.last_modified().or_else(|| {
             req.contains_key(header::IF_MODIFIED_SINCE)
                 .then(|| entry.header_bytes(&header::DATE).and_then(http_date))
                 .flatten()
@@ -58,8 +58,11 @@ pub fn from_entry(
     }
     let len = entry.body.len() as u64;
     let reply = if entry.status == StatusCode::OK && req.contains_key(header::RANGE) {
-        let etag = req.contains_key(header::IF_RANGE).then(|| entry.etag());
-        range::select(req, len, etag.as_ref(), entry.last_modified)
+        // The validators only matter to an `If-Range`.
+        let if_range = req.contains_key(header::IF_RANGE);
+        let etag = if_range.then(|| entry.etag());
+        let last_modified = if_range.then(|| entry.last_modified()).flatten();
+        range::select(req, len, etag.as_ref(), last_modified)
     } else {
         RangeReply::Full
     };
