@@ -33,7 +33,7 @@
 //! The head block (an in-memory entry keeps exactly these bytes, usually followed by the body
 //! when that is at most [`INLINE_BODY_MAX`] bytes: head + body are then one allocation, and a
 //! blob is the other fields followed by a copy of that allocation; see
-//! [`super::entry::body_inline`] for when a small body is kept apart):
+//! `entry::body_inline` for when a small body is kept apart):
 //!
 //! | field | encoding |
 //! |---|---|

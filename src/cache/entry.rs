@@ -2,7 +2,7 @@
 //! encoding of [`super::codec`] (status, the validators the headers lack, the header fields as
 //! served) followed, for a body of at most [`codec::INLINE_BODY_MAX`] bytes, by the body — one
 //! allocation, unless two exact-size ones take less memory in the allocator's size classes
-//! ([`body_inline`]) — plus the metadata the policy needs (age, lifetime, stale allowances) in
+//! (`body_inline`) — plus the metadata the policy needs (age, lifetime, stale allowances) in
 //! compact form, and the atomics of eviction and refresh. Headers are not parsed into a
 //! `HeaderMap` until a response is built ([`CachedResponse::headers_map`]): their values are
 //! served as slices of the block.
@@ -144,7 +144,7 @@ pub struct EncodedEntry {
 
 impl NewEntry {
     /// Encodes the head block. A body of at most [`codec::INLINE_BODY_MAX`] bytes is copied
-    /// behind it (one exact-size allocation) or, when [`body_inline`] says two allocations
+    /// behind it (one exact-size allocation) or, when `body_inline` says two allocations
     /// take less memory, into an exact-size piece of its own; a larger one keeps its pieces.
     pub fn encode(self) -> EncodedEntry {
         let mut head = Vec::with_capacity(64 + self.headers.len() * 48);
