@@ -41,7 +41,7 @@ impl Proxy {
     /// `GET /_edgecache/jobs/{id}` (with routes loaded: jobs exist only then); `None` for
     /// any other path.
     pub(crate) fn job_status(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        self.route_table()?;
+        self.config.routes_file.as_ref()?;
         let id = jobs::parse_job_path(req.uri().path())?;
         let resp = match (id, req.method()) {
             (None, _) => jobs::respond::not_found(),

@@ -112,7 +112,8 @@ pub(crate) struct Outgoing<'a> {
 pub(crate) const RETRY_BODY_LIMIT: u64 = 1 << 20;
 
 impl Proxy {
-    /// Builds the table for `routes` (route pools, their probes) and puts it in force.
+    /// Builds the table for `routes` (route pools, their probes) and puts it in force; only
+    /// consulted with `ROUTES_FILE` set (`config.routes_file`), as the daemon and tests do.
     pub fn install_routes(self: &Arc<Self>, routes: Routes) {
         let probes = CancellationToken::new();
         let pools = routes
@@ -183,6 +184,10 @@ impl Proxy {
         &self,
         req: &mut Request<Incoming>,
     ) -> Result<Option<ActiveRoute>, ProxyError> {
+        if self.config.routes_file.is_none() {
+            // No routes file: not even the table's atomic load on the hit path.
+            return Ok(None);
+        }
         let guard = self.routes.load();
         let Some(table) = guard.as_ref() else {
             return Ok(None);
