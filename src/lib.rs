@@ -69,6 +69,8 @@
 //!   body passed upstream fails with a [`error::BodyFault`]. [`body::fanout`] shares one
 //!   body being fetched among every request waiting on it, within the stream buffer bounds;
 //!   the flights in [`cache::coalesce`] own one each.
+//! * [`alloc`] — the daemon's global allocator (mimalloc, called as glibc's `malloc` is so
+//!   entries keep their size class) and its options; it uses no other module.
 //!
 //! Imports point down this list and never back: `proxy` uses `routes`, `jobs`, `admin` and
 //! `cache`; `admin`
@@ -76,6 +78,7 @@
 //! `cache` and `upstream` use `body`; `body` uses `error`, and `error` uses no module.
 
 pub mod admin;
+pub mod alloc;
 pub mod body;
 pub mod cache;
 pub mod config;

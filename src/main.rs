@@ -9,11 +9,12 @@ use edgecache::config::{Config, LogFormat, SETTINGS};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than glibc malloc: memory from a burst of connections goes back to the OS
-/// when they close, and small allocations on the hit path are cheaper.
+/// when they close, and small allocations on the hit path are cheaper (see `edgecache::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: edgecache::alloc::Allocator = edgecache::alloc::Allocator;
 
 fn main() -> ExitCode {
+    edgecache::alloc::tune();
     // `.env` fills in what the real environment does not set; real variables win. It is read
     // before the command line, whose settings fall back to the environment; a broken `.env`
     // is reported after the command line is parsed, so `--help` and `--version` still work.

@@ -178,7 +178,7 @@ impl NewEntry {
     }
 }
 
-/// The size of the allocation the daemon's allocator (mimalloc, `src/main.rs`) makes for a
+/// The size of the allocation the daemon's allocator (mimalloc, `src/alloc.rs`) makes for a
 /// request of `n` bytes: a multiple of 8 up to 64 bytes, then one of four size classes per
 /// power of two (1,141 bytes take 1,280). Only used to choose between layouts.
 pub(crate) fn alloc_size(n: usize) -> usize {
