@@ -559,11 +559,11 @@ impl Iterator for Fields<'_> {
 pub fn encode(entry: &CachedResponse, key: &str, now: Instant, wall: SystemTime) -> Bytes {
     let head = entry.head_block();
     let mut out =
-        Vec::with_capacity(64 + key.len() + entry.vary.heap_size() + head.len() + entry.body.len());
+        Vec::with_capacity(64 + key.len() + entry.vary.heap_size() + head.len() + entry.body_len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     put_bytes(&mut out, key.as_bytes());
-    let held = now.saturating_duration_since(entry.stored_at);
+    let held = now.saturating_duration_since(entry.stored_at());
     let stored = wall.checked_sub(held).unwrap_or(UNIX_EPOCH);
     put_varint(
         &mut out,
@@ -584,9 +584,9 @@ pub fn encode(entry: &CachedResponse, key: &str, now: Instant, wall: SystemTime)
             }
         }
     }
-    put_varint(&mut out, entry.body.len() as u64);
+    put_varint(&mut out, entry.body_len() as u64);
     out.extend_from_slice(head);
-    for piece in entry.body.as_slice() {
+    for piece in entry.body_parts() {
         out.extend_from_slice(piece);
     }
     Bytes::from(out)
@@ -899,6 +899,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use http::{HeaderMap, HeaderValue};
+    use std::sync::Arc;
 
     const KEY: &str = "http://example.com/assets/app.css?v=3";
 
@@ -960,12 +961,12 @@ mod tests {
         }
     }
 
-    fn stored(e: NewEntry) -> CachedResponse {
-        CachedResponse::new(e, KEY.len(), 0)
+    fn stored(e: NewEntry) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse::new(e, KEY.len(), 0))
     }
 
-    fn rebuilt(e: EncodedEntry) -> CachedResponse {
-        CachedResponse::from_encoded(e, KEY.len(), 0)
+    fn rebuilt(e: EncodedEntry) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse::from_encoded(e, KEY.len(), 0))
     }
 
     /// The fields of `h` in order, repeated names included.
@@ -976,7 +977,7 @@ mod tests {
     }
 
     /// Every field but the times equal.
-    fn assert_same(got: &CachedResponse, want: &CachedResponse) {
+    fn assert_same(got: &Arc<CachedResponse>, want: &Arc<CachedResponse>) {
         assert_eq!(got.status, want.status);
         assert_eq!(got.headers_map(), want.headers_map());
         assert_eq!(
@@ -984,7 +985,7 @@ mod tests {
             order(&want.headers_map()),
             "order kept"
         );
-        assert_eq!(got.body, want.body);
+        assert_eq!(got.body(), want.body());
         assert_eq!(got.etag(), want.etag());
         assert_eq!(got.last_modified(), want.last_modified());
         assert_eq!(got.upstream_etag(), want.upstream_etag());
@@ -998,14 +999,18 @@ mod tests {
         assert_eq!(got.head_block(), want.head_block(), "the same head block");
     }
 
-    fn round_trip(e: NewEntry) -> (CachedResponse, CachedResponse, Bytes) {
+    fn round_trip(e: NewEntry) -> (Arc<CachedResponse>, Arc<CachedResponse>, Bytes) {
         let now = Instant::now();
         let original = stored(e);
         let blob = encode(&original, KEY, now, wall0());
         let back = decode(&blob, KEY, now, wall0()).unwrap();
         assert_eq!(back.initial_age, original.initial_age());
-        let drift = back.stored_at.saturating_duration_since(original.stored_at)
-            + original.stored_at.saturating_duration_since(back.stored_at);
+        let drift = back
+            .stored_at
+            .saturating_duration_since(original.stored_at())
+            + original
+                .stored_at()
+                .saturating_duration_since(back.stored_at);
         assert!(drift <= Duration::from_millis(1), "{drift:?}");
         let back = rebuilt(back);
         assert_same(&back, &original);
@@ -1031,7 +1036,7 @@ mod tests {
             | flags::LAST_MODIFIED_EXPLICIT;
         assert_eq!(flags_of(&blob) & explicit, 0);
         // The blob ends with the entry's own block: head block, then the (inline) body.
-        let block = [original.head_block(), &original.body.to_vec()].concat();
+        let block = [original.head_block(), &original.body().to_vec()].concat();
         assert!(blob.ends_with(&block));
         // Rebuilt, it is the same entry to the policy.
         let later = now + Duration::from_secs(100);
@@ -1059,7 +1064,7 @@ mod tests {
         e.body = Pieces::default();
         let (_, back, blob) = round_trip(e);
         assert!(back.upstream_etag().is_none() && back.upstream_last_modified().is_none());
-        assert!(back.body.is_empty());
+        assert!(back.body().is_empty());
         assert!(!back.revalidatable());
         assert_eq!(
             flags_of(&blob) & (flags::UPSTREAM_ETAG | flags::UPSTREAM_LM),
@@ -1171,14 +1176,14 @@ mod tests {
     #[test]
     fn small_bodies_are_inline_large_ones_keep_their_pieces() {
         let now = Instant::now();
-        let within = |e: &CachedResponse| {
+        let within = |e: &Arc<CachedResponse>| {
             let block = e.head_block().as_ptr_range();
-            let body = e.body.as_slice()[0].as_ptr();
+            let body = e.body().as_slice()[0].as_ptr();
             std::ptr::eq(body, block.end)
         };
         let small = stored(full(now));
         assert!(within(&small), "inline, right behind the head block");
-        assert_eq!(small.body.as_slice().len(), 1);
+        assert_eq!(small.body().as_slice().len(), 1);
         let blob = encode(&small, KEY, now, wall0());
         assert!(within(&rebuilt(decode(&blob, KEY, now, wall0()).unwrap())));
 
@@ -1199,12 +1204,12 @@ mod tests {
         let apart = stored(e);
         assert_eq!(apart.head_block().len(), head);
         assert!(!within(&apart));
-        assert_ne!(apart.body.as_slice()[0].as_ptr(), kib.as_ptr(), "copied");
-        assert_eq!(apart.body, *kib);
+        assert_ne!(apart.body().as_slice()[0].as_ptr(), kib.as_ptr(), "copied");
+        assert_eq!(apart.body(), *kib);
         let blob = encode(&apart, KEY, now, wall0());
         let back = rebuilt(decode(&blob, KEY, now, wall0()).unwrap());
         assert!(!within(&back));
-        assert_eq!(back.body, *kib);
+        assert_eq!(back.body(), *kib);
         assert_same(&back, &apart);
 
         let mut e = full(now);
@@ -1214,18 +1219,18 @@ mod tests {
         let large = stored(e);
         assert!(!within(&large));
         assert_eq!(
-            large.body.as_slice()[0].as_ptr(),
+            large.body().as_slice()[0].as_ptr(),
             big.as_ptr(),
             "not copied"
         );
-        assert_eq!(large.body.as_slice().len(), 2);
+        assert_eq!(large.body().as_slice().len(), 2);
         let (_, back, _) = round_trip(full(now));
-        assert_eq!(back.body, "abcde");
+        assert_eq!(back.body(), "abcde");
         // An empty body: nothing behind the head block.
         let mut e = full(now);
         e.body = Pieces::default();
         let empty = stored(e);
-        assert!(empty.body.is_empty());
+        assert!(empty.body().is_empty());
         assert!(empty.size < small.size);
     }
 

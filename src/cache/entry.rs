@@ -6,9 +6,14 @@
 //! compact form, and the atomics of eviction and refresh. Headers are not parsed into a
 //! `HeaderMap` until a response is built ([`CachedResponse::headers_map`]): their values are
 //! served as slices of the block.
+//!
+//! The entry owns its block and small body outright (`Box<[u8]>`, no reference count per
+//! buffer): what a hit hands out are `Bytes` views that hold the entry's own `Arc`
+//! ([`Bytes::from_owner`]), so a stored 1 KiB object is three allocations — the entry, its
+//! head block and its body — and nothing else.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -27,17 +32,17 @@ pub struct CachedResponse {
     /// Unique per stored version; lets timers and admin actions tell a replaced entry apart.
     pub id: u64,
     /// The head block ([`codec`]), then the body when it is inline.
-    block: Bytes,
-    /// The body: a slice of `block` when inline, else one exact-size piece (small bodies) or
-    /// the pieces it arrived in.
-    pub body: Pieces,
+    block: Box<[u8]>,
+    /// Where the body is.
+    body: Body,
     /// The names the block spells out (not in [`codec::NAMES`]), in its order, parsed once:
     /// a hit clones them instead of parsing them again. `None` when there are none (most
     /// responses), so that they take 8 bytes of the entry, not 16.
     literal_names: Option<Box<Box<[HeaderName]>>>,
     pub vary: VaryKey,
-    /// When the response arrived (monotonic), for its age (RFC 9111 §4.2.3).
-    pub stored_at: Instant,
+    /// When the response arrived (monotonic), for its age (RFC 9111 §4.2.3): nanoseconds
+    /// from the [`clock_ms`] epoch (negative before it), 8 bytes instead of an `Instant`'s 16.
+    stored_at_ns: i64,
     /// The age it had when it arrived and its freshness lifetime, in nanoseconds (sub-second
     /// lifetimes such as `DEFAULT_CACHE_EXPIRY_TIME_SECS=0.5` are exact; 584 years at most).
     initial_age_ns: u64,
@@ -53,8 +58,6 @@ pub struct CachedResponse {
     refresh_not_before_ms: AtomicU64,
     /// This entry's slot in its eviction queue (`u32::MAX` before it is queued).
     pub node: AtomicU32,
-    /// Background refreshes of this version that failed in a row.
-    refresh_failures: AtomicU32,
     /// Where the block's header count is, and where its head ends (the inline body starts).
     headers_at: u32,
     head_len: u32,
@@ -63,6 +66,41 @@ pub struct CachedResponse {
     flags: u8,
     /// SIEVE's visited bit: set by hits, cleared by the eviction hand.
     pub visited: AtomicBool,
+    /// Background refreshes of this version that failed in a row (the backoff stops growing
+    /// after four).
+    refresh_failures: AtomicU8,
+}
+
+/// Where a stored body is.
+#[derive(Debug)]
+enum Body {
+    /// In the block, after the head (possibly empty).
+    Inline,
+    /// In an exact-size allocation of its own (a small body, when that takes less memory:
+    /// [`body_inline`]).
+    Apart(Box<[u8]>),
+    /// The pieces it arrived in: a large body, shared with the requests it was streamed to.
+    Pieces(Box<Pieces>),
+}
+
+/// A view of an entry's bytes that keeps the entry alive: the owner of the `Bytes` a hit
+/// hands out (header values, body), so the entry's buffers need no reference count of their
+/// own.
+struct Held(Arc<CachedResponse>, Part);
+
+#[derive(Clone, Copy)]
+enum Part {
+    Block,
+    Body,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        match self.1 {
+            Part::Block => &self.0.block,
+            Part::Body => self.0.owned_body(),
+        }
+    }
 }
 
 /// A response whose body is still arriving, as the requests waiting for it serve it: the
@@ -243,27 +281,53 @@ impl CachedResponse {
             .map(|n| n.as_str().len() + 32)
             .sum();
         let size = e.block.len() + outside + names + key_len + e.vary.heap_size() + ENTRY_OVERHEAD;
+        let EncodedEntry {
+            block,
+            head,
+            body,
+            vary,
+            stored_at,
+            initial_age,
+            lifetime,
+            stale_while_revalidate,
+            stale_if_error,
+        } = e;
+        let (block, body) = if inline {
+            drop(body); // a slice of the block: dropped first so the block is not copied
+            (boxed(block), Body::Inline)
+        } else if body.len() <= codec::INLINE_BODY_MAX {
+            let apart = match body.single().cloned() {
+                Some(piece) => {
+                    drop(body); // so the piece is unshared and moves instead of being copied
+                    boxed(piece)
+                }
+                None => body.to_vec().into_boxed_slice(),
+            };
+            (boxed(block), Body::Apart(apart))
+        } else {
+            (boxed(block), Body::Pieces(Box::new(body)))
+        };
         CachedResponse {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            status: e.head.status,
-            flags: e.head.flags,
-            headers_at: e.head.headers_at as u32,
-            head_len: e.head.len as u32,
-            literal_names: (!e.head.literal_names.is_empty())
-                .then(|| Box::new(e.head.literal_names.into_boxed_slice())),
-            block: e.block,
-            body: e.body,
-            vary: e.vary,
-            stored_at: e.stored_at,
-            initial_age_ns: nanos(e.initial_age),
-            lifetime_ns: nanos(e.lifetime),
-            stale_while_revalidate_s: whole_secs(e.stale_while_revalidate),
-            stale_if_error_s: whole_secs(e.stale_if_error),
+            status: head.status,
+            flags: head.flags,
+            headers_at: head.headers_at as u32,
+            head_len: head.len as u32,
+            literal_names: (!head.literal_names.is_empty())
+                .then(|| Box::new(head.literal_names.into_boxed_slice())),
+            block,
+            body,
+            vary,
+            stored_at_ns: signed_nanos(stored_at),
+            initial_age_ns: nanos(initial_age),
+            lifetime_ns: nanos(lifetime),
+            stale_while_revalidate_s: whole_secs(stale_while_revalidate),
+            stale_if_error_s: whole_secs(stale_if_error),
             size,
             last_access_ms: AtomicU64::new(last_access_ms),
             visited: AtomicBool::new(false),
             node: AtomicU32::new(u32::MAX),
-            refresh_failures: AtomicU32::new(0),
+            refresh_failures: AtomicU8::new(0),
             refresh_not_before_ms: AtomicU64::new(0),
         }
     }
@@ -288,6 +352,48 @@ impl CachedResponse {
     /// The head block as [`codec`] encodes it (without the inline body).
     pub fn head_block(&self) -> &[u8] {
         &self.block[..self.head_len as usize]
+    }
+
+    /// When the response arrived (monotonic).
+    pub fn stored_at(&self) -> Instant {
+        at_signed_nanos(self.stored_at_ns)
+    }
+
+    /// The body's length in bytes.
+    pub fn body_len(&self) -> usize {
+        match &self.body {
+            Body::Inline => self.block.len() - self.head_len as usize,
+            Body::Apart(b) => b.len(),
+            Body::Pieces(p) => p.len(),
+        }
+    }
+
+    /// The body, to serve: views that hold this entry (no copy), or the shared pieces of a
+    /// large one.
+    pub fn body(self: &Arc<Self>) -> Pieces {
+        match &self.body {
+            Body::Pieces(p) => Pieces::clone(p),
+            _ if self.body_len() == 0 => Pieces::default(),
+            _ => Pieces::from(Bytes::from_owner(Held(Arc::clone(self), Part::Body))),
+        }
+    }
+
+    /// The body's bytes, in order (one slice unless it is kept as pieces).
+    pub fn body_parts(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let (one, many): (Option<&[u8]>, &[Bytes]) = match &self.body {
+            Body::Pieces(p) => (None, p.as_slice()),
+            _ => (Some(self.owned_body()), &[]),
+        };
+        one.into_iter().chain(many.iter().map(|b| &b[..]))
+    }
+
+    /// The body held by the entry itself (empty when it is kept as pieces).
+    fn owned_body(&self) -> &[u8] {
+        match &self.body {
+            Body::Inline => &self.block[self.head_len as usize..],
+            Body::Apart(b) => b,
+            Body::Pieces(_) => &[],
+        }
     }
 
     /// The age it had when it arrived (RFC 9111 §4.2.3 `corrected_initial_age`).
@@ -323,7 +429,7 @@ impl CachedResponse {
     }
 
     /// The header fields as served (hop-by-hop fields removed, `ETag` and `Content-Length`
-    /// present), in order, repeated names included; each value is a slice of the block.
+    /// present), in order, repeated names included; each value is a copy.
     pub fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         Fields::new(&self.block, self.headers_at as usize)
             .filter_map(move |(name, range)| Some((self.name(name)?, self.value(range))))
@@ -335,20 +441,22 @@ impl CachedResponse {
     }
 
     /// The headers as served, in a map with room for `extra` more fields (the hit path adds
-    /// `Age`, `X-Cache-Status` and `Cache-Status` without growing it).
-    pub fn headers_map_with(&self, extra: usize) -> HeaderMap {
+    /// `Age`, `X-Cache-Status` and `Cache-Status` without growing it). Each value is a view
+    /// of the block that holds this entry: no copy.
+    pub fn headers_map_with(self: &Arc<Self>, extra: usize) -> HeaderMap {
         let fields = Fields::new(&self.block, self.headers_at as usize);
         let mut map = HeaderMap::try_with_capacity(fields.len() + extra).unwrap_or_default();
+        let block = Bytes::from_owner(Held(Arc::clone(self), Part::Block));
         for (name, range) in fields {
             if let Some(name) = self.name(name) {
-                let _ = map.try_append(name, self.value(range));
+                let _ = map.try_append(name, block_value(block.slice(range)));
             }
         }
         map
     }
 
     /// The headers as served ([`Self::fields`]) as a map.
-    pub fn headers_map(&self) -> HeaderMap {
+    pub fn headers_map(self: &Arc<Self>) -> HeaderMap {
         self.headers_map_with(0)
     }
 
@@ -414,28 +522,19 @@ impl CachedResponse {
         }
     }
 
-    /// A value of the block: a slice of it (one reference count, no copy, no check).
-    #[inline]
+    /// A value of the block, copied (no check).
     fn value(&self, range: std::ops::Range<usize>) -> HeaderValue {
-        let bytes = self.block.slice(range);
-        debug_assert!(codec::valid_value(&bytes));
-        // SAFETY: the value bytes of a block are valid field-value bytes: a block is only made
-        // by `codec::encode_head` from `HeaderValue`s or checked byte by byte by
-        // `codec::parse_head` (`valid_value`, what `HeaderValue::from_bytes` accepts), it is
-        // immutable, and `Fields` walks it the same way `parse_head` checked it, so `range` is
-        // always one of the values checked. Checking again on every hit cost ~2 % of a 1 KiB
-        // hit's instructions.
-        unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+        block_value(Bytes::copy_from_slice(&self.block[range]))
     }
 
     /// Current age (RFC 9111 §4.2.3 `current_age`).
     pub fn age(&self, now: Instant) -> Duration {
-        self.initial_age() + now.saturating_duration_since(self.stored_at)
+        self.initial_age() + now.saturating_duration_since(self.stored_at())
     }
 
     /// When this entry stops being fresh.
     pub fn expires_at(&self) -> Instant {
-        self.stored_at + self.lifetime().saturating_sub(self.initial_age())
+        self.stored_at() + self.lifetime().saturating_sub(self.initial_age())
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {
@@ -502,7 +601,7 @@ impl CachedResponse {
     /// The wait after the next failed refresh: 1 s, doubling per failure in a row, at most
     /// 10 s.
     pub fn refresh_backoff(&self) -> Duration {
-        let failures = self.refresh_failures.load(Ordering::Relaxed).min(16);
+        let failures = self.refresh_failures.load(Ordering::Relaxed).min(4);
         (MIN_REFRESH_BACKOFF * (1 << failures)).min(MAX_REFRESH_BACKOFF)
     }
 
@@ -514,7 +613,9 @@ impl CachedResponse {
     /// [`Self::refresh_failed`] at `now_ms` on the [`clock_ms`] clock.
     pub fn refresh_failed_at(&self, now_ms: u64) -> Duration {
         let backoff = self.refresh_backoff();
-        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .refresh_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
         self.refresh_not_before_ms
             .store(now_ms + backoff.as_millis() as u64, Ordering::Relaxed);
         backoff
@@ -538,9 +639,57 @@ pub fn clock_ms() -> u64 {
 
 /// The [`clock_ms`] reading at `at` (zero before the clock's epoch).
 pub fn ms_at(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// The clock's epoch: the first time it was read.
+fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    at.saturating_duration_since(epoch).as_millis() as u64
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `at` as nanoseconds from the [`epoch`], negative before it (a paused test clock may
+/// start earlier); ±292 years.
+fn signed_nanos(at: Instant) -> i64 {
+    let epoch = epoch();
+    match at.checked_duration_since(epoch) {
+        Some(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+        None => i64::try_from(epoch.duration_since(at).as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// The instant [`signed_nanos`] gave `n` for.
+fn at_signed_nanos(n: i64) -> Instant {
+    let epoch = epoch();
+    let d = Duration::from_nanos(n.unsigned_abs());
+    if n >= 0 {
+        epoch + d
+    } else {
+        epoch.checked_sub(d).unwrap_or(epoch)
+    }
+}
+
+/// A buffer as a block's field value, which is known valid.
+#[inline]
+fn block_value(bytes: Bytes) -> HeaderValue {
+    debug_assert!(codec::valid_value(&bytes));
+    // SAFETY: the value bytes of a block are valid field-value bytes: a block is only made by
+    // `codec::encode_head` from `HeaderValue`s or checked byte by byte by `codec::parse_head`
+    // (`valid_value`, what `HeaderValue::from_bytes` accepts), it is immutable, and `Fields`
+    // walks it the same way `parse_head` checked it, so every value range it gives is one of
+    // the values checked. Checking again on every hit cost ~2 % of a 1 KiB hit's
+    // instructions.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
+/// A buffer's bytes in an exact-size allocation of their own: moved when the buffer is
+/// unshared and exactly that size, else copied.
+fn boxed(b: Bytes) -> Box<[u8]> {
+    match b.try_into_mut() {
+        Ok(m) if m.capacity() == m.len() => Vec::from(m).into_boxed_slice(),
+        Ok(m) => Box::from(&m[..]),
+        Err(b) => Box::from(&b[..]),
+    }
 }
 
 /// A fresh 200 entry with a `body`-byte body, for unit tests of the store and eviction.
@@ -573,13 +722,13 @@ pub(crate) fn test_entry(body: usize) -> std::sync::Arc<CachedResponse> {
 mod tests {
     use super::*;
 
-    /// An entry and its `Arc` counts fit the allocator's 192-byte size class (one more
-    /// field and it takes 224).
+    /// An entry and its `Arc` counts fit the allocator's 160-byte size class (one more
+    /// field and it takes 192).
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn an_entry_fits_its_size_class() {
         let arc = std::mem::size_of::<CachedResponse>() + 16;
-        assert_eq!(alloc_size(arc), 192, "{arc} bytes");
+        assert_eq!(alloc_size(arc), 160, "{arc} bytes");
     }
 
     #[test]

@@ -378,7 +378,7 @@ impl Proxy {
     fn freshen(
         &self,
         req: &FetchRequest,
-        base: &CachedResponse,
+        base: &Arc<CachedResponse>,
         update: &HeaderMap,
         (request_time, response_time, stored_at): (SystemTime, SystemTime, Instant),
     ) -> Result<Arc<CachedResponse>, Box<Response<ProxyBody>>> {
@@ -423,7 +423,7 @@ impl Proxy {
                 .cloned()
                 .or_else(|| base.upstream_last_modified()),
             headers,
-            body: base.body.clone(),
+            body: base.body(),
             vary: base.vary.clone(),
             stored_at,
             initial_age,
@@ -441,7 +441,7 @@ impl Proxy {
         if cc.no_store || cc.private || self.cache.purged_since(&req.key, req.started) {
             // The origin withdrew permission to share: forget it, answer this requester only.
             self.cache.invalidate_version(&req.key, base.id);
-            let mut resp = Response::new(ProxyBody::from_pieces(&entry.body));
+            let mut resp = Response::new(ProxyBody::from_pieces(&entry.body()));
             *resp.status_mut() = entry.status;
             *resp.headers_mut() = entry.headers_map();
             return Err(Box::new(resp));

@@ -44,7 +44,7 @@ impl Proxy {
         let Some(tier) = self.cache.shared() else {
             return false;
         };
-        if entry.body.len() > tier.max_object_bytes() {
+        if entry.body_len() > tier.max_object_bytes() {
             return false;
         }
         let now = Instant::now();
@@ -322,7 +322,7 @@ pub(crate) enum FleetTurn {
 
 /// The response for a copy found in the shared tier.
 pub(crate) fn respond_shared(
-    entry: &CachedResponse,
+    entry: &Arc<CachedResponse>,
     head: bool,
     req: &HeaderMap,
 ) -> Response<ProxyBody> {

@@ -90,7 +90,7 @@ struct Asking<'a> {
     /// The request's headers (preconditions, `Range`, the `Vary` variant it selects).
     req: &'a HeaderMap,
     /// The stored response being revalidated, for `stale-if-error`.
-    base: Option<&'a CachedResponse>,
+    base: Option<&'a Arc<CachedResponse>>,
     status: CacheStatus,
     key: &'a str,
 }
@@ -373,7 +373,7 @@ impl Proxy {
         let ctx = Asking {
             head,
             req: &parts.headers,
-            base: base.as_deref(),
+            base: base.as_ref(),
             status,
             key: &key,
         };
@@ -529,12 +529,12 @@ impl Proxy {
         err: UpstreamError,
         head: bool,
         req: &HeaderMap,
-        base: Option<&CachedResponse>,
+        base: Option<&Arc<CachedResponse>>,
         key: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = Instant::now();
         let path = split_key(key).1;
-        let serve_stale = |b: &&CachedResponse| {
+        let serve_stale = |b: &&Arc<CachedResponse>| {
             decide::on_upstream_error(b, &self.settings, now) == OnError::ServeStale
         };
         if let Some(base) = base.filter(serve_stale) {

@@ -3,6 +3,7 @@
 //! fetch's fanout), from a passed-through upstream response, or for an error ([`error`]:
 //! the [`ProxyError::reply`] mapping made into a response).
 
+use std::sync::Arc;
 use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -31,7 +32,7 @@ const NOT_MODIFIED_HEADERS: [header::HeaderName; 7] = [
 /// byte range, else the stored status, headers and (unless `head`) body. The body is shared
 /// [`Pieces`](crate::body::Pieces), never copied (a range is a slice of them).
 pub fn from_entry(
-    entry: &CachedResponse,
+    entry: &Arc<CachedResponse>,
     head: bool,
     req: &HeaderMap,
     status: CacheStatus,
@@ -56,7 +57,7 @@ pub fn from_entry(
             return not_modified_response(&headers, age, status, cache_status);
         }
     }
-    let len = entry.body.len() as u64;
+    let len = entry.body_len() as u64;
     let reply = if entry.status == StatusCode::OK && req.contains_key(header::RANGE) {
         // The validators only matter to an `If-Range`.
         let if_range = req.contains_key(header::IF_RANGE);
@@ -73,9 +74,9 @@ pub fn from_entry(
     let code = range_headers(&mut headers, reply, len, entry.status);
     let body = match reply {
         _ if head => ProxyBody::Empty,
-        RangeReply::Full => ProxyBody::from_pieces(&entry.body),
+        RangeReply::Full => ProxyBody::from_pieces(&entry.body()),
         RangeReply::Partial { start, end } => {
-            ProxyBody::from_pieces(&entry.body.slice(start as usize..=end as usize))
+            ProxyBody::from_pieces(&entry.body().slice(start as usize..=end as usize))
         }
         RangeReply::Unsatisfiable => ProxyBody::Empty,
     };
