@@ -15,15 +15,20 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::entry::CachedResponse;
+use super::key::Key;
 
 const NIL: u32 = u32::MAX;
 
+/// One queued entry: two 4-byte links and two thin pointers, 24 bytes (the thin [`Key`] and
+/// the `Option`'s use of the pointers' niche keep it there).
 struct Node {
     older: u32,
     newer: u32,
     /// `None` while the slot is free.
-    item: Option<(Arc<str>, Arc<CachedResponse>)>,
+    item: Option<(Key, Arc<CachedResponse>)>,
 }
+
+const _: () = assert!(std::mem::size_of::<Node>() == 24);
 
 /// One shard's SIEVE list.
 struct Queue {
@@ -45,7 +50,7 @@ impl Queue {
         }
     }
 
-    fn push(&mut self, key: Arc<str>, entry: Arc<CachedResponse>) -> u32 {
+    fn push(&mut self, key: Key, entry: Arc<CachedResponse>) -> u32 {
         let node = Node {
             older: self.newest,
             newer: NIL,
@@ -71,7 +76,7 @@ impl Queue {
         i
     }
 
-    fn unlink(&mut self, i: u32) -> Option<(Arc<str>, Arc<CachedResponse>)> {
+    fn unlink(&mut self, i: u32) -> Option<(Key, Arc<CachedResponse>)> {
         let (older, newer) = {
             let n = self.nodes.get(i as usize)?;
             n.item.as_ref()?;
@@ -98,7 +103,7 @@ impl Queue {
     fn evict(
         &mut self,
         past_window: &dyn Fn(&CachedResponse) -> bool,
-    ) -> Option<(Arc<str>, Arc<CachedResponse>)> {
+    ) -> Option<(Key, Arc<CachedResponse>)> {
         let len = self.nodes.len() - self.free.len();
         // Two passes are enough: the first clears every visited bit it meets.
         for _ in 0..=2 * len {
@@ -154,7 +159,7 @@ impl Sieve {
     }
 
     /// Adds a newly stored entry at the head of its shard's queue.
-    pub fn insert(&self, key: Arc<str>, entry: &Arc<CachedResponse>) {
+    pub fn insert(&self, key: Key, entry: &Arc<CachedResponse>) {
         let shard = self.shard_of(&key);
         let slot = self.lock(shard).push(key, entry.clone());
         entry.node.store(slot, Ordering::Relaxed);
@@ -183,7 +188,7 @@ impl Sieve {
         &self,
         key: &str,
         past_window: &dyn Fn(&CachedResponse) -> bool,
-    ) -> Option<(Arc<str>, Arc<CachedResponse>)> {
+    ) -> Option<(Key, Arc<CachedResponse>)> {
         let first = self.shard_of(key);
         (0..self.shards.len()).find_map(|k| {
             self.lock((first + k) % self.shards.len())

@@ -7,6 +7,14 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
+/// A stored primary key, shared by the map slot, the entry's eviction node and its expiry
+/// slot (and by timers and flights, so none of them copies the string). A thin pointer,
+/// [`arcstr::ArcStr`]: the length and the reference count sit in the allocation in front of
+/// the bytes, so a holder is 8 bytes where `Arc<str>` (pointer and length) is 16 — saved in
+/// every map slot, eviction node and expiry slot. It borrows as `str` (same hash and
+/// equality), so the map is still looked up by `&str`.
+pub type Key = arcstr::ArcStr;
+
 /// The path and query of a request target, as received (`/` when absent).
 pub fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/")

@@ -34,7 +34,7 @@ use crate::error::UpstreamError;
 use coalesce::{FlightGuard, Flights, Outcome, Role};
 use entry::{CachedResponse, Filling};
 use expiry::ExpiryQueue;
-use key::split_key;
+use key::{split_key, Key};
 use shared::SharedTier;
 use store::Store;
 
@@ -256,9 +256,10 @@ impl Cache {
         self.store.vary_names(key)
     }
 
-    /// The shared `Arc<str>` of a stored key (so timers and flights do not copy key strings).
-    pub fn shared_key(&self, key: &str) -> Option<Arc<str>> {
-        self.store.key_arc(key)
+    /// The stored [`Key`] equal to `key`, shared (so timers and flights do not copy key
+    /// strings).
+    pub fn shared_key(&self, key: &str) -> Option<Key> {
+        self.store.stored_key(key)
     }
 
     /// Stores `entry` under `key` and arms its timer for `at` (its expiry, or earlier when it
@@ -266,13 +267,13 @@ impl Cache {
     /// `past_window` ones first.
     pub fn insert(
         &self,
-        key: Arc<str>,
+        key: Key,
         entry: Arc<CachedResponse>,
         at: Instant,
         past_window: &dyn Fn(&CachedResponse) -> bool,
     ) -> usize {
         let id = entry.id;
-        let key = self.store.key_arc(&key).unwrap_or(key);
+        let key = self.store.stored_key(&key).unwrap_or(key);
         let evicted = self.store.insert(key.clone(), entry, past_window);
         if self.store.get_by_id(&key, id).is_some() {
             self.expiry.schedule(at, key, id);
@@ -297,7 +298,7 @@ impl Cache {
         &self,
         target: Target<'_>,
         origin: impl Fn(&str) -> bool,
-    ) -> Vec<(Arc<str>, Vec<Arc<CachedResponse>>)> {
+    ) -> Vec<(Key, Vec<Arc<CachedResponse>>)> {
         match target {
             Target::Path(path) => self
                 .store
@@ -344,14 +345,14 @@ impl Cache {
     }
 
     /// Looks at version `id` of `key` again at `at` (the expiry task's "not yet").
-    pub fn recheck(&self, at: Instant, key: Arc<str>, id: u64) {
+    pub fn recheck(&self, at: Instant, key: Key, id: u64) {
         self.expiry.schedule(at, key, id);
     }
 
     /// Waits until at least one timer is due and returns the due `(key, version)` pairs. One
     /// consumer (the expiry task) calls this; a version no longer stored is simply skipped by
     /// [`Cache::lookup_version`].
-    pub async fn next_due(&self) -> Vec<(Arc<str>, u64)> {
+    pub async fn next_due(&self) -> Vec<(Key, u64)> {
         self.expiry.next_due().await
     }
 
@@ -426,7 +427,7 @@ mod tests {
         let cache = Cache::new(1 << 20, 1 << 20, 1 << 20);
         let now = Instant::now();
         for k in keys {
-            cache.insert(Arc::from(*k), entry::test_entry(10), now, &|_| false);
+            cache.insert(Key::from(*k), entry::test_entry(10), now, &|_| false);
         }
         cache
     }
@@ -438,7 +439,7 @@ mod tests {
         // Larger than the whole budget: not stored, so no timer either.
         let small = Cache::new(100, 100, 100);
         small.insert(
-            Arc::from("http://a/big"),
+            Key::from("http://a/big"),
             entry::test_entry(1000),
             Instant::now(),
             &|_| false,

@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName};
 
 use super::entry::CachedResponse;
 use super::eviction::Sieve;
-use super::key::split_key;
+use super::key::{split_key, Key};
 
 /// Most variants kept per URL; a `Vary` on a high-cardinality header cannot grow a key
 /// without bound (the oldest variant goes first).
@@ -99,9 +99,13 @@ impl Variants {
     }
 }
 
+/// A map slot, as `DashMap` holds it (key and value side by side in its table): 24 bytes
+/// with the thin [`Key`] (32 with an `Arc<str>`).
+const _: () = assert!(std::mem::size_of::<(Key, Variants)>() == 24);
+
 /// Stored responses by primary key, with size accounting and a byte budget.
 pub struct Store {
-    map: DashMap<Arc<str>, Variants>,
+    map: DashMap<Key, Variants>,
     /// Stored keys per origin (`scheme://host`); an origin leaves when its last key does.
     origins: DashMap<Box<str>, usize>,
     sieve: Sieve,
@@ -153,7 +157,7 @@ impl Store {
     /// were evicted for room; an entry larger than the whole budget is not stored.
     pub fn insert(
         &self,
-        key: Arc<str>,
+        key: Key,
         entry: Arc<CachedResponse>,
         past_window: &dyn Fn(&CachedResponse) -> bool,
     ) -> usize {
@@ -256,10 +260,7 @@ impl Store {
     }
 
     /// Keys for which `pred` is true and their variants (a snapshot).
-    pub fn matching(
-        &self,
-        pred: impl Fn(&str) -> bool,
-    ) -> Vec<(Arc<str>, Vec<Arc<CachedResponse>>)> {
+    pub fn matching(&self, pred: impl Fn(&str) -> bool) -> Vec<(Key, Vec<Arc<CachedResponse>>)> {
         self.map
             .iter()
             .filter(|e| pred(e.key()))
@@ -268,11 +269,7 @@ impl Store {
     }
 
     /// The stored keys for `path_and_query` under every origin for which `origin` is true.
-    pub fn keys_for_path(
-        &self,
-        path_and_query: &str,
-        origin: impl Fn(&str) -> bool,
-    ) -> Vec<Arc<str>> {
+    pub fn keys_for_path(&self, path_and_query: &str, origin: impl Fn(&str) -> bool) -> Vec<Key> {
         let origins: Vec<Box<str>> = self
             .origins
             .iter()
@@ -286,13 +283,13 @@ impl Store {
                 key.clear();
                 key.push_str(o);
                 key.push_str(path_and_query);
-                self.key_arc(&key)
+                self.stored_key(&key)
             })
             .collect()
     }
 
-    /// The shared `Arc<str>` of a stored key (so timers do not copy key strings).
-    pub fn key_arc(&self, key: &str) -> Option<Arc<str>> {
+    /// The stored [`Key`] equal to `key`, shared (so timers do not copy key strings).
+    pub fn stored_key(&self, key: &str) -> Option<Key> {
         self.map.get(key).map(|e| e.key().clone())
     }
 
@@ -376,7 +373,7 @@ mod tests {
         let store = Store::new(one * 10);
         let mut evicted = 0;
         for i in 0..100 {
-            evicted += store.insert(Arc::from(format!("/k{i}")), entry(1000), &|_| false);
+            evicted += store.insert(Key::from(format!("/k{i}")), entry(1000), &|_| false);
             assert!(store.bytes() <= store.max_bytes());
         }
         assert_eq!(store.len(), 10);
@@ -393,7 +390,7 @@ mod tests {
         let store = Store::new(one * 400);
         let hot = |i| format!("/hot{i}");
         for i in 0..50 {
-            store.insert(Arc::from(hot(i)), entry(100), &|_| false);
+            store.insert(Key::from(hot(i)), entry(100), &|_| false);
         }
         for round in 0..20 {
             for i in 0..50 {
@@ -402,7 +399,7 @@ mod tests {
                     .touch();
             }
             for i in 0..100 {
-                store.insert(Arc::from(format!("/scan{round}-{i}")), entry(100), &|_| {
+                store.insert(Key::from(format!("/scan{round}-{i}")), entry(100), &|_| {
                     false
                 });
             }
@@ -435,7 +432,7 @@ mod tests {
                                 store.remove_matching(|k| k.ends_with("/k1"));
                             }
                             _ => {
-                                store.insert(Arc::from(key.as_str()), entry(100), &|_| false);
+                                store.insert(Key::from(key.as_str()), entry(100), &|_| false);
                             }
                         }
                     }
@@ -456,7 +453,7 @@ mod tests {
     fn a_path_is_found_under_every_origin() {
         let store = Store::new(1 << 20);
         for k in ["http://a/x", "https://a/x", "http://b:8080/x", "http://a/y"] {
-            store.insert(Arc::from(k), entry(10), &|_| false);
+            store.insert(Key::from(k), entry(10), &|_| false);
         }
         let mut keys: Vec<String> = store
             .keys_for_path("/x", |_| true)
@@ -500,7 +497,7 @@ mod tests {
     #[test]
     fn oversized_entries_are_not_stored() {
         let store = Store::new(100);
-        assert_eq!(store.insert(Arc::from("/big"), entry(1000), &|_| false), 0);
+        assert_eq!(store.insert(Key::from("/big"), entry(1000), &|_| false), 0);
         assert!(store.is_empty());
     }
 }

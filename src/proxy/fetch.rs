@@ -25,7 +25,7 @@ use crate::body::{Pieces, ProxyBody};
 use crate::cache::coalesce::FlightGuard;
 use crate::cache::conditional::etag_for_body;
 use crate::cache::entry::{CachedResponse, Filling, NewEntry};
-use crate::cache::key::{split_key, VaryKey};
+use crate::cache::key::{split_key, Key, VaryKey};
 use crate::cache::policy::{self, CacheControl};
 use crate::cache::FetchOutcome;
 use crate::error::{chain, UpstreamError};
@@ -33,7 +33,7 @@ use crate::error::{chain, UpstreamError};
 /// A fetch to fill (or revalidate) one cache entry.
 pub(crate) struct FetchRequest {
     /// Primary key: the origin and the downstream path and query.
-    pub key: Arc<str>,
+    pub key: Key,
     /// Headers for the upstream: already rewritten (hop-by-hop removed, X-Forwarded-* set,
     /// client preconditions and Range removed).
     pub headers: HeaderMap,

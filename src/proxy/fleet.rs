@@ -18,7 +18,7 @@ use crate::body::ProxyBody;
 use crate::cache::codec;
 use crate::cache::decide::{self, Now, Serve};
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::{origin_host, split_key};
+use crate::cache::key::{origin_host, split_key, Key};
 use crate::cache::shared::{
     lease_names, variant_field, Lease, Look, PurgeMsg, PurgeSink, Wake, RECHECK,
 };
@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 impl Proxy {
     /// Writes a response just stored here to the shared tier, in the background, when it is
     /// small enough (`REDIS_MAX_OBJECT_BYTES`) and still worth keeping.
-    pub(crate) fn share(self: &Arc<Self>, key: &Arc<str>, entry: &Arc<CachedResponse>) {
+    pub(crate) fn share(self: &Arc<Self>, key: &Key, entry: &Arc<CachedResponse>) {
         if self.cache.shared().is_none() {
             return;
         }
@@ -63,7 +63,7 @@ impl Proxy {
     /// `REQ_TIMEOUT` ran out.
     pub(crate) async fn fleet_turn(
         &self,
-        key: &Arc<str>,
+        key: &Key,
         flight_key: &str,
         req: &HeaderMap,
     ) -> FleetTurn {
@@ -120,7 +120,7 @@ impl Proxy {
     /// (this instance adopts its copy at its next look, or reads it at its next miss).
     pub(crate) async fn refresh_turn(
         &self,
-        key: &Arc<str>,
+        key: &Key,
         flight_key: &str,
         entry: &CachedResponse,
     ) -> RefreshTurn {
@@ -177,7 +177,7 @@ impl Proxy {
     /// A copy from the tier this request may be served: put into memory (not written back).
     fn usable_shared(
         &self,
-        key: &Arc<str>,
+        key: &Key,
         blobs: Vec<Vec<u8>>,
         req: &HeaderMap,
     ) -> Option<Arc<CachedResponse>> {

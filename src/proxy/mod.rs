@@ -45,7 +45,7 @@ use crate::cache::decide::{self, ExpiryAction, Now, OnError, Serve, Settings};
 use crate::cache::entry::{clock_ms, CachedResponse};
 use crate::cache::key::{
     host_allowed, origin_host, path_and_query, push_flight_suffix, request_key, split_key,
-    BadOrigin,
+    BadOrigin, Key,
 };
 use crate::cache::{Cache, FetchOutcome};
 use crate::config::Config;
@@ -356,10 +356,10 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = parts.method == Method::HEAD;
-        let key: Arc<str> = self
+        let key: Key = self
             .cache
             .shared_key(&key)
-            .unwrap_or_else(|| Arc::from(key));
+            .unwrap_or_else(|| Key::from(key));
         let fetch = FetchRequest {
             key: key.clone(),
             headers: self.upstream_headers(&parts.headers, down, split_key(&key).0, true),
@@ -561,7 +561,7 @@ impl Proxy {
     /// be awaited for the outcome or dropped.
     pub(crate) fn refresh(
         self: &Arc<Self>,
-        key: Arc<str>,
+        key: Key,
         entry: Arc<CachedResponse>,
     ) -> Waiter<FetchOutcome> {
         self.refresh_as(key, entry, false)
@@ -571,7 +571,7 @@ impl Proxy {
     /// once for the fleet ([`Proxy::refresh_turn`]). Admin refreshes always refetch.
     pub(crate) fn refresh_hot(
         self: &Arc<Self>,
-        key: Arc<str>,
+        key: Key,
         entry: Arc<CachedResponse>,
     ) -> Waiter<FetchOutcome> {
         self.refresh_as(key, entry, true)
@@ -579,7 +579,7 @@ impl Proxy {
 
     fn refresh_as(
         self: &Arc<Self>,
-        key: Arc<str>,
+        key: Key,
         entry: Arc<CachedResponse>,
         once_for_fleet: bool,
     ) -> Waiter<FetchOutcome> {
@@ -793,7 +793,7 @@ impl Proxy {
 
     /// Stores `entry` and arms its timer ([`decide::timer_at`]); evicts for room, expired cold
     /// entries first ([`decide::evict_first`]).
-    pub(crate) fn store(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
+    pub(crate) fn store(&self, key: Key, entry: Arc<CachedResponse>) {
         let at = decide::timer_at(&entry, &self.settings);
         let now = Now::at(Instant::now());
         let past_window = |e: &CachedResponse| decide::evict_first(e, &self.settings, now);
@@ -811,7 +811,7 @@ impl Proxy {
     pub async fn run_expiry(self: Arc<Self>) {
         /// Puts back the deadlines of a batch not handled yet when it is dropped.
         struct Batch<'a> {
-            due: std::vec::IntoIter<(Arc<str>, u64)>,
+            due: std::vec::IntoIter<(Key, u64)>,
             cache: &'a Cache,
         }
         impl Drop for Batch<'_> {
@@ -833,7 +833,7 @@ impl Proxy {
         }
     }
 
-    fn on_deadline(self: &Arc<Self>, key: Arc<str>, id: u64) {
+    fn on_deadline(self: &Arc<Self>, key: Key, id: u64) {
         let Some(entry) = self.cache.lookup_version(&key, id) else {
             return; // replaced or removed since
         };
@@ -896,7 +896,7 @@ mod tests {
         ]);
         let expiry = tokio::spawn(proxy.clone().run_expiry());
         let entry = crate::cache::entry::test_entry(10);
-        let key: Arc<str> = Arc::from("http://a/x");
+        let key = Key::from("http://a/x");
         proxy.store(key.clone(), entry.clone());
         let stored = |p: &Proxy| p.cache.lookup_version(&key, entry.id).is_some();
 
@@ -921,7 +921,7 @@ mod tests {
         let proxy = proxy(&[("DEFAULT_REFRESH_WINDOW_SECS", "0")]);
         let expiry = tokio::spawn(proxy.clone().run_expiry());
         let entry = crate::cache::entry::test_entry(10);
-        proxy.store(Arc::from("http://a/y"), entry.clone());
+        proxy.store(Key::from("http://a/y"), entry.clone());
         tokio::time::sleep(Duration::from_millis(59_999)).await;
         settle().await;
         assert!(!proxy.cache.is_empty());

@@ -15,13 +15,13 @@ use super::{respond, Proxy};
 use crate::admin::{self, AdminRefusal, AdminRequest, Outcome, Refreshes, Reply, Scope};
 use crate::body::ProxyBody;
 use crate::cache::coalesce::Waiter;
-use crate::cache::key::path_and_query;
+use crate::cache::key::{path_and_query, Key};
 use crate::cache::FetchOutcome;
 use crate::error::UpstreamError;
 use crate::metrics::Eviction;
 
 /// A refresh an admin request started: the key and the refresh's waiter.
-type Started = (Arc<str>, Waiter<FetchOutcome>);
+type Started = (Key, Waiter<FetchOutcome>);
 
 impl Proxy {
     /// Handles an admin request (one that carries `Clear-Cache`); it never goes upstream.
