@@ -84,6 +84,10 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // mimalloc returns freed pages to the OS only when called: keep calling it while idle.
+        tokio::spawn(edgecache::alloc::collect_periodically(
+            edgecache::alloc::COLLECT_EVERY,
+        ));
         // Before binding: without handlers, SIGTERM would kill the process mid-request
         // instead of draining, so refuse to start rather than run without them.
         let signals = match Signals::install() {
