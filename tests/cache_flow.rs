@@ -62,7 +62,7 @@ async fn expiry_refreshes_recently_requested_entries_in_the_background() {
                 .proxy
                 .cache
                 .lookup(&proxy.key("/k"), &Default::default())
-                .is_some_and(|hit| hit.entry.body != "v1")
+                .is_some_and(|hit| hit.entry.body() != "v1")
         })
         .await
     );
@@ -136,7 +136,7 @@ async fn stale_copy_is_served_while_refresh_runs() {
             .proxy
             .cache
             .lookup(&proxy.key("/k"), &Default::default())
-            .is_some_and(|hit| hit.entry.body == "v2"))
+            .is_some_and(|hit| hit.entry.body() == "v2"))
         .await,
         "the refreshed copy replaced the stale one"
     );
@@ -280,7 +280,7 @@ async fn server_error_never_replaces_a_stored_response() {
         .lookup(&strict.key("/p"), &Default::default())
         .unwrap()
         .entry;
-    assert_eq!(kept.body, "good");
+    assert_eq!(kept.body(), "good");
 
     let origin = failing_after_first().await;
     let lenient = ProxyHandle::start(
