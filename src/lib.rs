@@ -39,8 +39,8 @@
 //!   [`cache::conditional`] (pure RFC 9110 preconditions, ETag/304), [`cache::key`] (origin +
 //!   path + query, and `Vary`),
 //!   [`cache::entry`] (a stored response: one immutable head block — status, validators,
-//!   header fields — with a small body in the same allocation; headers become a `HeaderMap`
-//!   only when a response is built), [`cache::codec`] (that block's versioned encoding, and
+//!   header fields — and a small body, both owned by the entry and served as views that
+//!   hold it; headers become a `HeaderMap` only when a response is built), [`cache::codec`] (that block's versioned encoding, and
 //!   the shared tier's value: the same block behind the times, key and `Vary` selection),
 //!   [`cache::shared`] (that tier on Redis: layout, breaker, purges kept while it is away),
 //!   [`cache::store`] (the sharded map), [`cache::coalesce`] (single

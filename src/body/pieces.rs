@@ -1,10 +1,10 @@
 //! [`Pieces`]: a complete body held in memory as the pieces it arrived in. A large response
 //! that was streamed to its waiters while it was fetched is stored as those same pieces — the
 //! stored entry and the readers share every byte, nothing is copied afterwards. (A small one,
-//! at most 16 KiB, is copied behind its entry's head block instead — one allocation per
-//! entry, its body then one piece, a slice of that block — or into one exact-size piece when
-//! that takes less memory, see [`crate::cache::entry`].) A body of
-//! one piece is held without any slice allocated around it.
+//! at most 16 KiB, is copied into memory its entry owns — behind the head block, or in an
+//! exact-size allocation when that takes less memory — and served as one piece that holds
+//! the entry, see [`crate::cache::entry`].) A body of one piece is held without any slice
+//! allocated around it.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;

@@ -229,24 +229,18 @@ pub(crate) fn alloc_size(n: usize) -> usize {
     ((w >> shift) + 1) << shift << 3
 }
 
-/// The reference count a [`Bytes`] allocates for its buffer once it is shared (buffer,
-/// capacity, count).
-const SHARED_COUNT: usize = 24;
-
 /// Whether a body of `body` bytes is kept behind a head block of `head` bytes, in one
 /// allocation: when it is at most [`codec::INLINE_BODY_MAX`] bytes and that allocation is
-/// no larger than the two separate ones and the second buffer's reference count. A 1 KiB
-/// body behind a ~120-byte head would take a 1,280-byte size class, 128 + 1,024 + 24 bytes
-/// apart; most other sizes waste less together.
+/// no larger than the two separate ones. A 1 KiB body behind a ~120-byte head would take a
+/// 1,280-byte size class, 128 + 1,024 bytes apart; most other sizes waste less together.
 pub(crate) fn body_inline(head: usize, body: usize) -> bool {
-    body <= codec::INLINE_BODY_MAX
-        && alloc_size(head + body) <= alloc_size(head) + alloc_size(body) + SHARED_COUNT
+    body <= codec::INLINE_BODY_MAX && alloc_size(head + body) <= alloc_size(head) + alloc_size(body)
 }
 
 /// Per-entry bookkeeping counted on top of the block, body, key and `Vary` values: the
-/// entry itself and its `Arc`, the block's shared reference count, and its share of the
-/// store (map slot, key allocation header, variant list, eviction node, expiry heap slot).
-const ENTRY_OVERHEAD: usize = std::mem::size_of::<CachedResponse>() + 16 + 32 + 208;
+/// entry itself and its `Arc`, and its share of the store — map slot, eviction node and
+/// expiry heap slot (24 bytes each, with the tables' spare capacity) and the key's header.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<CachedResponse>() + 16 + 112;
 
 /// Accounted bytes of a body piece kept outside the block beyond its length (its reference
 /// count and slot).
@@ -740,7 +734,7 @@ mod tests {
             8, 8, 16, 64, 80, 128, 128, 160, 224, 1024, 1280, 1280, 1536, 16384,
         ];
         assert_eq!(sizes.map(alloc_size), want);
-        assert!(!body_inline(117, 1024), "1,280 together, 1,176 apart");
+        assert!(!body_inline(117, 1024), "1,280 together, 1,152 apart");
         assert!(body_inline(117, 900), "1,024 together");
         assert!(body_inline(117, 0));
         assert!(!body_inline(16, codec::INLINE_BODY_MAX + 1));
