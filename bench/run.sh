@@ -509,30 +509,39 @@ done
 fi
 
 # --- 3. memory per cached object -------------------------------------------------------------
-declare -A m_before m_after m_rate m_err m_check m_disk
+declare -A m_before m_mid m_after m_rate m_err m_check m_disk
 if section memory; then
 for sys in "${caches[@]}"; do
     say "memory: $objects distinct 1 KiB objects into $sys"
-    tmpl="/bytes?size=1024&$CC&mem=$sys&k={i}"
+    # Two halves, the RSS read after each: the second half's growth is what one more object
+    # costs once the process is loaded (the first pays for the connections' buffers, the
+    # allocator's first pages and the code paged in, whatever the count).
+    half=$((objects / 2))
+    tmpl1="/bytes?size=1024&$CC&mem=$sys&k={i}"
+    tmpl2="/bytes?size=1024&$CC&mem=$sys&half=2&k={i}"
     sleep 1
     m_before[$sys]=$(mem_kb "$sys")
-    out=$(timeout 600 "$herd_bin" --sequence "$objects" --inflight "$CONNS" \
-        --url "http://127.0.0.1:${port[$sys]}$tmpl" 2>&1) || true
-    printf '== sequence %s\n%s\n' "$sys" "$out" >>"$raw"
-    line=$(grep '^{' <<<"$out" | tail -n 1 || true)
-    m_rate[$sys]=$(json_get "$line" rps)
-    m_err[$sys]=$(json_get "$line" errors)
-    [ -n "${m_err[$sys]}" ] || m_err[$sys]=$objects
-    sleep 1
-    m_after[$sys]=$(mem_kb "$sys")
-    # Still cached? Fetch the first, middle and last object again: the origin must have seen
-    # each exactly once.
+    m_rate[$sys]='' m_err[$sys]=0
+    for part in 1 2; do
+        if [ "$part" = 1 ]; then tmpl=$tmpl1 n=$half; else tmpl=$tmpl2 n=$((objects - half)); fi
+        out=$(timeout 600 "$herd_bin" --sequence "$n" --inflight "$CONNS" \
+            --url "http://127.0.0.1:${port[$sys]}$tmpl" 2>&1) || true
+        printf '== sequence %s part %s\n%s\n' "$sys" "$part" "$out" >>"$raw"
+        line=$(grep '^{' <<<"$out" | tail -n 1 || true)
+        [ -n "${m_rate[$sys]}" ] || m_rate[$sys]=$(json_get "$line" rps)
+        err=$(json_get "$line" errors)
+        m_err[$sys]=$((${m_err[$sys]} + ${err:-$n}))
+        sleep 1
+        if [ "$part" = 1 ]; then m_mid[$sys]=$(mem_kb "$sys"); else m_after[$sys]=$(mem_kb "$sys"); fi
+    done
+    # Still cached? Fetch the first and last object of each half again: the origin must
+    # have seen each exactly once.
     check=ok
-    for i in 0 $((objects / 2)) $((objects - 1)); do
-        p=${tmpl/\{i\}/$i}
+    for p in "${tmpl1/\{i\}/0}" "${tmpl1/\{i\}/$((half - 1))}" "${tmpl2/\{i\}/0}" \
+        "${tmpl2/\{i\}/$((objects - half - 1))}"; do
         "$herd_bin" --sequence 1 --url "http://127.0.0.1:${port[$sys]}$p" >>"$raw" 2>&1 || check="refetch failed"
         n=$(origin_count "$p")
-        [ "$n" = 1 ] || check="k=$i fetched $n× from origin"
+        [ "$n" = 1 ] || check="${p##*&} fetched $n× from origin"
     done
     m_check[$sys]=$check
     if [ "$sys" = nginx ]; then
@@ -623,26 +632,31 @@ report=$rundir/report.md
     if section memory; then
     echo "## 3. Memory per cached object ($(thousands "$objects") distinct 1 KiB bodies)"
     echo
-    echo "| system | measured | before MiB | after MiB | growth per object | also | load req/s | still cached |"
-    echo "|---|---|---:|---:|---:|---|---:|---|"
+    echo "| system | measured | before MiB | after MiB | growth per object | second half, per object | also | load req/s | still cached |"
+    echo "|---|---|---:|---:|---:|---:|---|---:|---|"
     for sys in "${caches[@]}"; do
         case $sys in
             edgecache) what="RSS" ;;
             varnish) what="RSS of the cache child" ;;
             nginx) what="PSS, all processes" ;;
         esac
-        mb=${m_before[$sys]:-} ma=${m_after[$sys]:-}
-        per=–
+        mb=${m_before[$sys]:-} mm=${m_mid[$sys]:-} ma=${m_after[$sys]:-}
+        per=– marginal=–
         if [ -n "$mb" ] && [ -n "$ma" ]; then per="$(((ma - mb) * 1024 / objects)) B"; fi
+        if [ -n "$mm" ] && [ -n "$ma" ]; then
+            marginal="$(((ma - mm) * 1024 / (objects - objects / 2))) B"
+        fi
         also=${m_disk[$sys]:-}
         [ "${m_err[$sys]:-0}" = 0 ] || also+=" ${m_err[$sys]} errors"
         name=$sys
         [ "$sys" != edgecache ] || name="**edgecache**"
-        echo "| $name | $what | $(fmt "$(awk -v k="$mb" 'BEGIN{print k/1024}')" 1) | $(fmt "$(awk -v k="$ma" 'BEGIN{print k/1024}')" 1) | $per | ${also:-} | $(thousands "${m_rate[$sys]:-}") | ${m_check[$sys]:-–} |"
+        echo "| $name | $what | $(fmt "$(awk -v k="$mb" 'BEGIN{print k/1024}')" 1) | $(fmt "$(awk -v k="$ma" 'BEGIN{print k/1024}')" 1) | $per | $marginal | ${also:-} | $(thousands "${m_rate[$sys]:-}") | ${m_check[$sys]:-–} |"
     done
     echo
     echo "growth per object = (after − before) / objects, including the index and allocator overhead;"
-    echo "the body itself is 1,024 B."
+    echo "second half = the growth while the second half of the objects was loaded, per object: what"
+    echo "one more object costs, without what loading costs whatever the count (connection buffers,"
+    echo "the upstream pool, the allocator's first pages). The body itself is 1,024 B."
     if [ -n "$nginx_bin" ]; then
         echo "nginx keeps bodies in files, which live in the kernel's page cache, not in nginx's memory:"
         echo "its row is the shared key zone and the workers only, plus the files' size."
