@@ -1862,6 +1862,130 @@ async fn a_fleet_on_a_redis_cluster() {
     .await
 }
 
+/// A Redis Cluster master killed (SIGKILL) under load on three instances. Its replica takes
+/// over (cluster failover, `cluster-node-timeout` 1 s here); meanwhile the cluster is down
+/// for a moment (the dead master's slots are uncovered) and the instances act alone: not one
+/// request fails. Afterwards the fleet uses the cluster again — redis-rs learns the new slot
+/// map: a purge is acknowledged 3 of 3, and keys warmed through A, some of them in the
+/// failed-over slots, are served from Redis on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_master_fails_over_under_load() {
+    bounded(async {
+        let mut cluster = RedisCluster::start_with_replicas(3, 1000);
+        let origin = fleet_origin().await;
+        let url = cluster.url(); // the seeds are masters 0 and 1
+        let env = [("CLEAR_CACHE_KEY", "sekret")];
+        let nodes = [
+            Node::start("A", &origin, Some(&url), &env).await,
+            Node::start("B", &origin, Some(&url), &env).await,
+            Node::start("C", &origin, Some(&url), &env).await,
+        ];
+        let acked = |want: &'static str| {
+            let nodes = &nodes;
+            async move {
+                let last = std::sync::Mutex::new(String::new());
+                let ok = until(Duration::from_secs(60), || async {
+                    let reply = nodes[0].purge("/w/0").await;
+                    let text = format!("{} {}", reply.status, reply.text());
+                    *last.lock().unwrap() = text.clone();
+                    reply.status == 200 && text.contains(want)
+                })
+                .await;
+                (ok, last.into_inner().unwrap())
+            }
+        };
+        let (formed, last) = acked("\"acks\":3,\"instances\":3").await;
+        assert!(formed, "the fleet formed on the cluster: {last}");
+
+        let load = Load::start(nodes.iter().map(Node::addr).collect(), 4);
+        assert!(
+            until(Duration::from_secs(20), || async { load.covered(0, 3) }).await,
+            "the load got going ({} requests)",
+            load.count()
+        );
+
+        // Master 2 dies; its replica (node 5) is promoted.
+        cluster.nodes[2].kill();
+        load.set_phase(1);
+        let promoted = until(Duration::from_secs(30), || async { cluster.is_master(5) }).await;
+        assert!(
+            promoted,
+            "the replica of the killed master was not promoted"
+        );
+        let whole = until(Duration::from_secs(30), || async {
+            [0, 1, 5].iter().all(|&i| {
+                cluster.nodes[i]
+                    .cmd(&["CLUSTER", "INFO"])
+                    .text()
+                    .contains("cluster_state:ok")
+            })
+        })
+        .await;
+        assert!(whole, "the cluster did not recover after the failover");
+        assert!(
+            until(Duration::from_secs(30), || async { load.covered(1, 3) }).await,
+            "every cold key of the failover phase was served by every instance"
+        );
+
+        // The fleet is back: a purge acknowledged by both, both breakers closed.
+        let (back, last) = acked("\"acks\":3,\"instances\":3").await;
+        assert!(
+            back,
+            "no purge acknowledged 3 of 3 after the failover: {last}"
+        );
+        assert!(
+            until(Duration::from_secs(60), || async {
+                for node in &nodes {
+                    if node.breaker_open().await != 0.0 {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await,
+            "the breakers closed again"
+        );
+        // Keys warmed through A reach the cluster — the promoted master included — and are
+        // Redis hits on B.
+        let paths: Vec<String> = (0..24).map(|i| format!("/after-failover/{i}")).collect();
+        for path in &paths {
+            let got = nodes[0].get_ok(path).await;
+            assert_eq!(got.cache(), "MISS", "{path} on A: {got:?}");
+        }
+        let value_keys = |i: usize| cluster.nodes[i].keys("ec1:{*}:v:*").len();
+        assert!(
+            until(WRITE_DEADLINE, || async {
+                value_keys(0) + value_keys(1) + value_keys(5) >= paths.len() + 10
+            })
+            .await,
+            "the warmed keys did not all reach the cluster: {} + {} + {}",
+            value_keys(0),
+            value_keys(1),
+            value_keys(5)
+        );
+        assert!(value_keys(5) > 0, "no key in the failed-over slots");
+        for path in &paths {
+            let got = nodes[1].get_ok(path).await;
+            assert_from_redis(&got, &format!("GET {path} on B after the failover"));
+            assert_eq!(origin.hits(path), 1, "{path}");
+        }
+
+        let outcomes = load.stop().await;
+        let failed: Vec<_> = outcomes.iter().filter(|o| o.3 != Some(200)).collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed (5xx or connection error), e.g. {:?}",
+            failed.len(),
+            outcomes.len(),
+            &failed[..failed.len().min(10)]
+        );
+        for node in &nodes {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
 /// A purge that lands while a fill of the same key is in flight on another instance: the
 /// fill's answer (asked for before the purge) may go to the requests waiting on it, but it is
 /// never stored, in memory or in Redis, so nothing served afterwards is the old body.

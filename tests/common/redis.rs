@@ -488,7 +488,45 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..masters)
+        Self::start_nodes(masters, masters, 5000)
+    }
+
+    /// A cluster of `masters` masters, each with one replica (`CLUSTER REPLICATE`), whose
+    /// nodes consider a silent node failed after `node_timeout_ms` — a master that dies is
+    /// replaced by its replica about that long later. `nodes[..masters]` are the masters,
+    /// `nodes[masters + i]` is master `i`'s replica. Started once every replica is linked to
+    /// its master.
+    pub fn start_with_replicas(masters: usize, node_timeout_ms: u64) -> RedisCluster {
+        let cluster = Self::start_nodes(masters, 2 * masters, node_timeout_ms);
+        for i in 0..masters {
+            let id = cluster.nodes[i].cmd(&["CLUSTER", "MYID"]).text();
+            let reply = cluster.nodes[masters + i].cmd(&["CLUSTER", "REPLICATE", &id]);
+            assert_eq!(reply, Resp::Simple("OK".into()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let linked = (0..masters).all(|i| {
+                let info = cluster.nodes[masters + i]
+                    .cmd(&["INFO", "replication"])
+                    .text();
+                info.contains("role:slave") && info.contains("master_link_status:up")
+            });
+            if linked {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not link to their masters within 30 s: {}",
+                cluster.nodes[masters].cmd(&["INFO", "replication"]).text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `count` nodes, the slots split over the first `masters`, all introduced to each other.
+    fn start_nodes(masters: usize, count: usize, node_timeout_ms: u64) -> RedisCluster {
+        let timeout = node_timeout_ms.to_string();
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 let bus = free_port().to_string();
                 RedisServer::start_with(&[
@@ -497,14 +535,14 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "5000",
+                    &timeout,
                     "--cluster-port",
                     &bus,
                 ])
             })
             .collect();
         let per = 16384 / masters;
-        for (i, node) in nodes.iter().enumerate() {
+        for (i, node) in nodes.iter().take(masters).enumerate() {
             let first = i * per;
             let last = if i + 1 == masters {
                 16383
@@ -537,7 +575,7 @@ impl RedisCluster {
             let ready = cluster.nodes.iter().all(|n| {
                 let info = n.cmd(&["CLUSTER", "INFO"]).text();
                 info.contains("cluster_state:ok")
-                    && info.contains(&format!("cluster_known_nodes:{masters}\r"))
+                    && info.contains(&format!("cluster_known_nodes:{count}\r"))
                     && info.contains("cluster_slots_assigned:16384")
             });
             if ready {
@@ -565,11 +603,16 @@ impl RedisCluster {
     }
 
     /// The node that holds `key`'s slot (the ranges are the ones [`RedisCluster::start`]
-    /// assigned; nothing moves slots in these tests).
+    /// assigned; nothing moves slots in these tests). Not for a cluster with replicas.
     pub fn owner(&self, key: &str) -> &RedisServer {
         let slot = self.nodes[0].cmd(&["CLUSTER", "KEYSLOT", key]).int() as usize;
         let per = 16384 / self.nodes.len();
         &self.nodes[(slot / per).min(self.nodes.len() - 1)]
+    }
+
+    /// Whether node `i` (running) is a master now (`ROLE`).
+    pub fn is_master(&self, i: usize) -> bool {
+        matches!(self.nodes[i].cmd(&["ROLE"]).items().first(), Some(r) if r.text() == "master")
     }
 
     /// `KEYS pattern` over every node.
