@@ -747,6 +747,18 @@ impl Load {
     }
 }
 
+/// Asserts every request of a [`Load`] got a 200 (no 5xx, no connection error).
+fn assert_none_failed(outcomes: &[Outcome]) {
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.3 != Some(200)).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed (5xx or connection error), e.g. {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(10)]
+    );
+}
+
 /// Redis killed (SIGKILL) and restarted empty on the same port under continuous load on 3
 /// instances (warm and cold keys): not one request fails (no 5xx, no connection error);
 /// while Redis is away each cold key goes upstream at most once per instance (each serves
@@ -874,14 +886,7 @@ async fn redis_killed_and_restarted_under_load() {
         );
 
         let outcomes = load.stop().await;
-        let failed: Vec<_> = outcomes.iter().filter(|o| o.3 != Some(200)).collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} requests failed (5xx or connection error), e.g. {:?}",
-            failed.len(),
-            outcomes.len(),
-            &failed[..failed.len().min(10)]
-        );
+        assert_none_failed(&outcomes);
         for phase in 0..3 {
             assert!(
                 outcomes.iter().any(|o| o.0 == phase),
@@ -1971,14 +1976,7 @@ async fn a_cluster_master_fails_over_under_load() {
         }
 
         let outcomes = load.stop().await;
-        let failed: Vec<_> = outcomes.iter().filter(|o| o.3 != Some(200)).collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} requests failed (5xx or connection error), e.g. {:?}",
-            failed.len(),
-            outcomes.len(),
-            &failed[..failed.len().min(10)]
-        );
+        assert_none_failed(&outcomes);
         for node in &nodes {
             node.assert_no_panic();
         }
