@@ -397,6 +397,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_REQUEST_BODY_BYTES", "0", "Pass-through request bodies above this: 413; 0 = no limit (0-1TiB)"),
     setting("REDIS_URL", "", "Shared second tier for a fleet of instances: redis://[user:password@]host[:port][/db], rediss:// for TLS, redis+cluster://host:port,host:port (rediss+cluster://) for a Redis Cluster; empty = none"),
     setting("REDIS_CA_FILE", "", "PEM file of the CA(s) that sign the Redis server's certificate (rediss:// only); empty = the system's roots"),
+    setting("REDIS_CLIENT_CERT_FILE", "", "PEM certificate (chain) this instance presents to Redis, for a server that asks clients for one (tls-auth-clients); with REDIS_CLIENT_KEY_FILE, rediss:// only; empty = none"),
+    setting("REDIS_CLIENT_KEY_FILE", "", "PEM private key of REDIS_CLIENT_CERT_FILE (never logged or shown)"),
     setting("REDIS_TIMEOUT_MS", "50", "Each Redis operation on the request path gives up after this many milliseconds (1-60000)"),
     setting("REDIS_MAX_OBJECT_BYTES", "1MiB", "Larger responses are kept in this instance's memory only, not in Redis (0-1TiB)"),
     setting("ROUTES_FILE", "", "TOML file of routes: allowlist, per-route upstreams, cache rules, injected headers, rate limits, retries, client deadlines (README: Routes); re-read on SIGHUP; empty = none"),
@@ -415,10 +417,49 @@ pub struct RedisConfig {
     /// `REDIS_CA_FILE`: the path as given and the PEM read from it at start-up; `None`: the
     /// system's roots. Certificates and host names are always checked.
     pub ca: Option<(String, Vec<u8>)>,
+    /// `REDIS_CLIENT_CERT_FILE` / `REDIS_CLIENT_KEY_FILE`: the certificate this instance
+    /// presents (mutual TLS), read at start-up.
+    pub client: Option<RedisClientCert>,
     /// Each Redis operation on the request path gives up after this (`REDIS_TIMEOUT_MS`).
     pub timeout: Duration,
     /// Larger responses stay in this instance's memory only (`REDIS_MAX_OBJECT_BYTES`).
     pub max_object_bytes: usize,
+}
+
+/// The certificate and key an instance presents to a Redis server that asks for one. Its
+/// `Debug` shows the paths only: the key is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisClientCert {
+    pub cert_path: String,
+    pub cert_pem: Vec<u8>,
+    pub key_path: String,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for RedisClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClientCert")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConfig {
+    /// What redis-rs needs for TLS beyond the URL: the private CA and the client certificate,
+    /// when either is set (`None`: the system's roots, no client certificate).
+    pub fn tls_certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.ca.is_none() && self.client.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self.client.as_ref().map(|c| redis::ClientTlsConfig {
+                client_cert: c.cert_pem.clone(),
+                client_key: c.key_pem.clone(),
+            }),
+            root_cert: self.ca.as_ref().map(|(_, pem)| pem.clone()),
+        })
+    }
 }
 
 /// A configuration error: which variable, and what is wrong with it.
@@ -592,9 +633,15 @@ impl Config {
                         }
                     },
                 };
+                let client = read_redis_client(
+                    &url,
+                    var("REDIS_CLIENT_CERT_FILE").filter(|v| !v.trim().is_empty()),
+                    var("REDIS_CLIENT_KEY_FILE").filter(|v| !v.trim().is_empty()),
+                )?;
                 Some(RedisConfig {
                     url,
                     ca,
+                    client,
                     timeout: Duration::from_millis(timeout_ms),
                     max_object_bytes: byte_size("REDIS_MAX_OBJECT_BYTES", 1 << 20, 0..=TIB)?,
                 })
@@ -904,6 +951,20 @@ impl Config {
                     .as_ref()
                     .and_then(|r| r.ca.as_ref())
                     .map_or(String::new(), |(path, _)| path.clone()),
+            ),
+            (
+                "REDIS_CLIENT_CERT_FILE",
+                self.redis
+                    .as_ref()
+                    .and_then(|r| r.client.as_ref())
+                    .map_or(String::new(), |c| c.cert_path.clone()),
+            ),
+            (
+                "REDIS_CLIENT_KEY_FILE",
+                self.redis
+                    .as_ref()
+                    .and_then(|r| r.client.as_ref())
+                    .map_or(String::new(), |c| c.key_path.clone()),
             ),
             (
                 "REDIS_TIMEOUT_MS",
@@ -1233,6 +1294,84 @@ fn read_redis_ca(url: &str, path: &str) -> Result<Vec<u8>, String> {
         .map(drop)
         .map_err(|e| format!("`{path}` is not a usable CA file: {e}"))?;
     Ok(pem)
+}
+
+/// Reads `REDIS_CLIENT_CERT_FILE` and `REDIS_CLIENT_KEY_FILE` for `url`: both or neither,
+/// only with TLS, readable PEM files that redis-rs (rustls) accepts as a certificate and
+/// its key. Errors name the variable; none quotes the key.
+fn read_redis_client(
+    url: &str,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<RedisClientCert>, ConfigError> {
+    let bad = |variable: &'static str, problem: String| ConfigError { variable, problem };
+    let (cert_path, key_path) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(bad(
+                "REDIS_CLIENT_KEY_FILE",
+                "must be set with REDIS_CLIENT_CERT_FILE (the certificate's private key)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "REDIS_CLIENT_CERT_FILE",
+                "must be set with REDIS_CLIENT_KEY_FILE (the key's certificate)".into(),
+            ))
+        }
+        (Some(c), Some(k)) => (c.trim().to_string(), k.trim().to_string()),
+    };
+    if !redis_tls(url) {
+        return Err(bad(
+            "REDIS_CLIENT_CERT_FILE",
+            "is only used with TLS: REDIS_URL must start with rediss://".into(),
+        ));
+    }
+    let read = |variable: &'static str, path: &str, marker: &[u8], what: &str| {
+        let pem = std::fs::read(path)
+            .map_err(|e| bad(variable, format!("`{path}` cannot be read: {e}")))?;
+        if pem.windows(marker.len()).any(|w| w == marker) {
+            Ok(pem)
+        } else {
+            Err(bad(variable, format!("`{path}` holds no PEM {what}")))
+        }
+    };
+    let cert_pem = read(
+        "REDIS_CLIENT_CERT_FILE",
+        &cert_path,
+        b"-----BEGIN CERTIFICATE-----",
+        "certificate (-----BEGIN CERTIFICATE-----)",
+    )?;
+    let key_pem = read(
+        "REDIS_CLIENT_KEY_FILE",
+        &key_path,
+        b"PRIVATE KEY-----",
+        "private key (-----BEGIN … PRIVATE KEY-----)",
+    )?;
+    let certs = redis::TlsCertificates {
+        client_tls: Some(redis::ClientTlsConfig {
+            client_cert: cert_pem.clone(),
+            client_key: key_pem.clone(),
+        }),
+        root_cert: None,
+    };
+    // A cluster's seeds share the scheme: the first stands for all.
+    let probe = redis_cluster_nodes(url)
+        .and_then(|nodes| nodes.into_iter().next())
+        .unwrap_or_else(|| url.to_string());
+    if redis::Client::build_with_tls(probe.as_str(), certs).is_err() {
+        // redis-rs's message may quote the file; the key's must not reach a log.
+        return Err(bad(
+            "REDIS_CLIENT_KEY_FILE",
+            format!("`{cert_path}` and `{key_path}` are not a usable certificate and key"),
+        ));
+    }
+    Ok(Some(RedisClientCert {
+        cert_path,
+        cert_pem,
+        key_path,
+        key_pem,
+    }))
 }
 
 /// `url` with any password replaced by `<redacted>` (for `--check`), whatever the scheme
@@ -2038,6 +2177,100 @@ mod tests {
             cfg(&[up, ("REDIS_CA_FILE", "/nonexistent")]).unwrap().redis,
             None
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A client certificate for Redis: both files or neither, TLS only, readable PEM that
+    /// parses; shown by path, the key never.
+    #[test]
+    fn a_redis_client_certificate_takes_both_files() {
+        let up = ("UPSTREAM_URL", "http://127.0.0.1:1");
+        let url = ("REDIS_URL", "rediss://redis.internal:6380");
+        let dir = std::env::temp_dir().join(format!("edgecache-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["edgecache".into()]).unwrap();
+        let (cert, key, other) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("x.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&other, "hello").unwrap();
+        let (cert, key, other) = (
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+            other.to_str().unwrap(),
+        );
+        let c = cfg(&[
+            up,
+            url,
+            ("REDIS_CLIENT_CERT_FILE", cert),
+            ("REDIS_CLIENT_KEY_FILE", key),
+        ])
+        .unwrap();
+        let r = c.redis.clone().unwrap();
+        let client = r.client.clone().unwrap();
+        assert_eq!(
+            (client.cert_path.as_str(), client.key_path.as_str()),
+            (cert, key)
+        );
+        let certs = r.tls_certificates().unwrap();
+        assert!(certs.client_tls.is_some() && certs.root_cert.is_none());
+        let shown = c.effective();
+        assert!(shown.contains(&("REDIS_CLIENT_CERT_FILE", cert.to_string())));
+        assert!(shown.contains(&("REDIS_CLIENT_KEY_FILE", key.to_string())));
+        let debug = format!("{r:?}");
+        assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+        assert!(cfg(&[up, url])
+            .unwrap()
+            .redis
+            .unwrap()
+            .tls_certificates()
+            .is_none());
+
+        for (env, variable) in [
+            (
+                vec![("REDIS_CLIENT_CERT_FILE", cert)],
+                "REDIS_CLIENT_KEY_FILE",
+            ),
+            (
+                vec![("REDIS_CLIENT_KEY_FILE", key)],
+                "REDIS_CLIENT_CERT_FILE",
+            ),
+            (
+                vec![
+                    ("REDIS_CLIENT_CERT_FILE", "/nonexistent"),
+                    ("REDIS_CLIENT_KEY_FILE", key),
+                ],
+                "REDIS_CLIENT_CERT_FILE",
+            ),
+            (
+                vec![
+                    ("REDIS_CLIENT_CERT_FILE", other),
+                    ("REDIS_CLIENT_KEY_FILE", key),
+                ],
+                "REDIS_CLIENT_CERT_FILE",
+            ),
+            (
+                vec![
+                    ("REDIS_CLIENT_CERT_FILE", cert),
+                    ("REDIS_CLIENT_KEY_FILE", cert),
+                ],
+                "REDIS_CLIENT_KEY_FILE",
+            ),
+        ] {
+            let mut vars = vec![up, url];
+            vars.extend(env.iter().copied());
+            let err = cfg(&vars).unwrap_err();
+            assert_eq!(err.variable, variable, "{env:?}: {err}");
+            assert!(!err.problem.contains("PRIVATE KEY-----\n"), "{err}");
+        }
+        // Without TLS.
+        let err = cfg(&[
+            up,
+            ("REDIS_URL", "redis://redis.internal:6379"),
+            ("REDIS_CLIENT_CERT_FILE", cert),
+            ("REDIS_CLIENT_KEY_FILE", key),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "REDIS_CLIENT_CERT_FILE", "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -581,6 +581,57 @@ async fn a_fleet_over_rediss_shares_a_key() {
     .await
 }
 
+/// `rediss://` to a Redis that asks every client for a certificate (`tls-auth-clients yes`,
+/// mutual TLS): instances with `REDIS_CLIENT_CERT_FILE` / `REDIS_CLIENT_KEY_FILE` share a key
+/// through it; an instance without them is refused by Redis, which for it is Redis being
+/// down — its requests are answered all the same (from the upstream, then its memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_to_redis_with_a_client_certificate() {
+    bounded(async {
+        let tls = TlsFiles::generate();
+        let redis = RedisServer::start_tls_mutual(&tls);
+        let origin = fleet_origin().await;
+        let url = redis.url();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+        let env = [
+            ("REDIS_CA_FILE", ca.as_str()),
+            ("REDIS_CLIENT_CERT_FILE", cert.as_str()),
+            ("REDIS_CLIENT_KEY_FILE", key.as_str()),
+        ];
+        let a = Node::start("A", &origin, Some(&url), &env).await;
+        let b = Node::start("B", &origin, Some(&url), &env).await;
+
+        let warmed = a.get_ok("/k").await;
+        assert_eq!(warmed.cache(), "MISS", "{warmed:?}");
+        a.wait_writes(1.0, &redis).await;
+        let got = b.get_ok("/k").await;
+        assert_from_redis(&got, "GET /k on B over mutual TLS");
+        assert_eq!(got.text(), warmed.text());
+        assert_eq!(origin.hits("/k"), 1, "one upstream request for the fleet");
+
+        // Without a client certificate: refused by Redis, never a failed request.
+        let c = Node::start("C", &origin, Some(&url), &[("REDIS_CA_FILE", ca.as_str())]).await;
+        let first = c.get_ok("/k").await;
+        assert_eq!(first.cache(), "MISS", "C cannot read Redis: {first:?}");
+        let again = c.get_ok("/k").await;
+        assert_l1_hit(&again, "GET /k again on C");
+        assert_eq!(origin.hits("/k"), 2);
+        assert!(
+            c.redis_requests("get", "error").await >= 1.0,
+            "C's refused handshake counts as an error:\n{}",
+            redis_lines(&c.metrics().await)
+        );
+        for node in [&a, &b] {
+            assert_eq!(node.breaker_open().await, 0.0, "{}", node.name);
+        }
+        for node in [&a, &b, &c] {
+            node.assert_no_panic();
+        }
+    })
+    .await
+}
+
 /// `rediss://` to a server whose certificate the configured CA did not sign: the handshake
 /// fails, Redis counts as down (errors, then the breaker), and every request is still
 /// answered — each key fetched at most once per instance, nothing written to Redis.

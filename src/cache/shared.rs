@@ -596,11 +596,8 @@ impl SharedTier {
     /// miss until it is up). Errs only for a URL the client library refuses.
     pub fn new(config: &RedisConfig) -> Result<SharedTier, String> {
         // `rediss://` with a private CA: only its certificates are trusted; else the system's
-        // roots (rustls-native-certs).
-        let certs = config.ca.as_ref().map(|(_, pem)| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.clone()),
-        });
+        // roots (rustls-native-certs). A client certificate when one is configured.
+        let certs = config.tls_certificates();
         let client_for = |url: &str| match &certs {
             Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
             None => redis::Client::open(url),

@@ -135,10 +135,12 @@ pub fn command(addr: SocketAddr, args: &[&[u8]]) -> std::io::Result<Resp> {
     read_reply(&mut BufReader::new(stream))
 }
 
-/// [`command`] over TLS, trusting only `ca_pem` (rustls with `ring`, host name `127.0.0.1`).
-pub fn command_tls(addr: SocketAddr, ca_pem: &[u8], args: &[&[u8]]) -> std::io::Result<Resp> {
+/// [`command`] over TLS, trusting only `tls.ca_pem` (rustls with `ring`, host name
+/// `127.0.0.1`), presenting `tls.client` when set.
+pub fn command_tls(addr: SocketAddr, tls: &TlsClient, args: &[&[u8]]) -> std::io::Result<Resp> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let ca_pem = &tls.ca_pem;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots
@@ -149,8 +151,19 @@ pub fn command_tls(addr: SocketAddr, ca_pem: &[u8], args: &[&[u8]]) -> std::io::
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &tls.client {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(std::io::Error::other)?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(std::io::Error::other)?;
+            config
+                .with_client_auth_cert(chain, key)
+                .map_err(std::io::Error::other)?
+        }
+    };
     let name = ServerName::try_from(addr.ip().to_string()).map_err(std::io::Error::other)?;
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
         .map_err(std::io::Error::other)?;
@@ -163,15 +176,26 @@ pub fn command_tls(addr: SocketAddr, ca_pem: &[u8], args: &[&[u8]]) -> std::io::
     read_reply(&mut BufReader::new(stream))
 }
 
+/// What the harness needs to talk to a TLS Redis: the CA to trust, and the client
+/// certificate and key (PEM) to present when the server asks for one.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub ca_pem: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// Certificates for a `rediss://` server, made with rcgen in `dir`: a CA, a server
-/// certificate it signed for `127.0.0.1` and `localhost`, and another CA that signed nothing
-/// here (the "wrong CA").
+/// certificate it signed for `127.0.0.1` and `localhost`, a client certificate it signed (for
+/// mutual TLS), and another CA that signed nothing here (the "wrong CA").
 pub struct TlsFiles {
     pub ca: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
     pub wrong_ca: std::path::PathBuf,
     pub ca_pem: Vec<u8>,
+    client_pem: (Vec<u8>, Vec<u8>),
     _dir: TempDir,
 }
 
@@ -196,6 +220,13 @@ impl TlsFiles {
             CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, "redis");
         let server = params.signed_by(&server_key, &ca).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "edgecache");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = params.signed_by(&client_key, &ca).unwrap();
         let write = |name: &str, pem: String| {
             let path = dir.path.join(name);
             fs::write(&path, pem).unwrap();
@@ -205,8 +236,14 @@ impl TlsFiles {
             ca: write("ca.pem", ca.pem()),
             cert: write("redis.crt", server.pem()),
             key: write("redis.key", server_key.serialize_pem()),
+            client_cert: write("client.crt", client.pem()),
+            client_key: write("client.key", client_key.serialize_pem()),
             wrong_ca: write("wrong-ca.pem", wrong_ca.pem()),
             ca_pem: ca.pem().into_bytes(),
+            client_pem: (
+                client.pem().into_bytes(),
+                client_key.serialize_pem().into_bytes(),
+            ),
             _dir: dir,
         }
     }
@@ -233,7 +270,7 @@ pub struct RedisServer {
     /// Extra arguments, kept for restarts.
     extra: Vec<String>,
     /// TLS only (`--port 0 --tls-port PORT`): the CA's PEM, to talk to it.
-    tls_ca: Option<Vec<u8>>,
+    tls_ca: Option<TlsClient>,
     dir: TempDir,
     child: Option<Guard>,
 }
@@ -254,6 +291,17 @@ impl RedisServer {
     /// Starts one that speaks only TLS (`rediss://`), with `tls`'s server certificate; clients
     /// are not asked for certificates.
     pub fn start_tls(tls: &TlsFiles) -> RedisServer {
+        Self::start_tls_with(tls, false)
+    }
+
+    /// Starts one that speaks only TLS and asks every client for a certificate signed by
+    /// `tls`'s CA (`tls-auth-clients yes`, mutual TLS); the harness presents `tls`'s client
+    /// certificate.
+    pub fn start_tls_mutual(tls: &TlsFiles) -> RedisServer {
+        Self::start_tls_with(tls, true)
+    }
+
+    fn start_tls_with(tls: &TlsFiles, mutual: bool) -> RedisServer {
         let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
         let (cert, key, ca) = (path(&tls.cert), path(&tls.key), path(&tls.ca));
         let extra = [
@@ -264,12 +312,16 @@ impl RedisServer {
             "--tls-ca-cert-file",
             &ca,
             "--tls-auth-clients",
-            "no",
+            if mutual { "yes" } else { "no" },
         ];
-        Self::start_inner(&extra, Some(tls.ca_pem.clone()))
+        let client = TlsClient {
+            ca_pem: tls.ca_pem.clone(),
+            client: mutual.then(|| tls.client_pem.clone()),
+        };
+        Self::start_inner(&extra, Some(client))
     }
 
-    fn start_inner(extra: &[&str], tls_ca: Option<Vec<u8>>) -> RedisServer {
+    fn start_inner(extra: &[&str], tls_ca: Option<TlsClient>) -> RedisServer {
         require_redis_server();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // A port is picked by binding :0 and letting go of it, so someone else may take it
