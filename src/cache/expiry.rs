@@ -2,17 +2,17 @@
 //! task or timer per entry, so a million entries cost a million 24-byte heap slots and one
 //! sleeping task.
 //!
-//! A slot holds its due time as signed nanoseconds from a process-wide epoch (`tick`)
-//! rather than an `Instant` (16 bytes), next to the version id and the thin [`Key`]. The
-//! conversion is exact both ways (an `Instant` is nanoseconds too), so a deadline is handed
-//! out exactly when it is due and never before, even for sub-second lifetimes. Offsets are
-//! signed because the epoch is the first reading of the real clock, and a tokio runtime under
-//! paused time (tests) keeps the clock it was started with, possibly before that epoch: its
+//! A slot holds its due time as signed nanoseconds from the cache clock's epoch (`tick`,
+//! the same readings stored entries keep) rather than an `Instant` (16 bytes), next to the
+//! version id and the thin [`Key`]. The conversion is exact both ways (an `Instant` is
+//! nanoseconds too), so a deadline is handed out exactly when it is due and never before,
+//! even for sub-second lifetimes. Offsets are signed because a tokio runtime under paused
+//! time (tests) keeps the clock it was started with, possibly before that epoch: its
 //! deadlines must keep their order and distance rather than collapse onto the epoch.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -20,31 +20,14 @@ use tokio::sync::Notify;
 
 use super::key::Key;
 
-/// The process's epoch for [`tick`]: the first reading of the (real) monotonic clock.
-fn epoch() -> std::time::Instant {
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
-}
-
-/// `at` as nanoseconds from [`epoch`], negative before it; exact within ±292 years of it
-/// and clamped beyond (no lifetime reaches that far).
+/// `at` as signed nanoseconds from the cache clock's epoch ([`super::entry::signed_nanos`]).
 fn tick(at: Instant) -> i64 {
-    let (at, epoch) = (at.into_std(), epoch());
-    match at.checked_duration_since(epoch) {
-        Some(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
-        None => i64::try_from(epoch.duration_since(at).as_nanos()).map_or(i64::MIN, |n| -n),
-    }
+    super::entry::signed_nanos(at)
 }
 
 /// The instant of a [`tick`] reading (`None` only if the clock cannot represent it).
 fn instant(tick: i64) -> Option<Instant> {
-    let offset = Duration::from_nanos(tick.unsigned_abs());
-    let at = if tick >= 0 {
-        epoch().checked_add(offset)
-    } else {
-        epoch().checked_sub(offset)
-    };
-    at.map(Instant::from_std)
+    super::entry::at_signed_nanos(tick)
 }
 
 /// A due time for version `id` of `key`: 24 bytes.
@@ -138,6 +121,11 @@ impl ExpiryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The epoch of [`tick`] readings: the cache clock's.
+    fn epoch() -> std::time::Instant {
+        crate::cache::entry::epoch().into_std()
+    }
     use std::sync::Arc;
 
     #[tokio::test(start_paused = true)]
