@@ -1273,27 +1273,37 @@ fn read_redis_ca(url: &str, path: &str) -> Result<Vec<u8>, String> {
     if !redis_tls(url) {
         return Err("is only used with TLS: REDIS_URL must start with rediss://".into());
     }
-    let pem = std::fs::read(path).map_err(|e| format!("`{path}` cannot be read: {e}"))?;
-    if !pem
-        .windows(b"-----BEGIN CERTIFICATE-----".len())
-        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-    {
-        return Err(format!(
-            "`{path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        ));
-    }
+    let pem = read_pem(
+        path,
+        b"-----BEGIN CERTIFICATE-----",
+        "certificate (-----BEGIN CERTIFICATE-----)",
+    )?;
     let certs = redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(pem.clone()),
     };
-    // A cluster's seeds share the scheme: the first stands for all.
+    redis_tls_client(url, certs).map_err(|e| format!("`{path}` is not a usable CA file: {e}"))?;
+    Ok(pem)
+}
+
+/// The file at `path`, which must hold `marker` (a PEM boundary line) somewhere: it errs
+/// saying the file cannot be read, or holds no PEM `what`.
+fn read_pem(path: &str, marker: &[u8], what: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("`{path}` cannot be read: {e}"))?;
+    if pem.windows(marker.len()).any(|w| w == marker) {
+        Ok(pem)
+    } else {
+        Err(format!("`{path}` holds no PEM {what}"))
+    }
+}
+
+/// Whether redis-rs builds a TLS client for `url` with `certs` (parsing them as rustls
+/// does). A cluster's seeds share the scheme: the first stands for all.
+fn redis_tls_client(url: &str, certs: redis::TlsCertificates) -> Result<(), redis::RedisError> {
     let probe = redis_cluster_nodes(url)
         .and_then(|nodes| nodes.into_iter().next())
         .unwrap_or_else(|| url.to_string());
-    redis::Client::build_with_tls(probe.as_str(), certs)
-        .map(drop)
-        .map_err(|e| format!("`{path}` is not a usable CA file: {e}"))?;
-    Ok(pem)
+    redis::Client::build_with_tls(probe.as_str(), certs).map(drop)
 }
 
 /// Reads `REDIS_CLIENT_CERT_FILE` and `REDIS_CLIENT_KEY_FILE` for `url`: both or neither,
@@ -1327,27 +1337,18 @@ fn read_redis_client(
             "is only used with TLS: REDIS_URL must start with rediss://".into(),
         ));
     }
-    let read = |variable: &'static str, path: &str, marker: &[u8], what: &str| {
-        let pem = std::fs::read(path)
-            .map_err(|e| bad(variable, format!("`{path}` cannot be read: {e}")))?;
-        if pem.windows(marker.len()).any(|w| w == marker) {
-            Ok(pem)
-        } else {
-            Err(bad(variable, format!("`{path}` holds no PEM {what}")))
-        }
-    };
-    let cert_pem = read(
-        "REDIS_CLIENT_CERT_FILE",
+    let cert_pem = read_pem(
         &cert_path,
         b"-----BEGIN CERTIFICATE-----",
         "certificate (-----BEGIN CERTIFICATE-----)",
-    )?;
-    let key_pem = read(
-        "REDIS_CLIENT_KEY_FILE",
+    )
+    .map_err(|p| bad("REDIS_CLIENT_CERT_FILE", p))?;
+    let key_pem = read_pem(
         &key_path,
         b"PRIVATE KEY-----",
         "private key (-----BEGIN … PRIVATE KEY-----)",
-    )?;
+    )
+    .map_err(|p| bad("REDIS_CLIENT_KEY_FILE", p))?;
     let certs = redis::TlsCertificates {
         client_tls: Some(redis::ClientTlsConfig {
             client_cert: cert_pem.clone(),
@@ -1355,11 +1356,7 @@ fn read_redis_client(
         }),
         root_cert: None,
     };
-    // A cluster's seeds share the scheme: the first stands for all.
-    let probe = redis_cluster_nodes(url)
-        .and_then(|nodes| nodes.into_iter().next())
-        .unwrap_or_else(|| url.to_string());
-    if redis::Client::build_with_tls(probe.as_str(), certs).is_err() {
+    if redis_tls_client(url, certs).is_err() {
         // redis-rs's message may quote the file; the key's must not reach a log.
         return Err(bad(
             "REDIS_CLIENT_KEY_FILE",
