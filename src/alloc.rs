@@ -5,7 +5,7 @@
 //! alignment of 1 or 8. In mimalloc 3 that takes the fast path only while the size class's
 //! current page has a free block; when it has none, a request whose size class is not a
 //! power of two is *over-allocated* (size + alignment − 1, the next class up) instead of
-//! opening a new page of its own class. Cached entries (192-byte `Arc`s, keys of any length)
+//! opening a new page of its own class. Cached entries (their `Arc`s, keys of any length)
 //! then drift into larger classes: about 40 bytes more per cached object in
 //! `bench/run.sh --only memory`. Every mimalloc block is aligned to at least 8 bytes (block
 //! sizes are whole words, pages start aligned), so requests up to that alignment go to
@@ -40,10 +40,10 @@ const OPTION_PURGE_DELAY: mi::mi_option_t = 15;
 pub struct Allocator;
 
 // SAFETY: every method forwards to the mimalloc function with the same contract: `mi_malloc`,
-// `mi_zalloc` and `mi_realloc` return blocks aligned to at least `MIN_ALIGN`, so they serve
-// any layout whose alignment is at most that (and at most the size, as `GlobalAlloc` callers
-// never ask for zero-size layouts); larger alignments use the `_aligned` variants, which
-// honour any power-of-two alignment. `mi_free` frees blocks from either family.
+// `mi_zalloc` and `mi_realloc` return blocks aligned to at least `MIN_ALIGN` whatever the
+// size, so they serve any layout whose alignment is at most that; larger alignments use the
+// `_aligned` variants, which honour any power-of-two alignment. `mi_free` frees blocks from
+// either family.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
